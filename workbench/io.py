@@ -1,0 +1,104 @@
+"""Run directories: atomic writes, saving and loading models."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import WorkbenchError
+from .tokenizer import load_tokenizer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WorkbenchError(f"{what} {path} is missing; is this a workbench run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkbenchError(f"{what} {path} is corrupt ({e.__class__.__name__}); re-create the run") from None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load the model of a run directory (``config.json`` + ``model.safetensors`` + ``tokenizer.json``)."""
+    from .model import GPT
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise WorkbenchError(f"model {str(run_dir)!r} not found: give a run directory made by `workbench train`")
+    cfg = ModelConfig.from_dict(read_json(d / CONFIG_FILE, "model config")["model"])
+    tokenizer = load_tokenizer(d / TOKENIZER_FILE)
+    if not (d / MODEL_FILE).is_file():
+        raise WorkbenchError(f"{d / MODEL_FILE} is missing; the run never saved weights (train it, or resume it)")
+    try:
+        state = load_file(str(d / MODEL_FILE), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise WorkbenchError(f"checkpoint {d / MODEL_FILE} is corrupt ({e}); re-train the model") from None
+    model = GPT(cfg, tokenizer).to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WorkbenchError(
+            f"checkpoint {d / MODEL_FILE} does not match its config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); re-train the model"
+        )
+    return model.eval()

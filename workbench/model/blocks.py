@@ -1,0 +1,57 @@
+"""Transformer blocks. Pre-norm normalizes each sub-layer's input; Post-norm the residual stream."""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from ..config import ModelConfig
+from .components import MLP, Attention
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.ln1 = cfg.scheme.make(cfg, layer, "ln1")
+        self.ln2 = cfg.scheme.make(cfg, layer, "ln2")
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+
+class PreNormBlock(_Block):
+    """x ← x + attn(ln1(x));  x ← x + mlp(ln2(x))."""
+
+    placement = "pre"
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        # ln1 on the V path: a separate module only once LayerNorm removal splits it from Q/K.
+        self.ln1_v = cfg.scheme.make(cfg, layer, "ln1") if cfg.split_ln1_v else None
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_resid_pre(x)
+        qk_in = self.ln1(x)
+        v_in = qk_in if self.ln1_v is None else self.ln1_v(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(qk_in, v_in)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+
+
+class PostNormBlock(_Block):
+    """x ← ln1(x + attn(x));  x ← ln2(x + mlp(x))."""
+
+    placement = "post"
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(self.ln1(x + self.hook_attn_out(self.attn(x, x))))
+        return self.hook_resid_post(self.ln2(x + self.hook_mlp_out(self.mlp(x))))
+
+
+BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock}

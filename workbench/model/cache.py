@@ -1,0 +1,67 @@
+"""TransformerLens' ActivationCache, refusing what a normalization makes meaningless."""
+
+from __future__ import annotations
+
+from transformer_lens.ActivationCache import ActivationCache
+
+from ..errors import WorkbenchError
+
+
+class NormAwareCache(ActivationCache):
+    """``ActivationCache`` that says no instead of returning wrong numbers.
+
+    - Post-LN / Mix-LN: the final residual is not a sum of component outputs (norms sit on the
+      residual path), so decompositions and logit attributions are undefined.
+    - DyT, BatchNorm, PowerNorm, Unified: the final norm is not a per-token division TL can replay
+      from ``hook_scale``; decompositions work, applying the norm to them does not.
+    """
+
+    def _require_sum(self, what: str) -> None:
+        cfg = self.model.cfg
+        if not cfg.scheme.residual_is_sum(cfg):
+            raise WorkbenchError(
+                f"{what} is undefined for norm {cfg.norm!r}: its Post-LN blocks normalize the residual "
+                "stream, so it is not a sum of component outputs; use a Pre-norm or norm-free model"
+            )
+
+    def _require_token_scale(self, what: str) -> None:
+        cfg = self.model.cfg
+        if not cfg.scheme.scale_is_per_token:
+            raise WorkbenchError(
+                f"{what} with the final norm applied is undefined for norm {cfg.norm!r}: it is not a "
+                "per-token scale that can be replayed from hook_scale; pass apply_ln=False"
+            )
+
+    def decompose_resid(self, *args, **kwargs):
+        self._require_sum("decompose_resid")
+        if kwargs.get("apply_ln", False):
+            self._require_token_scale("decompose_resid")
+        return super().decompose_resid(*args, **kwargs)
+
+    def accumulated_resid(self, *args, **kwargs):
+        self._require_sum("accumulated_resid")
+        if kwargs.get("apply_ln", False):
+            self._require_token_scale("accumulated_resid")
+        return super().accumulated_resid(*args, **kwargs)
+
+    def stack_head_results(self, *args, **kwargs):
+        self._require_sum("stack_head_results")
+        if kwargs.get("apply_ln", False):
+            self._require_token_scale("stack_head_results")
+        return super().stack_head_results(*args, **kwargs)
+
+    def get_full_resid_decomposition(self, *args, **kwargs):
+        self._require_sum("get_full_resid_decomposition")
+        if kwargs.get("apply_ln", False):
+            self._require_token_scale("get_full_resid_decomposition")
+        return super().get_full_resid_decomposition(*args, **kwargs)
+
+    def apply_ln_to_stack(self, *args, **kwargs):
+        self._require_sum("apply_ln_to_stack")
+        self._require_token_scale("apply_ln_to_stack")
+        return super().apply_ln_to_stack(*args, **kwargs)
+
+    def logit_attrs(self, *args, **kwargs):
+        self._require_sum("logit_attrs")
+        self._require_token_scale("logit_attrs")
+        return super().logit_attrs(*args, **kwargs)

@@ -1,0 +1,173 @@
+"""The GPT family: one decoder whose normalization is chosen by name from the registry.
+
+Learned positional embeddings, GELU MLP, multi-head causal attention, untied unembedding; built on
+TransformerLens' ``HookedRootModule`` so hooks, ``run_with_cache`` and ``ActivationCache`` work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from ..config import ModelConfig
+from ..errors import WorkbenchError
+from ..tokenizer import eot_id
+from .blocks import BLOCKS
+from .cache import NormAwareCache
+from .components import Embed, PosEmbed, Unembed
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class GPT(HookedRootModule):
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.pos_embed = PosEmbed(cfg)
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList(
+            BLOCKS[cfg.scheme.placement(cfg, layer)](cfg, layer) for layer in range(cfg.n_layers)
+        )
+        self.ln_final = cfg.scheme.make(cfg, None, "ln_final")
+        self.unembed = Unembed(cfg)
+        self.init_weights()
+        self.setup()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual-writing matrices scaled by 1/sqrt(2L), biases zero."""
+        std = self.cfg.init_range
+        for name, p in self.named_parameters():
+            if name.endswith(("W_O", "W_out")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+            elif name.split(".")[-1].startswith("W_"):
+                nn.init.normal_(p, std=std)
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+    ):
+        if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and isinstance(tokens[0], str)):
+            tokens = self.to_tokens(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise WorkbenchError(
+                f"input has {tokens.shape[-1]} tokens but the model's context is {self.cfg.n_ctx}; "
+                "shorten the text or truncate the tokens"
+            )
+        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
+        for block in self.blocks:
+            residual = block(residual)
+        logits = self.unembed(self.ln_final(residual))
+        if return_type is None:
+            return None
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, NormAwareCache]:
+        remove_batch_dim = kwargs.get("remove_batch_dim", False)
+        out, cache_dict = super().run_with_cache(*args, **kwargs)
+        return out, NormAwareCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    # --- what TransformerLens' ActivationCache reads ----------------------------------------------
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        return self.pos_embed.W_pos
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The unembedding column of each token: the residual direction its logit reads."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, "d_model"]:
+        """Sum of the output biases (b_O, b_out) written to the residual stream before ``layer``."""
+        total = torch.zeros(self.cfg.d_model, device=self.W_U.device, dtype=self.W_U.dtype)
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise WorkbenchError(f"mlp_input needs layer < n_layers={self.cfg.n_layers}, got {layer}")
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    # --- tokenizer helpers (TransformerLens idiom) ---------------------------------------------
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise WorkbenchError("this model has no tokenizer; load it from a run directory with workbench.load")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
+        """Tokenize; position 0 holds <|endoftext|> as BOS, as during training. Pads right with it."""
+        tok = self._tok()
+        texts = [text] if isinstance(text, str) else list(text)
+        bos = [eot_id(tok)] if prepend_bos else []
+        ids = [bos + e.ids for e in tok.encode_batch(texts)]
+        width = max(len(i) for i in ids)
+        out = torch.full((len(ids), width), eot_id(tok), dtype=torch.long)
+        for row, i in enumerate(ids):
+            out[row, : len(i)] = torch.tensor(i, dtype=torch.long)
+        return out
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
+        if isinstance(tokens, Tensor) and tokens.dim() > 1:
+            return [self.to_string(t) for t in tokens]
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        return self._tok().decode(ids, skip_special_tokens=False)
+
+    def to_str_tokens(self, text: str | Int[Tensor, "pos"], prepend_bos: bool = True) -> list[str]:
+        ids = self.to_tokens(text, prepend_bos)[0] if isinstance(text, str) else text.flatten()
+        return [self._tok().decode([int(i)], skip_special_tokens=False) for i in ids]
+
+    def to_single_token(self, string: str) -> int:
+        ids = self._tok().encode(string).ids
+        if len(ids) != 1:
+            raise WorkbenchError(f"{string!r} is {len(ids)} tokens, not one; pick a string that is a single token")
+        return ids[0]
+
+
+def lm_cross_entropy(
+    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], per_token: bool = False
+) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
+    """Next-token cross-entropy in nats."""
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+    ).reshape(tokens.shape[0], -1)
+    return loss if per_token else loss.mean()

@@ -1,0 +1,70 @@
+"""Norms as parts: a parameter-free standardization followed by a learned affine.
+
+``Norm`` owns the TransformerLens hook points; ``standardize`` computes the statistic and divides,
+``affine`` applies the learned gain and bias. Freezing, folding or removing a norm swaps one part.
+
+Shapes: ``batch pos d_model`` for activations. ``hook_scale`` is ``[batch, pos, 1]`` for per-token
+norms (LayerNorm, RMSNorm), ``[1, 1, d_model]`` for per-feature batch norms and ``[1, 1, 1]`` for a
+single scalar (DyT's 1/alpha, the identity's 1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+HookFn = Callable[[Tensor], Tensor]
+
+
+class Standardize(nn.Module):
+    """Parameter-free standardization: x ↦ (x − center) / scale. Subclasses define both."""
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], hook_scale: HookFn
+    ) -> Float[Tensor, "batch pos d_model"]:
+        raise NotImplementedError
+
+
+class Affine(nn.Module):
+    """Learned elementwise gain and bias: y = w ⊙ x̂ + b."""
+
+    def __init__(self, d_model: int, bias: bool = True):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model)) if bias else None
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return x * self.w if self.b is None else torch.addcmul(self.b, x, self.w)
+
+
+class Norm(nn.Module):
+    """norm(x) = affine(standardize(x)) · depth_scale."""
+
+    def __init__(self, standardize: Standardize, affine: nn.Module | None, depth_scale: float = 1.0):
+        super().__init__()
+        self.standardize = standardize
+        self.affine = affine if affine is not None else nn.Identity()
+        # LayerNorm Scaling multiplies each pre-norm output by 1/sqrt(layer); 1.0 everywhere else.
+        self.depth_scale = float(depth_scale)
+        self.hook_scale = HookPoint()  # [batch, pos, 1] | [1, 1, d_model] | [1, 1, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x_hat = self.hook_normalized(self.standardize(x, self.hook_scale))
+        y = self.affine(x_hat)
+        return y if self.depth_scale == 1.0 else y * self.depth_scale
+
+    def extra_repr(self) -> str:
+        return "" if self.depth_scale == 1.0 else f"depth_scale={self.depth_scale:.4g}"
+
+
+class IdentityStandardize(Standardize):
+    """No standardization: scale 1. Keeps the hook points of a norm on norm-free models."""
+
+    def forward(self, x, hook_scale):
+        hook_scale(x.new_ones(1, 1, 1))
+        return x

@@ -1,0 +1,33 @@
+"""Pre-LN (GPT-2): LN(x) = (x − mean(x)) / sqrt(var(x) + eps) · γ + β before each sub-layer."""
+
+from __future__ import annotations
+
+from .base import Affine, Norm, Standardize
+from .registry import NormScheme, register
+
+
+class LayerStandardize(Standardize):
+    """Center over d_model, divide by the per-token standard deviation."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, hook_scale):
+        x = x - x.mean(-1, keepdim=True)
+        scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return x / scale
+
+
+def layer_norm(cfg, layer=None, site="ln1", depth_scale: float = 1.0) -> Norm:
+    return Norm(LayerStandardize(cfg.eps), Affine(cfg.d_model), depth_scale)
+
+
+PRE_LN = register(
+    NormScheme(
+        name="pre-ln",
+        description="Pre-LN (GPT-2): LayerNorm before attention and MLP, plus a final LayerNorm",
+        reference="Radford et al. 2019; Xiong et al. 2020",
+        make=layer_norm,
+    )
+)

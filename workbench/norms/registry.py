@@ -1,0 +1,77 @@
+"""One registry of normalization schemes; each scheme module registers itself on import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
+
+from torch import nn
+
+from ..errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+Site = Literal["ln1", "ln2", "ln_final"]
+Placement = Literal["pre", "post"]
+
+
+def _always_pre(cfg: "ModelConfig", layer: int) -> Placement:
+    return "pre"
+
+
+def _no_validation(cfg: "ModelConfig") -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class NormScheme:
+    """Where the norms sit in the network and what each one is.
+
+    ``make(cfg, layer, site)`` builds the norm module for ``blocks.{layer}.{site}`` (``layer`` is
+    ``None`` for ``ln_final``). ``placement(cfg, layer)`` says whether block ``layer`` normalizes its
+    sub-layer inputs (Pre-norm) or the residual stream after each addition (Post-norm).
+    """
+
+    name: str
+    description: str
+    reference: str
+    make: Callable[["ModelConfig", int | None, Site], nn.Module]
+    placement: Callable[["ModelConfig", int], Placement] = _always_pre
+    # What TransformerLens' ActivationCache should assume when it applies the cached final-norm
+    # scale. None = no norm; any other string TL does not know = "not a per-token scale".
+    tl_normalization_type: str | None = "LN"
+    # False when the norm is not a per-token scalar division TL can replay from ``hook_scale``.
+    scale_is_per_token: bool = True
+    validate: Callable[["ModelConfig"], None] = _no_validation
+
+    def residual_is_sum(self, cfg: "ModelConfig") -> bool:
+        """True when resid_post of the last block is embed + pos_embed + every sub-layer output."""
+        return all(self.placement(cfg, layer) == "pre" for layer in range(cfg.n_layers))
+
+
+_REGISTRY: dict[str, NormScheme] = {}
+
+
+def register(scheme: NormScheme) -> NormScheme:
+    if scheme.name in _REGISTRY:
+        raise ValueError(f"normalization scheme {scheme.name!r} is registered twice")
+    _REGISTRY[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> NormScheme:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise WorkbenchError(
+            f"unknown norm {name!r}; choose one of: {', '.join(_REGISTRY)} (see `workbench norms`)"
+        ) from None
+
+
+def scheme_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def all_schemes() -> list[NormScheme]:
+    return list(_REGISTRY.values())

@@ -1,0 +1,27 @@
+"""Pre-RMSNorm: RMS(x) = x / sqrt(mean(x²) + eps) · γ; no centering, no bias."""
+
+from __future__ import annotations
+
+from .base import Affine, Norm, Standardize
+from .registry import NormScheme, register
+
+
+class RMSStandardize(Standardize):
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, hook_scale):
+        scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return x / scale
+
+
+PRE_RMS = register(
+    NormScheme(
+        name="pre-rms",
+        description="Pre-RMSNorm: RMSNorm (gain, no bias, no centering) before each sub-layer",
+        reference="Zhang & Sennrich 2019; Jiang et al. 2023",
+        make=lambda cfg, layer, site: Norm(RMSStandardize(cfg.eps), Affine(cfg.d_model, bias=False)),
+        tl_normalization_type="RMS",
+    )
+)

@@ -1,0 +1,317 @@
+"""The trainer: AdamW, linear warm-up + cosine decay, gradient clipping, periodic validation.
+
+Reproducible: a fixed seed gives bitwise-identical weights on CPU, and a run resumed from its last
+checkpoint ends with the weights of an uninterrupted run (batches depend only on (seed, step); the
+checkpoint holds model, buffers, optimizer and metrics). Divergence — a non-finite loss or gradient
+— stops the run at the step it happens and keeps the last good checkpoint. Under ``torchrun`` the
+global batch is split across ranks (DDP; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import io
+from .config import ModelConfig
+from .data import TokenData, load_token_data
+from .errors import WorkbenchError
+from .model import GPT
+from .presets import get_preset
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 50
+    seed: int = 0
+    corpus: str = "english"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise WorkbenchError(f"--steps must be positive, got {self.steps}")
+        if self.batch_size <= 0:
+            raise WorkbenchError(f"batch size must be positive, got {self.batch_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise WorkbenchError(f"learning rate must be a positive number, got {self.lr}")
+        for name in ("eval_every", "eval_batches", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise WorkbenchError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def build_configs(
+    norm: str,
+    preset: str = "tiny",
+    steps: int | None = None,
+    seed: int = 0,
+    corpus: str = "english",
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    p = get_preset(preset)
+    model_kwargs = {**p.model, **(model_overrides or {}), "norm": norm}
+    train_kwargs = {**p.train, **(train_overrides or {}), "seed": seed, "corpus": corpus}
+    if steps is not None:
+        train_kwargs["steps"] = steps
+        train_kwargs["warmup_steps"] = min(train_kwargs.get("warmup_steps", 0), max(1, steps // 10))
+    try:
+        return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+    except TypeError as e:
+        raise WorkbenchError(f"bad configuration override: {e}") from None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay the matrices only: biases, norm gains and DyT's alpha are not regularized toward zero.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if name.split(".")[-1].startswith("W_") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats) over ``batches``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses = [model(b.to(device), return_type="loss").item() for b in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(
+    norm: str,
+    out: str | Path,
+    preset: str = "tiny",
+    steps: int | None = None,
+    seed: int = 0,
+    corpus: str = "english",
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    data: TokenData | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train one model into the run directory ``out`` and return its summary.
+
+    An existing unfinished run in ``out`` with the same configuration is resumed from its last
+    checkpoint; a finished one is an error (pick another directory).
+    """
+    model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
+    out = Path(out)
+    state = _prepare_run_dir(out, model_cfg, train_cfg)  # validates before anything is written
+    if data is None:
+        data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)
+    if data.tokenizer.get_vocab_size() != model_cfg.d_vocab:
+        raise WorkbenchError(
+            f"tokenizer has {data.tokenizer.get_vocab_size()} tokens but the model's d_vocab is {model_cfg.d_vocab}"
+        )
+    data.check_context(model_cfg.n_ctx)
+    ddp = _init_distributed()
+    if train_cfg.batch_size % ddp.world:
+        raise WorkbenchError(f"batch size {train_cfg.batch_size} is not divisible by {ddp.world} processes")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and ddp.world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+    created = False
+    if ddp.main and state is None:
+        out.mkdir(parents=True, exist_ok=True)
+        created = True
+        io.atomic_write_json(out / io.CONFIG_FILE, _config_record(model_cfg, train_cfg))
+        data.tokenizer.save(str(out / io.TOKENIZER_FILE))
+    try:
+        return _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        # Nothing useful was produced yet: leave no half-made run directory behind.
+        if created and not (out / io.CHECKPOINT_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _config_record(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg), "workbench_version": __version__}
+
+
+def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any] | None:
+    """Return the checkpoint to resume from, None for a fresh run; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if (out / io.SUMMARY_FILE).exists():
+        raise WorkbenchError(f"{out} already holds a finished run; choose a new --out directory")
+    if not (out / io.CONFIG_FILE).exists():
+        raise WorkbenchError(f"{out} is not empty and is not a workbench run; choose a new --out directory")
+    saved = io.read_json(out / io.CONFIG_FILE, "run config")
+    if saved.get("model") != model_cfg.to_dict() or saved.get("train") != dataclasses.asdict(train_cfg):
+        raise WorkbenchError(
+            f"{out} holds an unfinished run with a different configuration; resume it with the same "
+            "arguments or choose a new --out directory"
+        )
+    ckpt = out / io.CHECKPOINT_FILE
+    if not ckpt.exists():
+        return None
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise WorkbenchError(f"checkpoint {ckpt} is corrupt ({e.__class__.__name__}); delete {out} and re-train") from None
+
+
+def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step) -> dict[str, Any]:
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(model_cfg, data.tokenizer).to(dev)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2)
+    )
+    start, metrics, seconds = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, metrics, seconds = state["step"], state["metrics"], state["seconds"]
+    model.train()
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    val_batches = data.val_batches(train_cfg.eval_batches, train_cfg.batch_size, model_cfg.n_ctx)
+    local = train_cfg.batch_size // ddp.world
+
+    if ddp.main and state is None:
+        _save_checkpoint(out, model, optimizer, 0, metrics, 0.0)  # there is always a last good checkpoint
+    bar = tqdm(total=train_cfg.steps, initial=start, desc=f"train {model_cfg.norm}", disable=not (progress and ddp.main),
+               dynamic_ncols=True, leave=False, mininterval=1.0)
+    t0 = time.perf_counter()
+    diverged: dict[str, Any] | None = None
+    for step in range(start, train_cfg.steps):
+        batch = data.train_batch(step, train_cfg.batch_size, model_cfg.n_ctx, train_cfg.seed)
+        batch = batch[ddp.rank * local : (ddp.rank + 1) * local].to(dev)
+        for group in optimizer.param_groups:
+            group["lr"] = train_cfg.lr_at(step)
+        loss = ddp_model(batch, return_type="loss")
+        global_loss = loss.detach().clone()
+        if ddp.world > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= ddp.world
+        if not torch.isfinite(global_loss):
+            diverged = {"step": step + 1, "reason": "non-finite loss"}
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            diverged = {"step": step + 1, "reason": "non-finite gradient"}
+            break
+        optimizer.step()
+        done = step + 1
+        record = {"step": done, "train_loss": global_loss.item(), "lr": train_cfg.lr_at(step),
+                  "grad_norm": grad_norm.item()}
+        if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+            record["val_loss"] = evaluate(model, val_batches, dev)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
+        metrics.append(record)
+        bar.update(1)
+        if on_step is not None:
+            on_step(done, record["train_loss"])
+        if ddp.main and (done % train_cfg.ckpt_every == 0 or done == train_cfg.steps):
+            _save_checkpoint(out, model, optimizer, done, metrics, seconds + time.perf_counter() - t0)
+    bar.close()
+    seconds += time.perf_counter() - t0
+    if ddp.world > 1:
+        dist.barrier()
+    return _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp)
+
+
+def _save_checkpoint(out, model, optimizer, step, metrics, seconds) -> None:
+    io.atomic_torch_save(
+        out / io.CHECKPOINT_FILE,
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
+         "seconds": seconds},
+    )
+    io.atomic_write_text(out / io.METRICS_FILE, "".join(_jsonl(m) for m in metrics))
+
+
+def _jsonl(record: dict[str, Any]) -> str:
+    return json.dumps(record) + "\n"
+
+
+def _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp) -> dict[str, Any]:
+    model_cfg = model.cfg
+    val = [m for m in metrics if "val_loss" in m]
+    summary: dict[str, Any] = {
+        "norm": model_cfg.norm,
+        "final_val_loss": val[-1]["val_loss"] if val and not diverged else None,
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "tokens": (metrics[-1]["step"] if metrics else 0) * train_cfg.batch_size * (model_cfg.n_ctx - 1),
+        "seconds": round(seconds, 3),
+        "diverged": diverged is not None,
+        "seed": train_cfg.seed,
+        "corpus": train_cfg.corpus,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "unigram_val_loss": data.unigram_cross_entropy(),
+        "world_size": ddp.world,
+    }
+    if diverged:
+        ckpt = out / io.CHECKPOINT_FILE
+        good = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+        summary.update(diverged_at_step=diverged["step"], divergence=diverged["reason"],
+                       weights_from_step=good["step"] if good else None,
+                       last_val_loss=val[-1]["val_loss"] if val else None)
+        if ddp.main and good is not None:
+            model.load_state_dict(good["model"])
+            io.save_weights(model, out / io.MODEL_FILE)
+    elif ddp.main:
+        io.save_weights(model, out / io.MODEL_FILE)
+    if ddp.main:
+        io.atomic_write_text(out / io.METRICS_FILE, "".join(_jsonl(m) for m in metrics))
+        io.atomic_write_json(out / io.SUMMARY_FILE, summary)
+    return summary
