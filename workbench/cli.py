@@ -1,0 +1,101 @@
+"""The `workbench` command line. Bad input: one line on stderr, exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import WorkbenchError
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage block
+        self.exit(EXIT_BAD_INPUT, f"workbench: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="workbench", description="Mechanistic interpretability of normalization in transformers")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("norms", help="list every registered normalization scheme")
+
+    t = sub.add_parser("train", help="train one model")
+    t.add_argument("--norm", required=True, help="normalization scheme (see `workbench norms`)")
+    t.add_argument("--preset", default="tiny", help="tiny | small (default tiny)")
+    t.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--corpus", default="english", help="'english' (bundled), a .txt file or a folder of them")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    t.add_argument("--n-ctx", type=int, help="context length (default: the preset's)")
+    t.add_argument("--alpha", type=float, help="Mix-LN: fraction of Post-LN blocks (default 0.25)")
+    t.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    t.add_argument("--out", required=True, help="run directory to create (or resume)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    z = sub.add_parser("zoo", help="train every norm with the same seed, data and budget")
+    z.add_argument("--preset", default="tiny")
+    z.add_argument("--norms", help="comma-separated subset (default: all)")
+    z.add_argument("--steps", type=int)
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--corpus", default="english")
+    z.add_argument("--out", required=True)
+    z.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _cmd_norms(args) -> int:
+    from . import norms
+
+    for name, description in norms().items():
+        print(f"{name:<10} {description}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    model_overrides = {}
+    if args.n_ctx is not None:
+        model_overrides["n_ctx"] = args.n_ctx
+    if args.alpha is not None:
+        model_overrides["norm_kwargs"] = {"alpha": args.alpha}
+    train_overrides = {"lr": args.lr} if args.lr is not None else {}
+    s = train(args.norm, args.out, preset=args.preset, steps=args.steps, seed=args.seed, corpus=args.corpus,
+              model_overrides=model_overrides, train_overrides=train_overrides, device=args.device,
+              progress=not args.quiet)
+    if s["diverged"]:
+        print(f"workbench: training {s['norm']} diverged at step {s['diverged_at_step']} ({s['divergence']}); "
+              f"kept the last good checkpoint (step {s['weights_from_step']}) in {args.out}", file=sys.stderr)
+        return EXIT_DIVERGED
+    print(f"{s['norm']}: final validation loss {s['final_val_loss']:.4f} nats after {s['steps']} steps "
+          f"({s['tokens']} tokens, {s['seconds']:.1f} s) -> {args.out}")
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from .zoo import FIGURE_FILE, ZOO_FILE, format_table, train_zoo
+
+    results = train_zoo(args.out, preset=args.preset, norms=args.norms, steps=args.steps, seed=args.seed,
+                        corpus=args.corpus, progress=not args.quiet)
+    print(format_table(results))
+    print(f"wrote {args.out}/{ZOO_FILE} and {args.out}/{FIGURE_FILE}")
+    return 0
+
+
+COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except WorkbenchError as e:
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
