@@ -149,7 +149,8 @@ def train(
     """
     model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
     out = Path(out)
-    state = _prepare_run_dir(out, model_cfg, train_cfg)  # validates before anything is written
+    ddp = _init_distributed()
+    state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp)  # validates before anything is written
     if data is None:
         data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)
     if data.tokenizer.get_vocab_size() != model_cfg.d_vocab:
@@ -157,10 +158,14 @@ def train(
             f"tokenizer has {data.tokenizer.get_vocab_size()} tokens but the model's d_vocab is {model_cfg.d_vocab}"
         )
     data.check_context(model_cfg.n_ctx)
-    ddp = _init_distributed()
     if train_cfg.batch_size % ddp.world:
         raise WorkbenchError(f"batch size {train_cfg.batch_size} is not divisible by {ddp.world} processes")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and ddp.world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -183,6 +188,25 @@ def train(
 
 def _config_record(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     return {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg), "workbench_version": __version__}
+
+
+def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ddp: _Dist):
+    """Rank 0 inspects the run directory; every rank learns the verdict (an error or what to resume)."""
+    verdict: list[Any] = [None, False]
+    state = None
+    if ddp.main:
+        try:
+            state = _prepare_run_dir(out, model_cfg, train_cfg)
+            verdict = [None, state is not None]
+        except WorkbenchError as e:
+            verdict = [str(e), False]
+    if ddp.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise WorkbenchError(verdict[0])
+    if verdict[1] and not ddp.main:
+        state = torch.load(out / io.CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    return state
 
 
 def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any] | None:

@@ -74,6 +74,16 @@ def collect(out: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return results
 
 
+def collect_existing(out: str | Path) -> dict[str, dict[str, Any]]:
+    """The summaries of every finished run under ``out`` (no error for a missing or partial zoo)."""
+    out = Path(out)
+    if not out.is_dir():
+        return {}
+    names = [d.name for d in sorted(out.iterdir()) if (d / io.SUMMARY_FILE).is_file()]
+    order = {n: i for i, n in enumerate(scheme_names())}
+    return collect(out, sorted(names, key=lambda n: order.get(n, len(order))))
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / io.METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,39 @@
+"""The shipped notebook and analysis script run top to bottom on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import workbench
+from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypatch):
+    run = tmp_path / "run"
+    workbench.train("pre-ln", run, steps=4, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                    train_overrides=TINY_TRAIN, progress=False)
+    monkeypatch.setenv("WORKBENCH_NOTEBOOK_RUN", str(run))
+    monkeypatch.chdir(tmp_path)
+    nb = json.loads((ROOT / "notebooks" / "01_first_look.ipynb").read_text())
+    scope: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"], "notebooks are committed with outputs stripped"
+            exec(compile("".join(cell["source"]), "notebook", "exec"), scope)
+    assert scope["model"].cfg.norm == "pre-ln" and len(scope["rms"]) == TINY_MODEL["n_layers"] + 1
+
+
+def test_zoo_report_script(tmp_path, tiny_corpus):
+    from workbench.zoo import train_zoo
+
+    train_zoo(tmp_path, norms="pre-ln,none", steps=3, corpus=str(tiny_corpus), progress=False, log=lambda *_: None,
+              model_overrides=TINY_MODEL, train_overrides=dict(batch_size=4, eval_every=3, eval_batches=1))
+    r = subprocess.run([sys.executable, str(ROOT / "analyses" / "zoo_report.py"), str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["rank", "norm"] and {l.split()[1] for l in lines[1:]} == {"pre-ln", "none"}
+    r = subprocess.run([sys.executable, str(ROOT / "analyses" / "zoo_report.py"), str(tmp_path / "nothing")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
