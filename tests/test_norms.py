@@ -187,3 +187,17 @@ def test_registering_twice_raises():
 
     with pytest.raises(ValueError, match="twice"):
         register(get_scheme("pre-ln"))
+
+
+@pytest.mark.parametrize("norm,layer", [("pre-ln", 0), ("lns", 2), ("pre-rms", 0), ("pre-crms", 0), ("srms", 0)])
+def test_observed_and_fused_paths_agree(x, norm, layer):
+    """With a hook on hook_scale the norm runs its written-out formula; unobserved it may use a fused
+    kernel. Both must give the same output, and the hook must see the per-token scale."""
+    m = make(norm, layer=layer); randomize_affine(m)
+    fast = m(x)
+    seen = {}
+    m.hook_scale.add_hook(lambda t, hook: seen.setdefault("scale", t))
+    slow = m(x)
+    m.hook_scale.remove_hooks()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert seen["scale"].shape == (3, 5, 1)

@@ -79,7 +79,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_corpus):
         "workbench.train('pre-ln', %r, steps=%d, corpus=%r, model_overrides=TINY_MODEL,"
         " train_overrides={**TINY_TRAIN, 'ckpt_every': 4}, progress=False)"
     ) % (str(ROOT / "tests"), str(killed), steps, str(tiny_corpus))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV)
+    # Same thread count as this process: bitwise equality holds for a fixed machine and thread count.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     ckpt = killed / "checkpoint.pt"
     deadline = time.time() + 120
     while time.time() < deadline:

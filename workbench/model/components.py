@@ -74,14 +74,25 @@ class Attention(nn.Module):
             *x.shape[:-1], self.n_heads, self.d_head
         )
 
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # Q, K and V read the same input: one matmul over the stacked weights.
+        W = torch.cat([W.permute(1, 0, 2).reshape(W.shape[1], -1) for W in (self.W_Q, self.W_K, self.W_V)], 1)
+        b = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V.reshape(-1)])
+        qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), W)
+        return tuple(t.reshape(*x.shape[:-1], self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1))
+
     def forward(
         self,
         qk_input: Float[Tensor, "batch pos d_model"],
         v_input: Float[Tensor, "batch pos d_model"],
     ) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(self._project(qk_input, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(qk_input, self.W_K, self.b_K))
-        v = self.hook_v(self._project(v_input, self.W_V, self.b_V))
+        if qk_input is v_input:
+            q, k, v = self._project_qkv(qk_input)
+        else:
+            q = self._project(qk_input, self.W_Q, self.b_Q)
+            k = self._project(qk_input, self.W_K, self.b_K)
+            v = self._project(v_input, self.W_V, self.b_V)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             z = self._explicit_attention(q, k, v)
         else:

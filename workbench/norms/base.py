@@ -21,7 +21,16 @@ HookFn = Callable[[Tensor], Tensor]
 
 
 class Standardize(nn.Module):
-    """Parameter-free standardization: x ↦ (x − center) / scale. Subclasses define both."""
+    """Parameter-free standardization: x ↦ (x − center) / scale. Subclasses define both.
+
+    ``fused(x, affine)`` may compute affine(standardize(x)) in one PyTorch kernel; it is used only
+    when no hook observes the scale or the normalized value.
+    """
+
+    fusable = False
+
+    def fused(self, x: Tensor, affine: nn.Module) -> Tensor:
+        raise NotImplementedError
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], hook_scale: HookFn
@@ -54,8 +63,11 @@ class Norm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        x_hat = self.hook_normalized(self.standardize(x, self.hook_scale))
-        y = self.affine(x_hat)
+        if self.hook_scale.has_hooks() or self.hook_normalized.has_hooks() or not self.standardize.fusable:
+            y = self.affine(self.hook_normalized(self.standardize(x, self.hook_scale)))
+        else:
+            # Nobody observes the intermediate values: PyTorch's fused kernel computes the same norm.
+            y = self.standardize.fused(x, self.affine)
         return y if self.depth_scale == 1.0 else y * self.depth_scale
 
     def extra_repr(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from .base import Affine, Norm, Standardize
 from .registry import NormScheme, register
 
@@ -17,6 +19,12 @@ class LayerStandardize(Standardize):
         x = x - x.mean(-1, keepdim=True)
         scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return x / scale
+
+    fusable = True
+
+    def fused(self, x, affine):
+        w, b = (affine.w, affine.b) if isinstance(affine, Affine) else (None, None)
+        return F.layer_norm(x, x.shape[-1:], w, b, self.eps)
 
 
 def layer_norm(cfg, layer=None, site="ln1", depth_scale: float = 1.0) -> Norm:

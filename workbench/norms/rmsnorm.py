@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from .base import Affine, Norm, Standardize
 from .registry import NormScheme, register
 
@@ -14,6 +16,12 @@ class RMSStandardize(Standardize):
     def forward(self, x, hook_scale):
         scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return x / scale
+
+    fusable = True
+
+    def fused(self, x, affine):
+        y = F.rms_norm(x, x.shape[-1:], affine.w if isinstance(affine, Affine) else None, self.eps)
+        return y if not isinstance(affine, Affine) or affine.b is None else y + affine.b
 
 
 PRE_RMS = register(
