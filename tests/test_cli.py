@@ -101,3 +101,11 @@ def test_zoo_writes_per_norm_runs_json_and_figure(tmp_path, tiny_corpus, capsys)
     # Same seed, data and budget: both started from the same first batch.
     first = [json.loads((out / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("pre-ln", "batchnorm")]
     assert first[0]["lr"] == first[1]["lr"]
+
+
+def test_norm_option_the_norm_does_not_take(tmp_path, capsys):
+    bad(["train", "--norm", "pre-ln", "--alpha", "0.5", "--out", str(tmp_path / "x")], capsys,
+        "norm 'pre-ln' does not take ['alpha']")
+    bad(["train", "--norm", "mix-ln", "--alpha", "1.5", "--out", str(tmp_path / "x")], capsys,
+        "alpha must lie in [0, 1]")
+    assert not (tmp_path / "x").exists()

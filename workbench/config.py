@@ -48,7 +48,7 @@ class ModelConfig:
         from .norms import get_scheme  # late import: norms register themselves on import
 
         self.scheme = get_scheme(self.norm)
-        self.scheme.validate(self)
+        self.scheme.check(self)
 
     # --- attributes TransformerLens' ActivationCache reads -------------------------------------
     @property

@@ -21,8 +21,8 @@ PRESETS: dict[str, Preset] = {
         train=dict(steps=500, batch_size=16, lr=3e-3, warmup_steps=50, eval_every=50, eval_batches=8),
     ),
     "small": Preset(
-        model=dict(n_layers=12, d_model=256, n_heads=8, n_ctx=256, d_vocab=4096),
-        train=dict(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=100, eval_batches=16),
+        model=dict(n_layers=12, d_model=128, n_heads=4, n_ctx=128, d_vocab=4096),
+        train=dict(steps=1000, batch_size=16, lr=1.5e-3, warmup_steps=100, eval_every=100, eval_batches=8),
     ),
 }
 

@@ -35,5 +35,6 @@ DYT = register(
         ),
         tl_normalization_type="DyT",
         scale_is_per_token=False,
+        accepts=("alpha0",),
     )
 )

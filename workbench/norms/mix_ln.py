@@ -16,9 +16,6 @@ def n_post_blocks(cfg) -> int:
 
 
 def _validate(cfg) -> None:
-    unknown = set(cfg.norm_kwargs) - {"alpha"}
-    if unknown:
-        raise WorkbenchError(f"mix-ln takes only norm_kwargs 'alpha', got {sorted(unknown)}")
     alpha = cfg.norm_kwargs.get("alpha", DEFAULT_ALPHA)
     if not 0.0 <= alpha <= 1.0:
         raise WorkbenchError(f"mix-ln alpha must lie in [0, 1], got {alpha}")
@@ -32,5 +29,6 @@ MIX_LN = register(
         make=lambda cfg, layer, site: layer_norm(cfg),
         placement=lambda cfg, layer: "post" if layer < n_post_blocks(cfg) else "pre",
         validate=_validate,
+        accepts=("alpha",),
     )
 )

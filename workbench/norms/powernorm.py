@@ -71,9 +71,6 @@ class PowerStandardize(Standardize):
 
 
 def _validate(cfg) -> None:
-    unknown = set(cfg.norm_kwargs) - set(DEFAULTS)
-    if unknown:
-        raise WorkbenchError(f"powernorm takes norm_kwargs {sorted(DEFAULTS)}, got unknown {sorted(unknown)}")
     for k in ("alpha_fwd", "alpha_bkw"):
         if not 0.0 <= cfg.norm_kwargs.get(k, DEFAULTS[k]) < 1.0:
             raise WorkbenchError(f"powernorm {k} must lie in [0, 1)")
@@ -90,5 +87,6 @@ POWERNORM = register(
         tl_normalization_type="PN",
         scale_is_per_token=False,
         validate=_validate,
+        accepts=tuple(DEFAULTS),
     )
 )

@@ -44,6 +44,15 @@ class NormScheme:
     # False when the norm is not a per-token scalar division TL can replay from ``hook_scale``.
     scale_is_per_token: bool = True
     validate: Callable[["ModelConfig"], None] = _no_validation
+    # Names this scheme reads from ``ModelConfig.norm_kwargs``; anything else is a user error.
+    accepts: tuple[str, ...] = ()
+
+    def check(self, cfg: "ModelConfig") -> None:
+        unknown = sorted(set(cfg.norm_kwargs) - set(self.accepts))
+        if unknown:
+            takes = f"only {', '.join(self.accepts)}" if self.accepts else "none"
+            raise WorkbenchError(f"norm {self.name!r} does not take {unknown}; it takes {takes}")
+        self.validate(cfg)
 
     def residual_is_sum(self, cfg: "ModelConfig") -> bool:
         """True when resid_post of the last block is embed + pos_embed + every sub-layer output."""

@@ -82,9 +82,6 @@ class UnifiedStandardize(Standardize):
 
 
 def _validate(cfg) -> None:
-    unknown = set(cfg.norm_kwargs) - set(DEFAULTS)
-    if unknown:
-        raise WorkbenchError(f"unified takes norm_kwargs {sorted(DEFAULTS)}, got unknown {sorted(unknown)}")
     if int(cfg.norm_kwargs.get("window", DEFAULTS["window"])) < 1:
         raise WorkbenchError("unified window must be >= 1")
 
@@ -100,5 +97,6 @@ UNIFIED = register(
         tl_normalization_type="UN",
         scale_is_per_token=False,
         validate=_validate,
+        accepts=tuple(DEFAULTS),
     )
 )
