@@ -157,6 +157,8 @@ def test_tl_apply_ln_refused_when_norm_is_not_a_per_token_scale(norm):
     cache.decompose_resid(apply_ln=False)  # a sum still: allowed
     with pytest.raises(WorkbenchError, match="per-token scale"):
         cache.decompose_resid(apply_ln=True)
+    with pytest.raises(WorkbenchError, match="per-token scale"):
+        cache.accumulated_resid(-1, False, True)  # apply_ln given positionally
 
 
 def test_context_longer_than_model_is_a_clear_error():

@@ -32,34 +32,32 @@ class NormAwareCache(ActivationCache):
                 "per-token scale that can be replayed from hook_scale; pass apply_ln=False"
             )
 
+    # Decompositions need a residual stream that is a sum of components.
     def decompose_resid(self, *args, **kwargs):
         self._require_sum("decompose_resid")
-        if kwargs.get("apply_ln", False):
-            self._require_token_scale("decompose_resid")
         return super().decompose_resid(*args, **kwargs)
 
     def accumulated_resid(self, *args, **kwargs):
         self._require_sum("accumulated_resid")
-        if kwargs.get("apply_ln", False):
-            self._require_token_scale("accumulated_resid")
         return super().accumulated_resid(*args, **kwargs)
 
     def stack_head_results(self, *args, **kwargs):
         self._require_sum("stack_head_results")
-        if kwargs.get("apply_ln", False):
-            self._require_token_scale("stack_head_results")
         return super().stack_head_results(*args, **kwargs)
 
     def get_full_resid_decomposition(self, *args, **kwargs):
         self._require_sum("get_full_resid_decomposition")
-        if kwargs.get("apply_ln", False):
-            self._require_token_scale("get_full_resid_decomposition")
         return super().get_full_resid_decomposition(*args, **kwargs)
 
+    # Every use of the cached norm scale (apply_ln=True anywhere, logit_attrs) passes through these.
     def apply_ln_to_stack(self, *args, **kwargs):
         self._require_sum("apply_ln_to_stack")
         self._require_token_scale("apply_ln_to_stack")
         return super().apply_ln_to_stack(*args, **kwargs)
+
+    def _get_cached_ln_scale(self, *args, **kwargs):
+        self._require_token_scale("applying the cached norm scale")
+        return super()._get_cached_ln_scale(*args, **kwargs)
 
     def logit_attrs(self, *args, **kwargs):
         self._require_sum("logit_attrs")
