@@ -1,6 +1,7 @@
 """Trainer: bitwise reproducibility, resume-after-kill, divergence capture, DDP = single process."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,3 +150,13 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_corpus):
     wa, wb = weights(single), weights(ddp)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+
+
+def test_learning_rate_is_linear_warmup_then_cosine_to_min():
+    from workbench.train import TrainConfig
+
+    c = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert c.lr_at(0) == pytest.approx(1e-4) and c.lr_at(9) == pytest.approx(1e-3)
+    assert c.lr_at(55) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert c.lr_at(100) == pytest.approx(1e-4)
+    assert all(c.lr_at(s) >= c.lr_at(s + 1) for s in range(10, 100))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import WorkbenchError
@@ -66,6 +67,8 @@ def _cmd_train(args) -> int:
     s = train(args.norm, args.out, preset=args.preset, steps=args.steps, seed=args.seed, corpus=args.corpus,
               model_overrides=model_overrides, train_overrides=train_overrides, device=args.device,
               progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     if s["diverged"]:
         print(f"workbench: training {s['norm']} diverged at step {s['diverged_at_step']} ({s['divergence']}); "
               f"kept the last good checkpoint (step {s['weights_from_step']}) in {args.out}", file=sys.stderr)
