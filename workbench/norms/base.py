@@ -32,6 +32,12 @@ class Standardize(nn.Module):
     def fused(self, x: Tensor, affine: nn.Module) -> Tensor:
         raise NotImplementedError
 
+    def frozen(self, x: Float[Tensor, "... d_model"]) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """The standardization with its statistics frozen at ``x``: a linear map L and a constant k
+        with standardize(x) = L(x) + k. Applied to each component of x, L gives that component's
+        share — the "cached scale" of direct logit attribution, generalized to every norm."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen-statistics linearization")
+
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], hook_scale: HookFn
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -80,3 +86,6 @@ class IdentityStandardize(Standardize):
     def forward(self, x, hook_scale):
         hook_scale(x.new_ones(1, 1, 1))
         return x
+
+    def frozen(self, x):
+        return (lambda c: c), torch.zeros_like(x)

@@ -33,6 +33,12 @@ class BatchStandardize(Standardize):
         scale = hook_scale((var + self.eps).sqrt().reshape(1, 1, -1))
         return (x - mean) / scale
 
+    def frozen(self, x):
+        if self.training:
+            raise ValueError("batchnorm is linear only in eval mode (running statistics); call model.eval()")
+        s = (self.running_var + self.eps).sqrt()
+        return (lambda c: c / s), (-self.running_mean / s).expand_as(x)
+
 
 BATCHNORM = register(
     NormScheme(

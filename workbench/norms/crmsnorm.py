@@ -7,6 +7,8 @@ Pre-LN with width D converts exactly into Pre-CRMSNorm with width D − 1.
 
 from __future__ import annotations
 
+import torch
+
 from .base import Affine, Norm, Standardize
 from .registry import NormScheme, register
 
@@ -21,6 +23,11 @@ class CRMSStandardize(Standardize):
         sq = x.pow(2).sum(-1, keepdim=True) + x.sum(-1, keepdim=True).pow(2)
         scale = hook_scale((sq / d_full + self.eps).sqrt())
         return x / scale
+
+    def frozen(self, x):
+        d_full = x.shape[-1] + 1
+        s = ((x.pow(2).sum(-1, keepdim=True) + x.sum(-1, keepdim=True).pow(2)) / d_full + self.eps).sqrt()
+        return (lambda c: c / s), torch.zeros_like(x)
 
 
 PRE_CRMS = register(

@@ -24,6 +24,12 @@ class TanhStandardize(Standardize):
         scale = hook_scale((1.0 / self.alpha).reshape(1, 1, 1))
         return torch.tanh(x / scale)
 
+    def frozen(self, x):
+        # The elementwise gain tanh(αx)/x at the operating point (its limit α where x = 0).
+        a = self.alpha
+        gain = torch.where(x == 0, a.expand_as(x), torch.tanh(a * x) / torch.where(x == 0, torch.ones_like(x), x))
+        return (lambda c: c * gain), torch.zeros_like(x)
+
 
 DYT = register(
     NormScheme(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .base import Affine, Norm, Standardize
@@ -21,6 +22,10 @@ class LayerStandardize(Standardize):
         return x / scale
 
     fusable = True
+
+    def frozen(self, x):
+        s = (x.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+        return (lambda c: (c - c.mean(-1, keepdim=True)) / s), torch.zeros_like(x)
 
     def fused(self, x, affine):
         w, b = (affine.w, affine.b) if isinstance(affine, Affine) else (None, None)

@@ -54,6 +54,12 @@ class PowerStandardize(Standardize):
         self.register_buffer("nu", torch.zeros(d_model))  # ν
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
+    def frozen(self, x):
+        if self.training:
+            raise ValueError("this norm is linear only in eval mode (running statistics); call model.eval()")
+        s = (self.running_phi + self.eps).sqrt()
+        return (lambda c: c / s), torch.zeros_like(x)
+
     def forward(self, x, hook_scale):
         if not self.training:
             scale = hook_scale((self.running_phi + self.eps).sqrt().reshape(1, 1, -1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .base import Affine, Norm, Standardize
@@ -18,6 +19,10 @@ class RMSStandardize(Standardize):
         return x / scale
 
     fusable = True
+
+    def frozen(self, x):
+        s = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return (lambda c: c / s), torch.zeros_like(x)
 
     def fused(self, x, affine):
         y = F.rms_norm(x, x.shape[-1:], affine.w if isinstance(affine, Affine) else None, self.eps)

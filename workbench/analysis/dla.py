@@ -1,0 +1,155 @@
+"""Direct logit attribution (DLA) with its error measured against each component's direct effect.
+
+Dimensions: component, d_model. At one position the final residual is a sum of components
+(embeddings, every head's result, every MLP's output, the output biases). DLA freezes the final
+norm's statistics at the actual residual and reads each component through the frozen, now linear,
+norm and the unembedding; the components' DLA then sum to the logit exactly. The *direct effect*
+of a component is what removing it from the final residual does to the logit when the final norm
+is recomputed. They agree exactly when the norm is linear (no norm, or batch statistics at
+evaluation) and disagree where the norm's scale depends on every component at once (LayerNorm,
+RMSNorm, DyT): ``nmae = mean|DLA − DE| / mean|DE|`` measures by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import WorkbenchError
+from ..model import GPT
+
+
+@dataclass
+class DLAResult:
+    logit: float  # the answer logit, or answer − contrast logit difference
+    dla_sum: float
+    nmae: float
+    table: pd.DataFrame  # name, kind, layer, head, dla, direct_effect
+
+    def to_json(self) -> dict:
+        return {
+            "logit": self.logit,
+            "dla_sum": self.dla_sum,
+            "nmae": self.nmae,
+            "components": [
+                {"name": r.name, "dla": float(r.dla), "direct_effect": float(r.direct_effect)}
+                for r in self.table.itertuples()
+            ],
+        }
+
+
+def require_residual_sum(model: GPT) -> None:
+    if not model.cfg.scheme.residual_is_sum(model.cfg):
+        raise WorkbenchError(
+            f"direct logit attribution is undefined for norm {model.cfg.norm!r}: its Post-LN blocks normalize "
+            "the residual stream, so it is not a sum of component outputs; use a Pre-norm or norm-free model"
+        )
+
+
+def answer_direction(model: GPT, answer: str | int, contrast: str | int | None) -> tuple[Tensor, Tensor]:
+    """Residual direction and unembedding bias of the answer logit (minus the contrast's)."""
+    a = model.to_single_token(answer) if isinstance(answer, str) else int(answer)
+    direction, bias = model.W_U[:, a], model.b_U[a]
+    if contrast is not None:
+        c = model.to_single_token(contrast) if isinstance(contrast, str) else int(contrast)
+        direction, bias = direction - model.W_U[:, c], bias - model.b_U[c]
+    return direction, bias
+
+
+@torch.no_grad()
+def residual_components(
+    model: GPT, tokens: Tensor, pos: int = -1
+) -> tuple[list[str], Float[Tensor, "component d_model"], Float[Tensor, "d_model"]]:
+    """Names and vectors of the components whose sum is the final residual at ``pos``."""
+    require_residual_sum(model)
+    names_filter = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith(  # noqa: E731
+        ("attn.hook_z", "hook_mlp_out", "hook_resid_post"))
+    _, cache = model.run_with_cache(tokens, names_filter=names_filter)
+    names, vecs = ["embed", "pos_embed"], [cache["hook_embed"][0, pos], cache["hook_pos_embed"][0, pos]]
+    for l, block in enumerate(model.blocks):
+        z = cache[f"blocks.{l}.attn.hook_z"][0, pos]  # [head, d_head]
+        heads = torch.einsum("hd,hdm->hm", z, block.attn.W_O)
+        for h in range(model.cfg.n_heads):
+            names.append(f"L{l}H{h}")
+            vecs.append(heads[h])
+        names.append(f"L{l}.attn.b_O")
+        vecs.append(block.attn.b_O)
+        names.append(f"L{l}.mlp")
+        vecs.append(cache[f"blocks.{l}.hook_mlp_out"][0, pos] - block.mlp.b_out)
+        names.append(f"L{l}.mlp.b_out")
+        vecs.append(block.mlp.b_out)
+    stack = torch.stack(vecs)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, pos]
+    return names, stack, final
+
+
+def _final_norm_parts(model: GPT, x: Tensor):
+    norm = model.ln_final
+    try:
+        linear, const = norm.standardize.frozen(x)
+    except ValueError as e:
+        raise WorkbenchError(str(e)) from None
+    affine = norm.affine
+    w = getattr(affine, "w", None)
+    b = getattr(affine, "b", None)
+    gain = (w if w is not None else torch.ones_like(x)) * norm.depth_scale
+    offset = (const * gain) + (b * norm.depth_scale if b is not None else 0.0)
+    return linear, gain, offset
+
+
+@torch.no_grad()
+def direct_logit_attribution(
+    model: GPT, prompt: str | Tensor, answer: str | int, contrast: str | int | None = None, pos: int = -1
+) -> DLAResult:
+    """Per-component DLA and direct effect of the answer logit (or answer − contrast) at ``pos``."""
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else prompt
+    if tokens.dim() == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.shape[0] != 1:
+        raise WorkbenchError("direct logit attribution takes one prompt at a time")
+    model.eval()
+    direction, u_bias = answer_direction(model, answer, contrast)
+    names, comps, final = residual_components(model, tokens, pos)
+    if not torch.allclose(comps.sum(0), final, atol=1e-4 * max(1.0, final.abs().max().item())):
+        raise RuntimeError("components do not sum to the final residual; the decomposition is incomplete")
+    linear, gain, offset = _final_norm_parts(model, final)
+    read = gain * direction  # how a unit of normalized residual moves the logit
+    dla = torch.stack([(linear(c) * read).sum() for c in comps])
+
+    def logit_of(resid: Tensor) -> Tensor:
+        return (model.ln_final(resid.reshape(1, 1, -1)).reshape(-1) * direction).sum(-1) + u_bias
+
+    logit = logit_of(final)
+    direct = torch.stack([logit - logit_of(final - c) for c in comps])
+    const_names = ["ln_final.offset", "unembed.b_U"]
+    const_vals = torch.stack([(offset * direction).sum() if torch.is_tensor(offset) else torch.tensor(0.0), u_bias])
+    # Constants are not in the residual stream: their direct effect is their attribution by definition.
+    nmae = ((dla - direct).abs().mean() / direct.abs().mean().clamp_min(1e-30)).item()
+    rows = [_row(n, d, e) for n, d, e in zip(names, dla.tolist(), direct.tolist())]
+    rows += [_row(n, v, v, kind="constant") for n, v in zip(const_names, const_vals.tolist())]
+    table = pd.DataFrame(rows)
+    return DLAResult(logit=logit.item(), dla_sum=float(dla.sum() + const_vals.sum()), nmae=nmae, table=table)
+
+
+def _row(name: str, dla: float, de: float, kind: str | None = None) -> dict:
+    layer, head = None, None
+    if name.startswith("L"):
+        layer = int(name[1:].split("H")[0].split(".")[0])
+        if "H" in name and "." not in name:
+            head = int(name.split("H")[1])
+    if kind is None:
+        kind = ("head" if head is not None else "bias" if name.endswith(("b_O", "b_out")) else
+                "mlp" if name.endswith(".mlp") else "embedding")
+    return {"name": name, "kind": kind, "layer": layer, "head": head, "dla": dla, "direct_effect": de}
+
+
+def format_dla(result: DLAResult, top: int = 20) -> str:
+    t = result.table.reindex(result.table.dla.abs().sort_values(ascending=False).index).head(top)
+    lines = [f"logit {result.logit:+.4f}   sum of DLA {result.dla_sum:+.4f}   NMAE(DLA vs direct effect) {result.nmae:.3g}",
+             f"{'component':<16}{'DLA':>10}{'direct':>10}"]
+    lines += [f"{r.name:<16}{r.dla:>+10.4f}{r.direct_effect:>+10.4f}" for r in t.itertuples()]
+    return "\n".join(lines)
