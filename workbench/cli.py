@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -44,6 +45,29 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--corpus", default="english")
     z.add_argument("--out", required=True)
     z.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("dla", help="direct logit attribution with its error against each direct effect")
+    d.add_argument("model", help="run directory")
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--answer", help="answer token (default: the model's top prediction)")
+    d.add_argument("--contrast", help="attribute answer - contrast logit difference")
+    d.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    pa = sub.add_parser("patch", help="activation and attribution patching on a clean/corrupted pair")
+    pa.add_argument("model")
+    pa.add_argument("--clean", required=True)
+    pa.add_argument("--corrupt", required=True)
+    pa.add_argument("--answer", required=True)
+    pa.add_argument("--contrast", required=True)
+    pa.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("confidence", help="confidence (entropy) neurons of the last MLP layer")
+    c.add_argument("model")
+    c.add_argument("--corpus", default="english", help="text to measure entropy effects on (validation split)")
+    c.add_argument("--sequences", type=int, default=16)
+    c.add_argument("--top", type=int, default=5)
+    c.add_argument("--json", action="store_true")
     return p
 
 
@@ -88,7 +112,43 @@ def _cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo}
+def _cmd_dla(args) -> int:
+    import workbench
+    from .analysis.dla import direct_logit_attribution, format_dla
+
+    model = workbench.load(args.model)
+    answer = args.answer
+    if answer is None:
+        answer = int(model(model.to_tokens(args.prompt))[0, -1].argmax())
+    r = direct_logit_attribution(model, args.prompt, answer, args.contrast)
+    print(json.dumps(r.to_json(), indent=1) if args.json else format_dla(r, args.top))
+    return 0
+
+
+def _cmd_patch(args) -> int:
+    import workbench
+    from .analysis.patching import format_patching, patching
+
+    model = workbench.load(args.model)
+    r = patching(model, args.clean, args.corrupt, args.answer, args.contrast)
+    print(json.dumps(r.to_json(), indent=1) if args.json else format_patching(r))
+    return 0
+
+
+def _cmd_confidence(args) -> int:
+    import workbench
+    from .analysis.confidence import confidence_neurons, validation_tokens
+
+    if args.sequences <= 0 or args.top <= 0:
+        raise WorkbenchError("--sequences and --top must be positive")
+    model = workbench.load(args.model)
+    df = confidence_neurons(model, validation_tokens(model, args.corpus, args.sequences), top=args.top)
+    print(df.to_json(orient="records", indent=1) if args.json else df.round(5).to_string(index=False))
+    return 0
+
+
+COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
+            "confidence": _cmd_confidence}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,8 @@ class TokenData:
         return float(-logp[self.val].mean())
 
 
-def _tokenize(tok: Tokenizer, works) -> np.ndarray:
+def tokenize_works(tok: Tokenizer, works) -> np.ndarray:
+    """Token stream of ``works`` joined by <|endoftext|>."""
     eot = eot_id(tok)
     ids: list[int] = []
     for enc in tok.encode_batch([w.text for w in works]):
@@ -88,7 +89,7 @@ def load_token_data(corpus: str | Corpus, vocab_size: int, tokenizer: Tokenizer 
     """Tokenize ``corpus`` (training a BPE of ``vocab_size`` on its training split unless given one)."""
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     if tokenizer is not None:
-        return TokenData(c.name, tokenizer, _tokenize(tokenizer, c.train), _tokenize(tokenizer, c.val))
+        return TokenData(c.name, tokenizer, tokenize_works(tokenizer, c.train), tokenize_works(tokenizer, c.val))
     key = hashlib.sha256(f"{c.fingerprint()}|{vocab_size}|{tokenizers.__version__}".encode()).hexdigest()[:20]
     d = cache_dir() / "tokenized" / key
     if (d / "done").is_file():
@@ -97,7 +98,7 @@ def load_token_data(corpus: str | Corpus, vocab_size: int, tokenizer: Tokenizer 
         except (OSError, ValueError, WorkbenchError):
             shutil.rmtree(d, ignore_errors=True)  # a damaged cache entry is rebuilt, not trusted
     tok = train_tokenizer((w.text for w in c.train), vocab_size)
-    data = TokenData(c.name, tok, _tokenize(tok, c.train), _tokenize(tok, c.val))
+    data = TokenData(c.name, tok, tokenize_works(tok, c.train), tokenize_works(tok, c.val))
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{key}-"))

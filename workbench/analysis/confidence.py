@@ -69,8 +69,34 @@ def confidence_neurons(
             total = (_entropy(model(tokens)) - clean_entropy).item()
         with model.hooks(fwd_hooks=[(post_name, ablate), (scale_name, lambda t, hook: clean_scale)]):
             frozen = (_entropy(model(tokens)) - clean_entropy).item()
-        via_scale = 1 - frozen / total if abs(total) > 1e-9 else float("nan")
+        via_scale = 1 - frozen / total if abs(total) > 1e-4 else float("nan")  # ratio of noise otherwise
         rows.append({"group": r.group, "neuron": r.neuron, "w_out_norm": r.w_out_norm, "null_share": r.null_share,
                      "mean_activation": mean_act[r.neuron].item(), "entropy_effect": total,
                      "entropy_effect_frozen_scale": frozen, "share_via_norm_scale": via_scale})
     return pd.DataFrame(rows)
+
+
+def validation_tokens(model: GPT, corpus: str = "english", sequences: int = 16) -> Tensor:
+    """``sequences`` context-length windows spread over the corpus' validation works (model's tokenizer)."""
+    from ..corpus import load_corpus
+    from ..data import TokenData, tokenize_works
+
+    val = tokenize_works(model.tokenizer, load_corpus(corpus).val)
+    data = TokenData(corpus, model.tokenizer, val, val)
+    data.check_context(model.cfg.n_ctx)
+    return torch.cat(data.val_batches(1, sequences, model.cfg.n_ctx))
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Per group: how much of the entropy effect goes through the norm scale, pooled over neurons
+    (Σ|total − frozen| / Σ|total|, robust where single neurons have near-zero effects)."""
+    out = {}
+    for group, g in df.groupby("group"):
+        total = g.entropy_effect.abs().sum()
+        out[group] = {
+            "mean_abs_entropy_effect": float(g.entropy_effect.abs().mean()),
+            "share_via_norm_scale": float((g.entropy_effect - g.entropy_effect_frozen_scale).abs().sum() / total)
+            if total > 0 else float("nan"),
+            "mean_null_share": float(g.null_share.mean()),
+        }
+    return out

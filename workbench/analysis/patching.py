@@ -136,3 +136,15 @@ def _patched(model, tokens, key, clean_value, metric, pos=None, head=None) -> fl
 
     with model.hooks(fwd_hooks=[(key, patch)]):
         return metric(model(tokens)).item()
+
+
+def format_patching(r: PatchingResult, top: int = 12) -> str:
+    t = r.table.reindex(r.table.activation.abs().sort_values(ascending=False).index).head(top)
+    lines = [f"metric clean {r.clean_metric:+.4f}  corrupted {r.corrupt_metric:+.4f}   "
+             f"Pearson(attribution, activation patching) = {r.correlation:.4f}",
+             f"{'unit':<14}{'activation':>12}{'attribution':>13}"]
+    for u in t.itertuples():
+        name = (f"resid L{u.layer} p{int(u.pos)}" if u.kind == "resid" else
+                f"head L{u.layer}H{int(u.head)}" if u.kind == "head" else f"mlp L{u.layer}")
+        lines.append(f"{name:<14}{u.activation:>+12.4f}{u.attribution:>+13.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""DLA exactness and its error, patching invariants, confidence-neuron geometry and mechanism."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.analysis.confidence import confidence_neurons, neuron_geometry, null_space_basis, summarize
+from workbench.analysis.dla import direct_logit_attribution, residual_components
+from workbench.analysis.patching import patching
+from workbench.config import ModelConfig
+from workbench.errors import WorkbenchError
+from workbench.model import GPT
+
+CFG = dict(n_layers=2, d_model=32, n_heads=4, n_ctx=24, d_vocab=64)
+
+
+def model(norm, **kw):
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(norm=norm, **{**CFG, **kw})).eval()
+    with torch.no_grad():  # larger, non-trivial weights so that norms and biases matter
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if name.split(".")[-1].startswith("W_") else 0.5))
+    return m
+
+
+def toks(seed=1, n=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, CFG["d_vocab"], (1, n), generator=g)
+
+
+def true_logit_diff(m, t, a, c=None):
+    logits = m(t)[0, -1]
+    return (logits[a] - (logits[c] if c is not None else 0)).item()
+
+
+@pytest.mark.parametrize("norm", ["none", "pre-ln", "lns", "pre-rms", "pre-crms", "srms", "dyt", "batchnorm", "powernorm"])
+def test_dla_sums_to_the_logit(norm):
+    """With the final norm's statistics frozen at the actual residual, DLA sums to the logit."""
+    m = model(norm)
+    t = toks()
+    r = direct_logit_attribution(m, t, 5, 9)
+    assert r.logit == pytest.approx(true_logit_diff(m, t, 5, 9), abs=1e-4)
+    assert r.dla_sum == pytest.approx(r.logit, abs=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm", "powernorm"])
+def test_dla_is_exact_when_the_final_norm_is_linear(norm):
+    """No norm, or batch statistics at evaluation: DLA equals each component's direct effect."""
+    r = direct_logit_attribution(model(norm), toks(), 5)
+    assert r.nmae <= 1e-5
+    assert np.allclose(r.table.dla, r.table.direct_effect, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["pre-ln", "pre-rms", "dyt"])
+def test_dla_is_approximate_with_a_live_norm(norm):
+    assert direct_logit_attribution(model(norm), toks(), 5).nmae > 1e-3
+
+
+def test_direct_effect_equals_removing_the_component_by_hook():
+    """DE of head L1H2 = logit change when its output is subtracted from the final residual."""
+    m = model("pre-ln")
+    t = toks()
+    r = direct_logit_attribution(m, t, 5)
+    names, comps, _ = residual_components(m, t)
+    c = comps[names.index("L1H2")]
+
+    def remove(x, hook):
+        x = x.clone()
+        x[0, -1] -= c
+        return x
+
+    with m.hooks(fwd_hooks=[("blocks.1.hook_resid_post", remove)]):
+        removed = m(t)[0, -1, 5].item()
+    de = r.table.set_index("name").loc["L1H2", "direct_effect"]
+    assert de == pytest.approx(m(t)[0, -1, 5].item() - removed, abs=1e-5)
+
+
+def test_dla_matches_transformerlens_logit_attrs_on_pre_ln():
+    """Ours on the model = TL's ActivationCache.logit_attrs on the same model with ln_final's gain
+    folded into W_U (TL's DLA assumes a folded final norm)."""
+    m = model("pre-ln")
+    t = toks()
+    r = direct_logit_attribution(m, t, 5, 9).table.set_index("name")
+    folded = copy.deepcopy(m)
+    with torch.no_grad():
+        folded.unembed.W_U.mul_(folded.ln_final.affine.w[:, None])
+        folded.ln_final.affine.w.fill_(1.0)
+    _, cache = folded.run_with_cache(t)
+    parts, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+    tl = cache.logit_attrs(parts, tokens=torch.tensor([5]), incorrect_tokens=torch.tensor([9]), pos_slice=-1)[:, 0]
+    ours = {"embed": r.dla["embed"], "pos_embed": r.dla["pos_embed"]}
+    for l in range(CFG["n_layers"]):
+        ours[f"{l}_attn_out"] = sum(r.dla[f"L{l}H{h}"] for h in range(CFG["n_heads"])) + r.dla[f"L{l}.attn.b_O"]
+        ours[f"{l}_mlp_out"] = r.dla[f"L{l}.mlp"] + r.dla[f"L{l}.mlp.b_out"]
+    for label, value in zip(labels, tl.tolist()):
+        assert ours[label] == pytest.approx(value, abs=1e-4), label
+
+
+def test_dla_refuses_post_ln_and_bad_answers():
+    with pytest.raises(WorkbenchError, match="not a sum of component outputs"):
+        direct_logit_attribution(model("post-ln"), toks(), 5)
+    with pytest.raises(WorkbenchError, match="context is 24"):
+        direct_logit_attribution(model("pre-ln"), toks(n=30), 5)
+
+
+def test_patching_invariants_on_a_one_token_change():
+    """Patching layer-0 residual at the changed position restores the clean metric exactly; at any
+    other position nothing changes; on a norm-free model the last MLP's attribution is exact."""
+    m = model("none")
+    clean = toks()
+    corrupt = clean.clone()
+    corrupt[0, 4] = (clean[0, 4] + 7) % CFG["d_vocab"]
+    r = patching(m, clean, corrupt, 5, 9)
+    t = r.table
+    l0 = t[(t.kind == "resid") & (t.layer == 0)].set_index("pos")
+    assert l0.activation[4] == pytest.approx(r.clean_metric - r.corrupt_metric, rel=1e-5, abs=1e-4)
+    assert l0.normalized[4] == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(l0.drop(index=4).activation, 0, atol=1e-6)
+    assert np.allclose(l0.drop(index=4).attribution, 0, atol=1e-6)
+    last_mlp = t[(t.kind == "mlp") & (t.layer == CFG["n_layers"] - 1)].iloc[0]
+    assert last_mlp.attribution == pytest.approx(last_mlp.activation, rel=1e-4, abs=1e-4)
+    assert -1 <= r.correlation <= 1
+
+
+def test_patching_needs_equal_lengths():
+    with pytest.raises(WorkbenchError, match="same number of tokens"):
+        patching(model("pre-ln"), toks(n=8), toks(n=9), 5, 9)
+
+
+def test_null_space_share_of_constructed_neurons():
+    m = model("pre-ln")
+    basis = null_space_basis(m, 0.25)
+    with torch.no_grad():
+        m.blocks[-1].mlp.W_out[0] = basis[:, 0] * 3
+        m.blocks[-1].mlp.W_out[1] = m.W_U[:, 7]  # an unembedding direction: mostly outside
+    geo = neuron_geometry(m, null_fraction=0.25)
+    assert geo.null_share[0] == pytest.approx(1.0, abs=1e-5)
+    assert geo.w_out_norm[0] == pytest.approx(3.0, abs=1e-5)
+    assert geo.null_share[1] < 0.25
+
+
+def test_confidence_neuron_acts_only_through_the_norm_scale():
+    """A neuron writing along an exact null direction of W_U (zero-mean, so LN centering keeps it)
+    changes entropy only via ln_final's scale: frozen-scale effect 0, share via scale 1. Without a
+    norm the same neuron does nothing at all."""
+    for norm, expected in (("pre-ln", 1.0), ("none", None)):
+        m = model(norm)
+        v = torch.randn(CFG["d_model"])
+        v = v - v.mean()
+        v = v / v.norm()
+        with torch.no_grad():
+            if norm == "pre-ln":
+                m.ln_final.affine.w.fill_(1.0)  # so that the gain does not rotate v out of the null space
+            m.unembed.W_U.sub_(torch.outer(v, v @ m.unembed.W_U))  # v is now an exact null direction
+            m.blocks[-1].mlp.W_out.mul_(0.01)
+            m.blocks[-1].mlp.W_out[3] = v * 20
+            m.blocks[-1].mlp.b_in[3] = 2.0
+        t = torch.randint(1, CFG["d_vocab"], (4, 16), generator=torch.Generator().manual_seed(3))
+        df = confidence_neurons(m, t, top=3, null_fraction=1 / CFG["d_model"])
+        row = df.set_index("neuron").loc[3]
+        assert row.null_share == pytest.approx(1.0, abs=1e-4)
+        assert abs(row.entropy_effect_frozen_scale) < 1e-5
+        if expected is None:
+            assert abs(row.entropy_effect) < 1e-5
+        else:
+            assert abs(row.entropy_effect) > 1e-3 and row.share_via_norm_scale == pytest.approx(expected, abs=1e-3)
+    assert set(summarize(df)) == {"null-space candidate", "largest norm"}
