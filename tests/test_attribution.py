@@ -167,3 +167,21 @@ def test_confidence_neuron_acts_only_through_the_norm_scale():
         else:
             assert abs(row.entropy_effect) > 1e-3 and row.share_via_norm_scale == pytest.approx(expected, abs=1e-3)
     assert set(summarize(df)) == {"null-space candidate", "largest norm"}
+
+
+def test_figures_are_built_from_the_tables():
+    from workbench.analysis.figures import attribution_vs_activation, dla_bars, head_grid, resid_patching_map
+
+    m = model("pre-ln")
+    r = direct_logit_attribution(m, toks(), 5)
+    bars = dla_bars(r.table, top=6)
+    assert list(bars.data[0].y) == r.table.reindex(r.table.dla.abs().sort_values(ascending=False).index).dla.head(6).tolist()
+    grid = head_grid(r.table)
+    assert np.asarray(grid.data[0].z).shape == (CFG["n_layers"], CFG["n_heads"])
+    assert grid.data[0].z[1][2] == pytest.approx(r.table.set_index("name").dla["L1H2"])
+    clean = toks()
+    corrupt = clean.clone()
+    corrupt[0, 3] = 1
+    p = patching(m, clean, corrupt, 5, 9)
+    assert np.asarray(resid_patching_map(p.table).data[0].z).shape == (CFG["n_layers"], clean.shape[1])
+    assert len(attribution_vs_activation(p.table).data) == 4
