@@ -109,3 +109,21 @@ def test_norm_option_the_norm_does_not_take(tmp_path, capsys):
     bad(["train", "--norm", "mix-ln", "--alpha", "1.5", "--out", str(tmp_path / "x")], capsys,
         "alpha must lie in [0, 1]")
     assert not (tmp_path / "x").exists()
+
+
+def test_run_files_are_readable_like_ordinary_files(tmp_path, tiny_corpus):
+    """Atomic writes go through temporary files; the results must not stay private (0600)."""
+    import os
+    import stat
+
+    import workbench
+    from conftest import TINY_MODEL, TINY_TRAIN
+
+    run = tmp_path / "r"
+    workbench.train("pre-ln", run, steps=2, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                    train_overrides=TINY_TRAIN, progress=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("model.safetensors", "summary.json", "metrics.jsonl", "checkpoint.pt", "config.json"):
+        assert stat.S_IMODE((run / f).stat().st_mode) == 0o666 & ~mask, f
+    assert not list(run.glob(".*.tmp")), "no temporary files left behind"

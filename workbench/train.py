@@ -174,7 +174,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         created = True
         io.atomic_write_json(out / io.CONFIG_FILE, _config_record(model_cfg, train_cfg))
-        data.tokenizer.save(str(out / io.TOKENIZER_FILE))
+        io.atomic_write_text(out / io.TOKENIZER_FILE, data.tokenizer.to_str())
     try:
         return _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step)
     except KeyboardInterrupt:
