@@ -6,8 +6,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import WorkbenchError
+
+COMPARE_METRICS = ("resid_var", "grad_norm", "angular_distance", "ablation")
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -68,6 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sequences", type=int, default=16)
     c.add_argument("--top", type=int, default=5)
     c.add_argument("--json", action="store_true")
+
+    dg = sub.add_parser("diagnose", help="per-layer variance, norm scales, gradient norms, angular distance, ablation")
+    dg.add_argument("model")
+    dg.add_argument("--corpus", default="english")
+    dg.add_argument("--tokens", type=int, default=32768, help="validation tokens for the forward statistics")
+    dg.add_argument("--batches", type=int, default=4, help="batches of 8 sequences for gradient norms")
+    dg.add_argument("--far", type=int, help="second angular-distance offset n (default min(4, depth))")
+    dg.add_argument("--out", required=True, help="FILE.json (written atomically)")
+
+    cp = sub.add_parser("compare", help="overlay one depth metric across every model of a zoo")
+    cp.add_argument("zoo")
+    cp.add_argument("--metric", required=True, choices=sorted(COMPARE_METRICS))
+    cp.add_argument("--tokens", type=int, default=16384)
+    cp.add_argument("--out", help="directory for the figure and table (default: the zoo directory)")
     return p
 
 
@@ -147,8 +164,34 @@ def _cmd_confidence(args) -> int:
     return 0
 
 
+def _cmd_diagnose(args) -> int:
+    import workbench
+    from .analysis.depth import diagnose
+    from .io import atomic_write_json
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise WorkbenchError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    model = workbench.load(args.model)
+    result = diagnose(model, args.corpus, args.tokens, args.batches, args.far, model_id=str(args.model))
+    atomic_write_json(out, result)
+    ratio = result["residual"]["layers"][-1]["resid_var_pos1"] / result["residual"]["layers"][0]["resid_var_pos1"]
+    print(f"{args.model}: residual variance last/first (positions >= 1) = {ratio:.3g}; "
+          f"validation CE {result['val_ce']:.4f}; wrote {out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .analysis.compare import compare_zoo
+
+    table, paths = compare_zoo(args.zoo, args.metric, args.tokens, args.out)
+    print(table.to_string(index=False))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
-            "confidence": _cmd_confidence}
+            "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

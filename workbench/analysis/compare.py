@@ -1,0 +1,87 @@
+"""One depth metric across every model of a zoo: a tidy table and an overlaid plotly figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..errors import WorkbenchError
+from ..io import atomic_write_json, atomic_write_text
+from .depth import SCHEMA_VERSION, diagnose
+
+# metric name on the command line -> (row metric in the depth table, y-axis title)
+METRICS = {
+    "resid_var": ("resid_var_pos1", "residual variance (positions ≥ 1)"),
+    "grad_norm": ("grad_norm_block", "gradient norm per block"),
+    "angular_distance": ("angular_distance_n1", "angular distance to the next layer (last token)"),
+    "ablation": ("ablation_delta_ce", "ΔCE when the block is skipped (nats)"),
+}
+DIAGNOSE_FILE = "diagnose.json"
+
+
+def zoo_diagnostics(zoo: str | Path, tokens: int = 16384) -> dict[str, dict]:
+    """``diagnose`` of every finished model in ``zoo`` (cached as ``<run>/diagnose.json``)."""
+    import workbench
+    from ..zoo import collect_existing
+
+    zoo = Path(zoo)
+    names = list(collect_existing(zoo))
+    if not names:
+        raise WorkbenchError(f"no trained models in {zoo}; train them with `workbench zoo --out {zoo}`")
+    results = {}
+    for name in names:
+        cached = zoo / name / DIAGNOSE_FILE
+        if cached.exists():
+            r = json.loads(cached.read_text())
+            if r.get("schema_version") == SCHEMA_VERSION and r["data"]["n_tokens"] >= tokens:
+                results[name] = r
+                continue
+        model = workbench.load(zoo / name)
+        results[name] = diagnose(model, tokens=tokens, model_id=str(zoo / name))
+        atomic_write_json(cached, results[name])
+    return results
+
+
+def compare_table(results: dict[str, dict], metric: str) -> pd.DataFrame:
+    from .depth import depth_table
+
+    if metric not in METRICS:
+        raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    row_metric = METRICS[metric][0]
+    frames = []
+    for name, r in results.items():
+        t = depth_table(r)
+        frames.append(t[t.metric == row_metric].assign(model=name))
+    return pd.concat(frames)[["model", "layer", "metric", "value"]].reset_index(drop=True)
+
+
+def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
+    fig = go.Figure()
+    for name, g in table.groupby("model", sort=False):
+        fig.add_scatter(x=g.layer, y=g.value, mode="lines+markers", name=name)
+    fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
+                      template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear")
+    return fig
+
+
+def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Path | None = None):
+    if metric not in METRICS:
+        raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    out = Path(out or zoo)
+    if not out.is_dir():
+        raise WorkbenchError(f"--out {out} is not a directory; create it first")
+    table = compare_table(zoo_diagnostics(zoo, tokens), metric)
+    fig = compare_figure(table, metric)
+    paths = [out / f"compare_{metric}.csv", out / f"compare_{metric}.html"]
+    atomic_write_text(paths[0], table.to_csv(index=False))
+    atomic_write_text(paths[1], fig.to_html(include_plotlyjs=True))
+    try:  # a PNG too where kaleido (and its browser) is available
+        png = out / f"compare_{metric}.png"
+        fig.write_image(str(png))
+        paths.append(png)
+    except Exception:  # noqa: BLE001 — optional output; the HTML and CSV are the result
+        pass
+    return table, paths

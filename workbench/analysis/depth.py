@@ -1,0 +1,205 @@
+"""Depth diagnostics: residual variance by depth, norm scales, block updates, angular distance,
+gradient norms per block and the loss increase when a block is skipped.
+
+Layers index the residual stream: h_0 … h_{L−1} are the inputs of blocks 0 … L−1
+(``blocks.{l}.hook_resid_pre``) and h_L is the output of the last block. Statistics are streamed
+(Welford accumulators, a log-spaced histogram for the median): memory does not grow with the number
+of tokens. Pretrained models often park "massive activations" on the first token (an attention
+sink), which swamp a plain mean; every residual statistic is therefore also reported over positions
+≥ 1 and as a median over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..model import GPT
+from .streaming import LogHistogram, Welford
+
+SCHEMA_VERSION = 1
+MASSIVE_FACTOR = 20.0  # a dimension is "massive" when its max |activation| exceeds 20× the median token RMS
+
+
+@dataclass
+class _Layer:
+    var_all: Welford = field(default_factory=Welford)  # element variance, all positions
+    var_rest: Welford = field(default_factory=Welford)  # element variance, positions ≥ 1
+    token_var: LogHistogram = field(default_factory=LogHistogram)  # per-token variance (over d_model)
+    token_rms: LogHistogram = field(default_factory=LogHistogram)
+    max_abs_first: Tensor | None = None  # per dimension, position 0
+    max_abs_rest: Tensor | None = None  # per dimension, positions ≥ 1
+
+
+def _resid_names(model: GPT) -> list[str]:
+    L = model.cfg.n_layers
+    return [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+
+
+@torch.no_grad()
+def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict:
+    """Forward-only statistics over ``batches`` (each [batch, pos] tokens)."""
+    model.eval()
+    names = _resid_names(model)
+    L = model.cfg.n_layers
+    layers = [_Layer() for _ in names]
+    scales = {f"{site}": [Welford() for _ in range(L)] for site in ("ln1", "ln2")}
+    final_scale = Welford()
+    update = [Welford() for _ in range(L)]
+    angular = {n: [Welford() for _ in range(L + 1 - n)] for n in sorted({1, far})}
+    n_tokens = 0
+    for tokens in batches:
+        current: dict[int, Tensor] = {}
+
+        def resid_hook(x, hook, i):
+            current[i] = x
+            s = layers[i]
+            s.var_all.update(x)
+            s.var_rest.update(x[:, 1:])
+            s.token_var.update(x.var(-1, unbiased=False))
+            s.token_rms.update(x.pow(2).mean(-1).sqrt())
+            m0, m1 = x[:, 0].abs().amax(0), x[:, 1:].abs().amax((0, 1))
+            s.max_abs_first = m0 if s.max_abs_first is None else torch.maximum(s.max_abs_first, m0)
+            s.max_abs_rest = m1 if s.max_abs_rest is None else torch.maximum(s.max_abs_rest, m1)
+
+        hooks = [(name, lambda x, hook, i=i: resid_hook(x, hook, i)) for i, name in enumerate(names)]
+        for site, acc in scales.items():
+            hooks += [(f"blocks.{l}.{site}.hook_scale", lambda x, hook, a=acc[l]: a.update(x)) for l in range(L)]
+        hooks.append(("ln_final.hook_scale", lambda x, hook: final_scale.update(x)))
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, return_type=None)
+        n_tokens += tokens.numel()
+        for l in range(L):
+            a, b = current[l], current[l + 1]
+            update[l].update((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30))
+        for n, accs in angular.items():
+            for l, acc in enumerate(accs):
+                cos = torch.cosine_similarity(current[l][:, -1], current[l + n][:, -1], dim=-1)
+                acc.update(torch.arccos(cos.clamp(-1, 1)) / math.pi)
+
+    out: dict = {"n_tokens": n_tokens, "layers": []}
+    for i, s in enumerate(layers):
+        med_rms = s.token_rms.quantile(0.5)
+        massive = [
+            {"dim": int(d), "max_abs_first": s.max_abs_first[d].item(), "max_abs_rest": s.max_abs_rest[d].item()}
+            for d in torch.nonzero(torch.maximum(s.max_abs_first, s.max_abs_rest) > MASSIVE_FACTOR * med_rms).flatten()
+        ]
+        out["layers"].append({
+            "layer": i,
+            "resid_var": s.var_all.var, "resid_var_pos1": s.var_rest.var,
+            "resid_rms": math.sqrt(s.var_all.var + s.var_all.mean ** 2),
+            "resid_rms_pos1": math.sqrt(s.var_rest.var + s.var_rest.mean ** 2),
+            "resid_var_median_token": s.token_var.quantile(0.5), "resid_rms_median_token": med_rms,
+            "ln1_scale": scales["ln1"][i].mean if i < L else None,
+            "ln2_scale": scales["ln2"][i].mean if i < L else None,
+            "ln_final_scale": final_scale.mean if i == L else None,
+            "block_update_ratio": update[i].mean if i < L else None,
+            "massive_dims": massive,
+        })
+    out["angular_distance"] = {str(n): [a.mean for a in accs] for n, accs in angular.items()}
+    return out
+
+
+def gradient_norms(model: GPT, batches: list[Tensor]) -> list[dict]:
+    """L2 norm of the LM-loss gradient per block and per parameter group, averaged over batches."""
+    groups = {"attn": ".attn.", "mlp": ".mlp.", "norm": ".ln"}
+    sums: dict[tuple[int, str], float] = {}
+    was_training = model.training
+    model.eval()  # no batch-statistics updates; the gradient is the same function of the weights
+    for tokens in batches:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(tokens, return_type="loss").backward()
+        sq: dict[tuple[int, str], float] = {}
+        for name, p in model.named_parameters():
+            if not name.startswith("blocks.") or p.grad is None:
+                continue
+            layer = int(name.split(".")[1])
+            g = p.grad.pow(2).sum().item()
+            sq[(layer, "block")] = sq.get((layer, "block"), 0.0) + g
+            for group, marker in groups.items():
+                if marker in name:
+                    sq[(layer, group)] = sq.get((layer, group), 0.0) + g
+        for k, v in sq.items():
+            sums[k] = sums.get(k, 0.0) + math.sqrt(v)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    L = model.cfg.n_layers
+    return [{"layer": l, **{g: sums.get((l, g), 0.0) / len(batches) for g in ("block", *groups)}} for l in range(L)]
+
+
+@torch.no_grad()
+def skip_block_delta_ce(model: GPT, batches: list[Tensor]) -> tuple[float, list[float]]:
+    """Validation CE, and its increase when each block is skipped (its output := its input)."""
+    model.eval()
+
+    def ce(hooks=()) -> float:
+        with model.hooks(fwd_hooks=list(hooks)):
+            return sum(model(t, return_type="loss").item() * t.shape[0] for t in batches) / sum(t.shape[0] for t in batches)
+
+    base = ce()
+    deltas = []
+    for l in range(model.cfg.n_layers):
+        saved: dict[str, Tensor] = {}
+        hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook: saved.__setitem__("x", x)),
+                 (f"blocks.{l}.hook_resid_post", lambda x, hook: saved["x"])]
+        deltas.append(ce(hooks) - base)
+    return base, deltas
+
+
+def depth_table(result: dict) -> pd.DataFrame:
+    """Tidy rows (metric, layer, value) of a diagnose result."""
+    rows = []
+    for rec in result["residual"]["layers"]:
+        for k, v in rec.items():
+            if k not in ("layer", "massive_dims") and v is not None:
+                rows.append({"metric": k, "layer": rec["layer"], "value": v})
+    for n, values in result["residual"]["angular_distance"].items():
+        rows += [{"metric": f"angular_distance_n{n}", "layer": l, "value": v} for l, v in enumerate(values)]
+    for rec in result.get("grad_norm", []):
+        rows += [{"metric": f"grad_norm_{g}", "layer": rec["layer"], "value": rec[g]} for g in rec if g != "layer"]
+    for l, v in enumerate(result.get("ablation_delta_ce", [])):
+        rows.append({"metric": "ablation_delta_ce", "layer": l, "value": v})
+    return pd.DataFrame(rows)
+
+
+def corpus_batches(model: GPT, corpus: str, n_tokens: int, batch_size: int = 8) -> list[Tensor]:
+    """Context-length windows spread over the corpus' validation works, in the model's tokenizer."""
+    from ..corpus import load_corpus
+    from ..data import TokenData, tokenize_works
+
+    val = tokenize_works(model.tokenizer, load_corpus(corpus).val)
+    data = TokenData(corpus, model.tokenizer, val, val)
+    data.check_context(model.cfg.n_ctx)
+    n_seq = max(1, math.ceil(n_tokens / model.cfg.n_ctx))
+    n_batches = math.ceil(n_seq / batch_size)
+    return data.val_batches(n_batches, batch_size, model.cfg.n_ctx)
+
+
+def diagnose(model: GPT, corpus: str = "english", tokens: int = 32768, grad_batches: int = 4, far: int | None = None,
+             batch_size: int = 8, model_id: str = "") -> dict:
+    """Every depth diagnostic of ``model`` on ``tokens`` validation tokens of ``corpus``."""
+    from ..errors import WorkbenchError
+
+    far = min(4, model.cfg.n_layers) if far is None else far
+    if tokens <= 0 or grad_batches <= 0 or batch_size <= 0:
+        raise WorkbenchError("--tokens, --batches and the batch size must be positive")
+    if not 1 <= far <= model.cfg.n_layers:
+        raise WorkbenchError(f"angular distance offset n={far} must lie in 1..{model.cfg.n_layers} (the model's depth)")
+    batches = corpus_batches(model, corpus, tokens, batch_size)
+    residual = residual_statistics(model, batches, far)
+    base_ce, delta = skip_block_delta_ce(model, batches[: max(1, len(batches) // 4)])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"id": model_id, "norm": model.cfg.norm, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model},
+        "data": {"corpus": corpus, "split": "validation", "n_tokens": residual["n_tokens"], "n_ctx": model.cfg.n_ctx,
+                 "grad_batches": min(grad_batches, len(batches)), "far": far},
+        "residual": residual,
+        "grad_norm": gradient_norms(model, batches[:grad_batches]),
+        "val_ce": base_ce,
+        "ablation_delta_ce": delta,
+    }
