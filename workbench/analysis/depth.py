@@ -12,6 +12,7 @@ sink), which swamp a plain mean; every residual statistic is therefore also repo
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -22,7 +23,8 @@ from ..model import GPT
 from .streaming import LogHistogram, Welford
 
 SCHEMA_VERSION = 1
-MASSIVE_FACTOR = 20.0  # a dimension is "massive" when its max |activation| exceeds 20× the median token RMS
+MASSIVE_FACTOR = 20.0
+MAX_MASSIVE = 8  # report at most this many massive dimensions per layer, largest first  # a dimension is "massive" when its max |activation| exceeds 20× the median token RMS
 
 
 @dataclass
@@ -84,10 +86,10 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
     out: dict = {"n_tokens": n_tokens, "layers": []}
     for i, s in enumerate(layers):
         med_rms = s.token_rms.quantile(0.5)
-        massive = [
-            {"dim": int(d), "max_abs_first": s.max_abs_first[d].item(), "max_abs_rest": s.max_abs_rest[d].item()}
-            for d in torch.nonzero(torch.maximum(s.max_abs_first, s.max_abs_rest) > MASSIVE_FACTOR * med_rms).flatten()
-        ]
+        peak = torch.maximum(s.max_abs_first, s.max_abs_rest)
+        dims = [d for d in peak.argsort(descending=True)[:MAX_MASSIVE].tolist() if peak[d] > MASSIVE_FACTOR * med_rms]
+        massive = [{"dim": d, "max_abs_first": s.max_abs_first[d].item(), "max_abs_rest": s.max_abs_rest[d].item()}
+                   for d in dims]
         out["layers"].append({
             "layer": i,
             "resid_var": s.var_all.var, "resid_var_pos1": s.var_rest.var,
@@ -104,9 +106,22 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
     return out
 
 
+_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.")
+# Parameter groups by name, for our models (blocks.3.attn.W_Q, blocks.3.ln1.affine.w) and for
+# Hugging Face ones (model.layers.3.self_attn.q_proj.weight, ...input_layernorm.weight).
+_GROUPS = (("attn", ("attn",)), ("mlp", ("mlp",)), ("norm", (".ln", "norm")))
+
+
+def parameter_group(name: str) -> tuple[int, str] | None:
+    m = _LAYER.search(name)
+    if m is None:
+        return None
+    group = next((g for g, keys in _GROUPS if any(k in name for k in keys)), "other")
+    return int(m.group(1)), group
+
+
 def gradient_norms(model: GPT, batches: list[Tensor]) -> list[dict]:
     """L2 norm of the LM-loss gradient per block and per parameter group, averaged over batches."""
-    groups = {"attn": ".attn.", "mlp": ".mlp.", "norm": ".ln"}
     sums: dict[tuple[int, str], float] = {}
     was_training = model.training
     model.eval()  # no batch-statistics updates; the gradient is the same function of the weights
@@ -116,20 +131,19 @@ def gradient_norms(model: GPT, batches: list[Tensor]) -> list[dict]:
             model(tokens, return_type="loss").backward()
         sq: dict[tuple[int, str], float] = {}
         for name, p in model.named_parameters():
-            if not name.startswith("blocks.") or p.grad is None:
+            where = parameter_group(name)
+            if where is None or p.grad is None:
                 continue
-            layer = int(name.split(".")[1])
+            layer, group = where
             g = p.grad.pow(2).sum().item()
-            sq[(layer, "block")] = sq.get((layer, "block"), 0.0) + g
-            for group, marker in groups.items():
-                if marker in name:
-                    sq[(layer, group)] = sq.get((layer, group), 0.0) + g
+            for key in ((layer, "block"), (layer, group)):
+                sq[key] = sq.get(key, 0.0) + g
         for k, v in sq.items():
             sums[k] = sums.get(k, 0.0) + math.sqrt(v)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    L = model.cfg.n_layers
-    return [{"layer": l, **{g: sums.get((l, g), 0.0) / len(batches) for g in ("block", *groups)}} for l in range(L)]
+    return [{"layer": l, **{g: sums.get((l, g), 0.0) / len(batches) for g in ("block", "attn", "mlp", "norm")}}
+            for l in range(model.cfg.n_layers)]
 
 
 @torch.no_grad()
