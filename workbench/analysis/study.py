@@ -1,0 +1,207 @@
+"""Scripted layer-ablation studies: a TOML file names models, blocks (or spans of blocks), ablation
+kinds and metrics; running it gives one tidy table and a figure per ablation kind.
+
+    [study]
+    name = "ablations"
+    corpus = "english"          # validation split
+    tokens = 8192
+    metrics = ["delta_ce", "kl", "top1_agreement"]
+
+    [[models]]
+    spec = "zoo/small/pre-ln"   # any model spec: run directory, smollm2, HF directory, hf:NAME
+
+    [[ablations]]
+    kind = "skip"               # skip: block output := block input
+    blocks = "all"              # "all", or a list of indices and spans: [0, 3, "4-7"]
+                                # (a span is ablated as one unit)
+    [[ablations]]
+    kind = "mean"               # mean: attention and MLP outputs := their mean over the data
+    blocks = ["0-1", 5]         # zero: attention and MLP outputs := 0
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import WorkbenchError
+from ..io import atomic_write_text
+from .depth import corpus_batches
+
+KINDS = ("skip", "zero", "mean")
+METRICS = ("delta_ce", "kl", "top1_agreement")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    kind: str
+    blocks: list | str
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    models: list[str]
+    ablations: list[Ablation]
+    corpus: str = "english"
+    tokens: int = 8192
+    metrics: tuple[str, ...] = METRICS
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkbenchError(f"study file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise WorkbenchError(f"study file {path} is not valid TOML: {e}") from None
+    head = raw.get("study", {})
+    models = [m.get("spec") for m in raw.get("models", [])]
+    if not models or not all(isinstance(m, str) for m in models):
+        raise WorkbenchError(f"study file {path} needs [[models]] entries with a spec = \"...\"")
+    ablations = []
+    for a in raw.get("ablations", []):
+        if a.get("kind") not in KINDS:
+            raise WorkbenchError(f"study file {path}: ablation kind {a.get('kind')!r} unknown; use one of {', '.join(KINDS)}")
+        ablations.append(Ablation(a["kind"], a.get("blocks", "all")))
+    if not ablations:
+        raise WorkbenchError(f"study file {path} needs at least one [[ablations]] entry")
+    metrics = tuple(head.get("metrics", METRICS))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise WorkbenchError(f"study file {path}: unknown metrics {unknown}; use {', '.join(METRICS)}")
+    tokens = int(head.get("tokens", 8192))
+    if tokens <= 0:
+        raise WorkbenchError(f"study file {path}: tokens must be positive")
+    return Study(head.get("name", path.stem), models, ablations, head.get("corpus", "english"), tokens, metrics)
+
+
+def resolve_units(blocks: list | str, n_layers: int, model: str) -> list[tuple[str, list[int]]]:
+    """(label, block indices) per ablation unit; spans like "4-7" are one unit."""
+    if blocks == "all":
+        return [(str(l), [l]) for l in range(n_layers)]
+    if not isinstance(blocks, list):
+        raise WorkbenchError(f"blocks must be \"all\" or a list of indices and spans, got {blocks!r}")
+    units = []
+    for b in blocks:
+        if isinstance(b, int):
+            idx = [b]
+        elif isinstance(b, str) and "-" in b and all(p.strip().isdigit() for p in b.split("-", 1)):
+            lo, hi = (int(p) for p in b.split("-", 1))
+            idx = list(range(lo, hi + 1))
+        else:
+            raise WorkbenchError(f"block {b!r} is neither an index nor a span like \"4-7\"")
+        bad = [i for i in idx if not 0 <= i < n_layers]
+        if bad or not idx:
+            raise WorkbenchError(f"block {b!r} does not exist in {model} (blocks 0..{n_layers - 1})")
+        units.append((str(b), idx))
+    return units
+
+
+def _hooks(kind: str, blocks: list[int], means: dict[str, Tensor]):
+    hooks = []
+    for l in blocks:
+        if kind == "skip":
+            saved: dict = {}
+            hooks += [(f"blocks.{l}.hook_resid_pre", lambda x, hook, s=saved: s.__setitem__("x", x)),
+                      (f"blocks.{l}.hook_resid_post", lambda x, hook, s=saved: s["x"])]
+        else:
+            for site in ("hook_attn_out", "hook_mlp_out"):
+                name = f"blocks.{l}.{site}"
+                hooks.append((name, (lambda x, hook: torch.zeros_like(x)) if kind == "zero"
+                              else (lambda x, hook, m=means[name]: m.expand_as(x).clone())))
+    return hooks
+
+
+@torch.no_grad()
+def _sublayer_means(model, batches) -> dict[str, Tensor]:
+    sums: dict[str, Tensor] = {}
+    count = 0
+    names = {f"blocks.{l}.{s}" for l in range(model.cfg.n_layers) for s in ("hook_attn_out", "hook_mlp_out")}
+
+    def add(x, hook):
+        key = hook.name if hook.name in names else _canonical(hook.name)
+        sums[key] = sums.get(key, 0) + x.sum((0, 1))
+
+    with model.hooks(fwd_hooks=[(n, add) for n in names]):
+        for t in batches:
+            model(t, return_type=None)
+            count += t.shape[0] * t.shape[1]
+    return {k: v / count for k, v in sums.items()}
+
+
+def _canonical(name: str) -> str:
+    # TransformerBridge reports some aliased hooks under their canonical names (hook_out for hook_attn_out).
+    return name.replace("attn.hook_out", "hook_attn_out").replace("mlp.hook_out", "hook_mlp_out")
+
+
+@torch.no_grad()
+def _evaluate(model, batches, hooks, base_logp) -> dict[str, float]:
+    ce = kl = agree = 0.0
+    n = 0
+    with model.hooks(fwd_hooks=hooks):
+        for t, ref in zip(batches, base_logp):
+            logp = model(t).log_softmax(-1)[:, :-1]
+            target = t[:, 1:]
+            ce += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            agree += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+            n += target.numel()
+    return {"ce": ce / n, "kl": kl / n, "top1_agreement": agree / n}
+
+
+def run_study(study: Study | str | Path, out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run every (model, ablation, unit); returns the tidy table and writes it (+ figures) to ``out``."""
+    import workbench
+
+    study = study if isinstance(study, Study) else load_study(study)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise WorkbenchError(f"--out {out_dir} exists and is not a directory")
+    loaded = {spec: workbench.load(spec) for spec in study.models}
+    plan = {spec: [(a.kind, resolve_units(a.blocks, m.cfg.n_layers, spec)) for a in study.ablations]
+            for spec, m in loaded.items()}  # validate every block before computing anything
+    rows = []
+    total = sum(len(u) for p in plan.values() for _, u in p)
+    bar = tqdm(total=total, desc=f"study {study.name}", disable=not progress, leave=False)
+    for spec, model in loaded.items():
+        model.eval()
+        batches = corpus_batches(model, study.corpus, study.tokens)
+        with torch.no_grad():
+            base_logp = [model(t).log_softmax(-1)[:, :-1] for t in batches]
+        base = _evaluate(model, batches, [], base_logp)
+        means = _sublayer_means(model, batches) if any(k == "mean" for k, _ in plan[spec]) else {}
+        for kind, units in plan[spec]:
+            for label, blocks in units:
+                bar.set_postfix(model=Path(spec).name, kind=kind, blocks=label)
+                r = _evaluate(model, batches, _hooks(kind, blocks, means), base_logp)
+                values = {"delta_ce": r["ce"] - base["ce"], "kl": r["kl"], "top1_agreement": r["top1_agreement"]}
+                rows += [{"model": spec, "kind": kind, "blocks": label, "first_block": blocks[0], "metric": k,
+                          "value": values[k]} for k in study.metrics]
+                bar.update(1)
+    bar.close()
+    table = pd.DataFrame(rows)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "study.csv", table.to_csv(index=False))
+        for kind in dict.fromkeys(table.kind):
+            atomic_write_text(out_dir / f"study_{kind}.html", study_figure(table, kind).to_html(include_plotlyjs=True))
+    return table
+
+
+def study_figure(table: pd.DataFrame, kind: str, metric: str = "delta_ce") -> go.Figure:
+    t = table[(table.kind == kind) & (table.metric == metric)]
+    fig = go.Figure()
+    for model, g in t.groupby("model", sort=False):
+        fig.add_scatter(x=g.blocks, y=g.value, mode="lines+markers", name=str(model))
+    fig.update_layout(title=f"{metric} when blocks are ablated ({kind})", xaxis_title="block(s)",
+                      yaxis_title=metric, template="plotly_white")
+    return fig
