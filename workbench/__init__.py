@@ -22,7 +22,8 @@ def load(spec: str | Path, device: str = "cpu"):
         return load_hf(spec)
     if not Path(spec).exists():
         raise WorkbenchError(
-            f"unknown model spec {str(spec)!r}: give a run directory, a Hugging Face directory, smollm2 or hf:NAME"
+            f"unknown model spec {str(spec)!r} (not found): give a run directory, a Hugging Face directory, "
+            "smollm2 or hf:NAME"
         )
     return load_run(spec, device=device)
 
