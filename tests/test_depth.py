@@ -196,3 +196,15 @@ def test_diagnose_cli_writes_schema(tmp_path, tiny_corpus, capsys):
     assert d["schema_version"] == 1 and d["model"]["norm"] == "pre-ln" and d["data"]["n_tokens"] >= 256
     assert len(d["residual"]["layers"]) == TINY_MODEL["n_layers"] + 1
     assert set(d["residual"]["angular_distance"]) == {"1", "2"} and len(d["ablation_delta_ce"]) == 2
+
+
+def test_depth_summary_formulas():
+    from workbench.analysis.compare import depth_summary
+
+    layers = [{"resid_var_pos1": v, "resid_var_median_token": v / 2} for v in (0.01, 1.0, 2.0, 4.0)]
+    r = {"residual": {"layers": layers}, "grad_norm": [{"block": b} for b in (3.0, 2.0, 1.0)],
+         "ablation_delta_ce": [0.5, 0.2, 0.1], "val_ce": 4.0}
+    row = depth_summary({"m": r}).iloc[0]
+    assert row.var_growth == pytest.approx(4.0) and row.var_growth_median_token == pytest.approx(4.0)
+    g = np.array([3.0, 2.0, 1.0])
+    assert row.grad_cv == pytest.approx(g.std() / g.mean()) and row.grad_deep_shallow == pytest.approx(1 / 3)

@@ -85,3 +85,30 @@ def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Pa
     except Exception:  # noqa: BLE001 — optional output; the HTML and CSV are the result
         pass
     return table, paths
+
+
+def depth_summary(results: dict[str, dict]) -> pd.DataFrame:
+    """One row per model: residual-variance growth and the shape of the gradient-norm profile.
+
+    ``var_growth``: variance of h_L over h_1 (positions ≥ 1; h_0 is the bare embedding, whose scale is
+    set by initialization, not by depth). ``grad_cv``: coefficient of variation of the per-block
+    gradient norm across blocks. ``grad_deep_shallow``: mean gradient norm of the deepest third of
+    the blocks over that of the shallowest third (< 1: deep blocks get smaller gradients).
+    """
+    import numpy as np
+
+    rows = []
+    for name, r in results.items():
+        layers = r["residual"]["layers"]
+        var = [rec["resid_var_pos1"] for rec in layers]
+        g = np.array([rec["block"] for rec in r["grad_norm"]])
+        third = max(1, len(g) // 3)
+        rows.append({
+            "model": name, "var_growth": var[-1] / var[1] if len(var) > 2 else var[-1] / var[0],
+            "var_growth_median_token": layers[-1]["resid_var_median_token"] / layers[1]["resid_var_median_token"],
+            "grad_cv": float(g.std() / g.mean()), "grad_deep_shallow": float(g[-third:].mean() / g[:third].mean()),
+            "max_ablation_delta_ce": max(r["ablation_delta_ce"]),
+            "ablation_delta_ce_last_third": float(np.mean(r["ablation_delta_ce"][-third:])),
+            "val_ce": r["val_ce"],
+        })
+    return pd.DataFrame(rows)
