@@ -1,5 +1,6 @@
 """Cost of `diagnose`'s forward-only statistics against a plain forward pass over the same tokens,
-and peak memory of the statistics pass as the token count grows (it must stay flat).
+and peak memory of the statistics pass as the token count grows (it must stay flat). Times are
+process CPU time (all threads), which a busy machine disturbs far less than wall-clock time.
 
     python benchmarks/bench_diagnose.py [--tokens 65536] [--memory 100000,1000000]
 
@@ -45,13 +46,13 @@ def timing(n_tokens: int) -> dict:
     with torch.no_grad():
         model(data[0], return_type=None)  # warm-up
         for _ in range(3):
-            t = time.perf_counter()
+            t = time.process_time()
             for b in data:
                 model(b, return_type=None)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            plain.append(time.process_time() - t)
+            t = time.process_time()
             residual_statistics(model, data, far=4)
-            stats.append(time.perf_counter() - t)
+            stats.append(time.process_time() - t)
     p, s = statistics.median(plain), statistics.median(stats)
     return {"tokens": sum(b.numel() for b in data), "plain_s": p, "statistics_s": s, "ratio": s / p}
 

@@ -201,3 +201,17 @@ def test_observed_and_fused_paths_agree(x, norm, layer):
     m.hook_scale.remove_hooks()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert seen["scale"].shape == (3, 5, 1)
+
+
+@pytest.mark.parametrize("norm", ["pre-ln", "pre-rms"])
+def test_a_hook_that_replaces_the_scale_takes_effect(x, norm):
+    """Freezing the scale through hook_scale (what LayerNorm removal does) changes the output to
+    standardize-with-that-scale, on the fast path too."""
+    m = make(norm); randomize_affine(m)
+    frozen = torch.full((3, 5, 1), 2.5)
+    m.hook_scale.add_hook(lambda t, hook: frozen)
+    y = m(x)
+    m.hook_scale.remove_hooks()
+    centered = x - x.mean(-1, keepdim=True) if norm == "pre-ln" else x
+    expected = centered / 2.5 * m.affine.w + (m.affine.b if m.affine.b is not None else 0)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,7 @@ class _Layer:
     token_rms: LogHistogram = field(default_factory=LogHistogram)
     max_abs_first: Tensor | None = None  # per dimension, position 0
     max_abs_rest: Tensor | None = None  # per dimension, positions ≥ 1
+    sq_norm: Tensor | None = None  # per-token ‖h‖² of the current batch
 
 
 def _resid_names(model: GPT) -> list[str]:
@@ -60,13 +61,19 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
         def resid_hook(x, hook, i):
             current[i] = x
             s = layers[i]
-            s.var_all.update(x)
-            s.var_rest.update(x[:, 1:])
-            s.token_var.update(x.var(-1, unbiased=False))
-            s.token_rms.update(x.pow(2).mean(-1).sqrt())
-            m0, m1 = x[:, 0].abs().amax(0), x[:, 1:].abs().amax((0, 1))
+            d = x.shape[-1]
+            # One pass for per-token sums and sums of squares; everything else derives from them.
+            s1, s2 = x.sum(-1, dtype=torch.float64), x.pow(2).sum(-1, dtype=torch.float64)
+            s.var_all.update_moments(s1.numel() * d, s1.sum().item(), s2.sum().item())
+            s.var_rest.update_moments(s1[:, 1:].numel() * d, s1[:, 1:].sum().item(), s2[:, 1:].sum().item())
+            s.token_var.update((s2 / d - (s1 / d) ** 2).clamp_min(0))
+            s.token_rms.update((s2 / d).sqrt())
+            m0 = x[:, 0].abs().amax(0)
+            lo, hi = torch.aminmax(x[:, 1:].reshape(-1, d), dim=0)
+            m1 = torch.maximum(hi, -lo)
             s.max_abs_first = m0 if s.max_abs_first is None else torch.maximum(s.max_abs_first, m0)
             s.max_abs_rest = m1 if s.max_abs_rest is None else torch.maximum(s.max_abs_rest, m1)
+            s.sq_norm = s2
 
         hooks = [(name, lambda x, hook, i=i: resid_hook(x, hook, i)) for i, name in enumerate(names)]
         for site, acc in scales.items():
@@ -77,7 +84,9 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
         n_tokens += tokens.numel()
         for l in range(L):
             a, b = current[l], current[l + 1]
-            update[l].update((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30))
+            sa, sb = layers[l].sq_norm, layers[l + 1].sq_norm
+            ab = torch.einsum("bpd,bpd->bp", a, b).double()  # ‖b − a‖² = ‖a‖² − 2a·b + ‖b‖²
+            update[l].update((sa - 2 * ab + sb).clamp_min(0).sqrt() / sa.sqrt().clamp_min(1e-30))
         for n, accs in angular.items():
             for l, acc in enumerate(accs):
                 cos = torch.cosine_similarity(current[l][:, -1], current[l + n][:, -1], dim=-1)

@@ -27,6 +27,18 @@ class Welford:
         self.m2 += m2_b + delta * delta * self.n * n_b / n
         self.n = n
 
+    def update_moments(self, n_b: int, total: float, total_sq: float) -> None:
+        """Merge a batch given by its count, sum and sum of squares (float64 sums)."""
+        if n_b == 0:
+            return
+        mean_b = total / n_b
+        m2_b = max(total_sq - total * mean_b, 0.0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
     @property
     def var(self) -> float:
         return self.m2 / self.n if self.n else float("nan")

@@ -32,6 +32,10 @@ class Standardize(nn.Module):
     def fused(self, x: Tensor, affine: nn.Module) -> Tensor:
         raise NotImplementedError
 
+    def scale(self, x: Tensor) -> Tensor:
+        """The per-token scale alone (fusable standardizations only)."""
+        raise NotImplementedError
+
     def frozen(self, x: Float[Tensor, "... d_model"]) -> tuple[Callable[[Tensor], Tensor], Tensor]:
         """The standardization with its statistics frozen at ``x``: a linear map L and a constant k
         with standardize(x) = L(x) + k. Applied to each component of x, L gives that component's
@@ -69,8 +73,15 @@ class Norm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        if self.hook_scale.has_hooks() or self.hook_normalized.has_hooks() or not self.standardize.fusable:
+        if self.hook_normalized.has_hooks() or not self.standardize.fusable:
             y = self.affine(self.hook_normalized(self.standardize(x, self.hook_scale)))
+        elif self.hook_scale.has_hooks():
+            # Observing the scale is cheap (one reduction); only a hook that *changes* it needs the
+            # written-out division, by the scale the hook returned.
+            scale = self.standardize.scale(x)
+            hooked = self.hook_scale(scale)
+            y = (self.standardize.fused(x, self.affine) if hooked is scale
+                 else self.affine(self.standardize(x, lambda s: hooked)))
         else:
             # Nobody observes the intermediate values: PyTorch's fused kernel computes the same norm.
             y = self.standardize.fused(x, self.affine)

@@ -23,6 +23,9 @@ class LayerStandardize(Standardize):
 
     fusable = True
 
+    def scale(self, x):
+        return (x.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+
     def frozen(self, x):
         s = (x.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
         return (lambda c: (c - c.mean(-1, keepdim=True)) / s), torch.zeros_like(x)

@@ -20,6 +20,9 @@ class RMSStandardize(Standardize):
 
     fusable = True
 
+    def scale(self, x):
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
     def frozen(self, x):
         s = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
         return (lambda c: c / s), torch.zeros_like(x)
