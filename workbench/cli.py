@@ -184,8 +184,9 @@ def _cmd_diagnose(args) -> int:
     model = workbench.load(args.model)
     result = diagnose(model, args.corpus, args.tokens, args.batches, args.far, model_id=str(args.model))
     atomic_write_json(out, result)
-    ratio = result["residual"]["layers"][-1]["resid_var_pos1"] / result["residual"]["layers"][0]["resid_var_pos1"]
-    print(f"{args.model}: residual variance last/first (positions >= 1) = {ratio:.3g}; "
+    layers = result["residual"]["layers"]
+    ratio = layers[-1]["resid_var_pos1"] / layers[1]["resid_var_pos1"]  # h_0 is the bare embedding
+    print(f"{args.model}: residual variance h_L / h_1 (positions >= 1) = {ratio:.3g}; "
           f"validation CE {result['val_ce']:.4f}; wrote {out}")
     return 0
 

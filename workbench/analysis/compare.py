@@ -105,6 +105,7 @@ def depth_summary(results: dict[str, dict]) -> pd.DataFrame:
         third = max(1, len(g) // 3)
         rows.append({
             "model": name, "var_growth": var[-1] / var[1] if len(var) > 2 else var[-1] / var[0],
+            "var_growth_from_embedding": var[-1] / var[0],
             "var_growth_median_token": layers[-1]["resid_var_median_token"] / layers[1]["resid_var_median_token"],
             "grad_cv": float(g.std() / g.mean()), "grad_deep_shallow": float(g[-third:].mean() / g[:third].mean()),
             "max_ablation_delta_ce": max(r["ablation_delta_ce"]),

@@ -55,42 +55,45 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
     update = [Welford() for _ in range(L)]
     angular = {n: [Welford() for _ in range(L + 1 - n)] for n in sorted({1, far})}
     n_tokens = 0
-    for tokens in batches:
-        current: dict[int, Tensor] = {}
+    current: dict[int, Tensor] = {}
 
-        def resid_hook(x, hook, i):
-            current[i] = x
-            s = layers[i]
-            d = x.shape[-1]
-            # One pass for per-token sums and sums of squares; everything else derives from them.
-            s1, s2 = x.sum(-1, dtype=torch.float64), x.pow(2).sum(-1, dtype=torch.float64)
-            s.var_all.update_moments(s1.numel() * d, s1.sum().item(), s2.sum().item())
-            s.var_rest.update_moments(s1[:, 1:].numel() * d, s1[:, 1:].sum().item(), s2[:, 1:].sum().item())
-            s.token_var.update((s2 / d - (s1 / d) ** 2).clamp_min(0))
-            s.token_rms.update((s2 / d).sqrt())
-            m0 = x[:, 0].abs().amax(0)
-            lo, hi = torch.aminmax(x[:, 1:].reshape(-1, d), dim=0)
-            m1 = torch.maximum(hi, -lo)
-            s.max_abs_first = m0 if s.max_abs_first is None else torch.maximum(s.max_abs_first, m0)
-            s.max_abs_rest = m1 if s.max_abs_rest is None else torch.maximum(s.max_abs_rest, m1)
-            s.sq_norm = s2
+    def resid_hook(x, hook, i):
+        current[i] = x
+        s = layers[i]
+        d = x.shape[-1]
+        # One pass each for per-token sums and norms; everything else derives from them.
+        s1 = x.sum(-1).double()
+        s2 = torch.linalg.vector_norm(x, dim=-1).double().pow(2)
+        s.var_all.update_moments(s1.numel() * d, s1.sum().item(), s2.sum().item())
+        s.var_rest.update_moments(s1[:, 1:].numel() * d, s1[:, 1:].sum().item(), s2[:, 1:].sum().item())
+        s.token_var.update((s2 / d - (s1 / d) ** 2).clamp_min(0))
+        s.token_rms.update((s2 / d).sqrt())
+        m0 = x[:, 0].abs().amax(0)
+        lo, hi = torch.aminmax(x[:, 1:], dim=1)  # reduce positions first: no copy of the slice
+        m1 = torch.maximum(hi.amax(0), -lo.amin(0))
+        s.max_abs_first = m0 if s.max_abs_first is None else torch.maximum(s.max_abs_first, m0)
+        s.max_abs_rest = m1 if s.max_abs_rest is None else torch.maximum(s.max_abs_rest, m1)
+        s.sq_norm = s2
 
-        hooks = [(name, lambda x, hook, i=i: resid_hook(x, hook, i)) for i, name in enumerate(names)]
-        for site, acc in scales.items():
-            hooks += [(f"blocks.{l}.{site}.hook_scale", lambda x, hook, a=acc[l]: a.update(x)) for l in range(L)]
-        hooks.append(("ln_final.hook_scale", lambda x, hook: final_scale.update(x)))
-        with model.hooks(fwd_hooks=hooks):
+    hooks = [(name, lambda x, hook, i=i: resid_hook(x, hook, i)) for i, name in enumerate(names)]
+    for site, acc in scales.items():
+        hooks += [(f"blocks.{l}.{site}.hook_scale", lambda x, hook, a=acc[l]: a.update(x)) for l in range(L)]
+    hooks.append(("ln_final.hook_scale", lambda x, hook: final_scale.update(x)))
+    with model.hooks(fwd_hooks=hooks):  # registered once for the whole stream
+        for tokens in batches:
+            current.clear()
             model(tokens, return_type=None)
-        n_tokens += tokens.numel()
-        for l in range(L):
-            a, b = current[l], current[l + 1]
-            sa, sb = layers[l].sq_norm, layers[l + 1].sq_norm
-            ab = torch.einsum("bpd,bpd->bp", a, b).double()  # ‖b − a‖² = ‖a‖² − 2a·b + ‖b‖²
-            update[l].update((sa - 2 * ab + sb).clamp_min(0).sqrt() / sa.sqrt().clamp_min(1e-30))
-        for n, accs in angular.items():
-            for l, acc in enumerate(accs):
-                cos = torch.cosine_similarity(current[l][:, -1], current[l + n][:, -1], dim=-1)
-                acc.update(torch.arccos(cos.clamp(-1, 1)) / math.pi)
+            n_tokens += tokens.numel()
+            for l in range(L):
+                a, b = current[l], current[l + 1]
+                sa, sb = layers[l].sq_norm, layers[l + 1].sq_norm
+                ab = torch.einsum("bpd,bpd->bp", a, b).double()  # ‖b − a‖² = ‖a‖² − 2a·b + ‖b‖²
+                update[l].update((sa - 2 * ab + sb).clamp_min(0).sqrt() / sa.sqrt().clamp_min(1e-30))
+            for n, accs in angular.items():
+                for l, acc in enumerate(accs):
+                    cos = torch.cosine_similarity(current[l][:, -1], current[l + n][:, -1], dim=-1)
+                    acc.update(torch.arccos(cos.clamp(-1, 1)) / math.pi)
+    current.clear()
 
     out: dict = {"n_tokens": n_tokens, "layers": []}
     for i, s in enumerate(layers):

@@ -36,6 +36,9 @@ class Standardize(nn.Module):
         """The per-token scale alone (fusable standardizations only)."""
         raise NotImplementedError
 
+    def fused_with_scale(self, x: Tensor, affine: nn.Module) -> tuple[Tensor, Tensor]:
+        return self.fused(x, affine), self.scale(x)
+
     def frozen(self, x: Float[Tensor, "... d_model"]) -> tuple[Callable[[Tensor], Tensor], Tensor]:
         """The standardization with its statistics frozen at ``x``: a linear map L and a constant k
         with standardize(x) = L(x) + k. Applied to each component of x, L gives that component's
@@ -78,10 +81,10 @@ class Norm(nn.Module):
         elif self.hook_scale.has_hooks():
             # Observing the scale is cheap (one reduction); only a hook that *changes* it needs the
             # written-out division, by the scale the hook returned.
-            scale = self.standardize.scale(x)
+            y, scale = self.standardize.fused_with_scale(x, self.affine)
             hooked = self.hook_scale(scale)
-            y = (self.standardize.fused(x, self.affine) if hooked is scale
-                 else self.affine(self.standardize(x, lambda s: hooked)))
+            if hooked is not scale:
+                y = self.affine(self.standardize(x, lambda s: hooked))
         else:
             # Nobody observes the intermediate values: PyTorch's fused kernel computes the same norm.
             y = self.standardize.fused(x, self.affine)

@@ -26,6 +26,12 @@ class LayerStandardize(Standardize):
     def scale(self, x):
         return (x.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
 
+    def fused_with_scale(self, x, affine):
+        # The fused kernel computes the statistics anyway: take the scale from it (1 / rstd).
+        w, b = (affine.w, affine.b) if isinstance(affine, Affine) else (None, None)
+        y, _, rstd = torch.native_layer_norm(x, x.shape[-1:], w, b, self.eps)
+        return y, rstd.reciprocal()
+
     def frozen(self, x):
         s = (x.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
         return (lambda c: (c - c.mean(-1, keepdim=True)) / s), torch.zeros_like(x)

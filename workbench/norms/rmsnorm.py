@@ -21,7 +21,7 @@ class RMSStandardize(Standardize):
     fusable = True
 
     def scale(self, x):
-        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return (torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / x.shape[-1] + self.eps).sqrt()
 
     def frozen(self, x):
         s = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
