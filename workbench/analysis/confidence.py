@@ -78,13 +78,9 @@ def confidence_neurons(
 
 def validation_tokens(model: GPT, corpus: str = "english", sequences: int = 16) -> Tensor:
     """``sequences`` context-length windows spread over the corpus' validation works (model's tokenizer)."""
-    from ..corpus import load_corpus
-    from ..data import TokenData, tokenize_works
+    from .depth import corpus_batches
 
-    val = tokenize_works(model.tokenizer, load_corpus(corpus).val)
-    data = TokenData(corpus, model.tokenizer, val, val)
-    data.check_context(model.cfg.n_ctx)
-    return torch.cat(data.val_batches(1, sequences, model.cfg.n_ctx))
+    return corpus_batches(model, corpus, sequences * model.cfg.n_ctx, batch_size=sequences)[0]
 
 
 def summarize(df: pd.DataFrame) -> dict:
