@@ -115,12 +115,4 @@ def load_token_data(corpus: str | Corpus, vocab_size: int, tokenizer: Tokenizer 
     return data
 
 
-def tokens_per_step(batch_size: int, n_ctx: int) -> int:
-    return batch_size * (n_ctx - 1)
-
-
-def n_val_tokens(n_batches: int, batch_size: int, n_ctx: int) -> int:
-    return n_batches * batch_size * (n_ctx - 1)
-
-
-__all__ = ["TokenData", "load_token_data", "cache_dir", "tokens_per_step", "n_val_tokens"]
+__all__ = ["TokenData", "cache_dir", "load_token_data", "tokenize_works"]
