@@ -28,6 +28,9 @@ class Standardize(nn.Module):
     """
 
     fusable = False
+    # True when the standardization subtracts the per-token mean (LayerNorm); LayerNorm removal keeps
+    # the centering of such a norm and freezes only its scale.
+    centers = False
 
     def fused(self, x: Tensor, affine: nn.Module) -> Tensor:
         raise NotImplementedError

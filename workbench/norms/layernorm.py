@@ -12,6 +12,8 @@ from .registry import NormScheme, register
 class LayerStandardize(Standardize):
     """Center over d_model, divide by the per-token standard deviation."""
 
+    centers = True
+
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.eps = eps

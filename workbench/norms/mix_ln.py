@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import WorkbenchError
+from .base import IdentityStandardize, Norm
 from .layernorm import layer_norm
 from .registry import NormScheme, register
 
@@ -21,14 +22,22 @@ def _validate(cfg) -> None:
         raise WorkbenchError(f"mix-ln alpha must lie in [0, 1], got {alpha}")
 
 
+def _make(cfg, layer, site):
+    # After LayerNorm removal (``pre_ln_free``) the Pre-LN blocks and the final norm are identities;
+    # the Post-LN blocks keep their live LayerNorm, which normalizes the residual stream itself.
+    if cfg.norm_kwargs.get("pre_ln_free") and (layer is None or layer >= n_post_blocks(cfg)):
+        return Norm(IdentityStandardize(), None)
+    return layer_norm(cfg)
+
+
 MIX_LN = register(
     NormScheme(
         name="mix-ln",
         description="Mix-LN: Post-LN in the first floor(alpha*L) blocks (alpha=0.25), Pre-LN after",
         reference="Li et al. 2024, Mix-LN",
-        make=lambda cfg, layer, site: layer_norm(cfg),
+        make=_make,
         placement=lambda cfg, layer: "post" if layer < n_post_blocks(cfg) else "pre",
         validate=_validate,
-        accepts=("alpha",),
+        accepts=("alpha", "pre_ln_free"),
     )
 )

@@ -1,0 +1,87 @@
+"""The "fake" norm of LayerNorm removal: the live per-token scale replaced by one frozen scalar.
+
+    FakeLN(x) = (x − mean(x)) / σ      (centering kept for LayerNorm; RMS-type norms do not center)
+
+σ is calibrated from the live norm (the root mean square of its per-token scale over ordinary
+positions) and may follow an exponential moving average while fine-tuning. Until ``special`` is
+switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen σ: their residual
+norms are far from the others' (attention sinks), so one scalar for all positions would be too
+large a step at once. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Bool
+from torch import Tensor
+
+from .base import Standardize
+
+
+class SpecialPositions:
+    """Which positions keep their own σ, shared by every fake norm of one model; set per forward."""
+
+    def __init__(self, eot_id: int | None):
+        self.eot_id = eot_id
+        self.bos: Bool[Tensor, "batch pos 1"] | None = None
+        self.eot: Bool[Tensor, "batch pos 1"] | None = None
+
+    def update(self, tokens: Tensor) -> None:
+        pos0 = torch.zeros_like(tokens, dtype=torch.bool)
+        pos0[:, 0] = True
+        eot = (tokens == self.eot_id) & ~pos0 if self.eot_id is not None else torch.zeros_like(pos0)
+        self.bos, self.eot = pos0.unsqueeze(-1), eot.unsqueeze(-1)
+
+    def ordinary(self) -> Bool[Tensor, "batch pos 1"]:
+        return ~(self.bos | self.eot)
+
+
+class FrozenStandardize(Standardize):
+    def __init__(self, sigma: float, centers: bool, positions: SpecialPositions | None = None,
+                 sigma_bos: float | None = None, sigma_eot: float | None = None, ema: float = 0.0):
+        super().__init__()
+        self.centers = centers
+        self.positions = positions
+        self.ema = float(ema)
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.register_buffer("sigma_bos", torch.tensor(float(sigma_bos if sigma_bos is not None else sigma)))
+        self.register_buffer("sigma_eot", torch.tensor(float(sigma_eot if sigma_eot is not None else sigma)))
+        self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
+
+    def _center(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True) if self.centers else x
+
+    def _scale(self, x: Tensor) -> Tensor:
+        if not self.special:
+            return self.sigma.reshape(1, 1, 1)
+        p = self.positions
+        return torch.where(p.bos, self.sigma_bos, torch.where(p.eot, self.sigma_eot, self.sigma))
+
+    @torch.no_grad()
+    def _follow(self, xc: Tensor) -> None:
+        """EMA of σ towards the live scale of this batch's ordinary positions (all ranks agree)."""
+        sq = xc.pow(2).mean(-1, keepdim=True)
+        if self.special:
+            keep = self.positions.ordinary()
+            stats = torch.stack([(sq * keep).sum(), keep.sum().to(sq.dtype)])
+        else:
+            stats = torch.stack([sq.sum(), torch.tensor(float(sq.numel()), device=sq.device)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        if stats[1] > 0:
+            live = (stats[0] / stats[1]).sqrt()
+            self.sigma.mul_(1 - self.ema).add_(self.ema * live)
+
+    def forward(self, x, hook_scale):
+        xc = self._center(x)
+        if self.training and self.ema > 0:
+            self._follow(xc.detach().float())
+        return xc / hook_scale(self._scale(x))
+
+    def frozen(self, x):
+        s = self._scale(x)
+        return (lambda c: self._center(c) / s), torch.zeros_like(x)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma.item():.4g}, centers={self.centers}, special={self.special}, ema={self.ema}"

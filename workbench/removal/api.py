@@ -1,0 +1,166 @@
+"""``remove_ln``: LayerNorm removal by fine-tuning, with a control run, written atomically to a directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import io
+from ..data import TokenData, load_token_data
+from ..errors import WorkbenchError
+from ..model import GPT
+from ..norms.frozen import SpecialPositions
+from ..train import __version__
+from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune
+from .gpt_sites import GPTRemoval, check_removable
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise WorkbenchError(f"--out {out} is not empty; choose a new directory")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished result directory into place in one rename."""
+    if out.is_dir():
+        out.rmdir()  # empty (checked before the work started)
+    tmp.rename(out)
+
+
+def _device(device: str | None) -> torch.device:
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
+    """What the source run says about itself (corpus, pre-training tokens, learning rate)."""
+    if isinstance(spec, GPT) or not (Path(spec) / io.CONFIG_FILE).is_file():
+        return {}
+    d = Path(spec)
+    rec: dict[str, Any] = {}
+    cfg = io.read_json(d / io.CONFIG_FILE, "model config")
+    train = cfg.get("train") or {}
+    rec["corpus"] = train.get("corpus")
+    rec["lr"] = train.get("lr")
+    if (d / io.SUMMARY_FILE).is_file():
+        rec["tokens"] = io.read_json(d / io.SUMMARY_FILE, "run summary").get("tokens")
+    return rec
+
+
+def load_gpt_source(spec: str | Path | GPT, device: torch.device) -> GPT:
+    from .gpt2 import is_gpt2_dir, load_gpt2
+
+    if isinstance(spec, GPT):
+        return spec.to(device)
+    if is_gpt2_dir(spec):
+        return load_gpt2(spec).to(device)
+    if not Path(spec).exists():
+        raise WorkbenchError(f"model {str(spec)!r} not found: give a run directory or a GPT-2 Hugging Face directory")
+    from ..io import load_run
+
+    return load_run(spec, device=device)
+
+
+def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None = None, corpus: str | None = None,
+              device: str | None = None, progress: bool = True, data: TokenData | None = None) -> dict[str, Any]:
+    """Remove every norm of a Pre-norm model by fine-tuning; write the LN-free model, a control run and
+    ``summary.json`` to ``out``. Returns the summary."""
+    rc = rc or RemovalConfig()
+    out = Path(out)
+    check_out_dir(out)
+    dev = _device(device)
+    model = load_gpt_source(spec, dev)
+    check_removable(model.cfg)
+    if model.tokenizer is None:
+        raise WorkbenchError("the model has no tokenizer; remove-ln needs one to read the fine-tuning corpus")
+    source = _source_record(spec)
+    corpus = corpus or source.get("corpus") or "english"
+    if data is None:
+        data = load_token_data(corpus, model.cfg.d_vocab, tokenizer=model.tokenizer)
+    data.check_context(model.cfg.n_ctx)
+    lr = rc.lr or 0.1 * (source.get("lr") or 6e-4)
+    t0 = time.perf_counter()
+
+    adapter = GPTRemoval(model)
+    control = control_copy(adapter) if rc.control else None
+    positions = SpecialPositions(adapter.eot_id)
+    val = data.val_batches(rc.eval_batches, rc.eval_batch_size, model.cfg.n_ctx)
+    ce_original = evaluate(model, val, None, dev)
+    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln")
+    ce_unfolded = evaluate(adapter.net, val, positions, dev)
+    ln_free = adapter.fold()
+    ce_ln_free = evaluate(ln_free, val, None, dev)
+    with torch.no_grad():
+        fold_diff = (ln_free(val[0].to(dev)) - adapter.net(val[0].to(dev))).abs().max().item()
+    summary: dict[str, Any] = {
+        "source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>",
+        "norm": model.cfg.norm,
+        "ce_original": ce_original,
+        "ce_control": None,
+        "ce_ln_free": ce_ln_free,
+        "ce_ln_free_before_fold": ce_unfolded,
+        "fold_max_abs_logit_diff": fold_diff,
+        "tokens_used": run["tokens"],
+        "pretraining_tokens": source.get("tokens"),
+        "token_fraction": run["tokens"] / source["tokens"] if source.get("tokens") else None,
+        "steps": run["steps"],
+        "batch_size": run["batch_size"],
+        "lr": lr,
+        "schedule": run["schedule"],
+        "config": config_record(rc),
+        "corpus": corpus,
+        "eval_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in val),
+    }
+    metrics = run["metrics"]
+    if control is not None:
+        cpos = SpecialPositions(adapter.eot_id)
+        crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control")
+        summary["ce_control"] = evaluate(control.net, val, None, dev)
+        summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
+        by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
+        metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
+    if model.cfg.norm == "mix-ln":
+        summary["note"] = ("mix-ln: the Pre-LN blocks and the final norm were removed; the Post-LN blocks keep "
+                           "their live LayerNorm (it normalizes the residual stream itself)")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_result(out, ln_free, control, summary, metrics, rc)
+    return summary
+
+
+def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_json(d / io.CONFIG_FILE, {"model": model.cfg.to_dict(), **record, "workbench_version": __version__})
+    io.atomic_write_text(d / io.TOKENIZER_FILE, model.tokenizer.to_str())
+    io.save_weights(model, d / io.MODEL_FILE)
+
+
+def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
+        if control is not None:
+            net = control.net.cpu()
+            import dataclasses
+
+            net.cfg = dataclasses.replace(net.cfg, split_ln1_v=True)
+            _save_run(tmp / "control", net, {"train": None, "control_of_removal": config_record(rc)})
+        io.atomic_write_text(tmp / io.METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+        io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

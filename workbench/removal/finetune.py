@@ -1,0 +1,200 @@
+"""The removal fine-tune: freeze one norm at a time, K steps in between, and a control run with LN kept.
+
+Works on any model exposed through a *removal adapter*: ``net`` (the module trained; called with
+tokens, returns logits), ``sites`` (its norms in removal order, each a ``workbench.norms.Norm``),
+``final_norm``, ``eot_id``, ``n_ctx`` and ``fold()`` (the norm-free model once all are frozen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data import TokenData
+from ..errors import WorkbenchError
+from ..model.gpt import lm_cross_entropy
+from ..norms.frozen import FrozenStandardize, SpecialPositions
+from .schedule import SPECIAL_OFF
+
+
+@dataclass
+class RemovalConfig:
+    steps_per_ln: int = 2  # K: fine-tuning steps after each norm is frozen
+    tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
+    lr: float | None = None  # None: the adapter's default (a tenth of the pre-training peak)
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
+    ema: float = 0.0  # 0: σ fixed at calibration; else the EMA rate towards the live scale
+    seed: int = 1  # batch seed; pre-training used seed 0's batches
+    eval_batches: int = 16
+    eval_batch_size: int = 8
+    control: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps_per_ln <= 0:
+            raise WorkbenchError(f"--steps-per-ln must be at least 1, got {self.steps_per_ln}")
+        if self.tokens_per_step <= 0:
+            raise WorkbenchError(f"--tokens-per-step must be positive, got {self.tokens_per_step}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        if self.aux_loss < 0:
+            raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
+        if not 0.0 <= self.ema < 1.0:
+            raise WorkbenchError(f"--ema must lie in [0, 1), got {self.ema}")
+
+    def batch_size(self, n_ctx: int, world: int = 1) -> int:
+        b = max(1, self.tokens_per_step // n_ctx)
+        return max(world, b - b % world)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device):
+    # bf16 on GPU: the fine-tune of GPT-2-sized models; CPU stays in float32.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positions: SpecialPositions | None,
+             device: torch.device) -> float:
+    losses = []
+    for b in batches:
+        b = b.to(device)
+        if positions is not None:
+            positions.update(b)
+        with _autocast(device):
+            logits = forward(b)
+        losses.append(lm_cross_entropy(logits.float(), b).item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions) -> dict[str, float | None]:
+    """σ² = mean of the live per-token scale² over ordinary positions; BOS and EOT pooled separately."""
+    captured: list[Tensor] = []
+    norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
+    try:
+        positions.update(batch)
+        adapter.net(batch)
+    finally:
+        norm.hook_scale.remove_hooks("fwd")
+    s2 = captured[0].pow(2).expand(*batch.shape, 1)
+    masks = {"sigma": positions.ordinary(), "sigma_bos": positions.bos, "sigma_eot": positions.eot}
+    stats = torch.stack([torch.stack([(s2 * m).sum(), m.sum().float()]) for m in masks.values()])
+    if _world()[1] > 1:
+        dist.all_reduce(stats)
+    return {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(masks, stats.tolist())}
+
+
+def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
+    """How far each ordinary token's std at the final residual is from their mean (squared, relative)."""
+    xc = x.float() - x.float().mean(-1, keepdim=True)
+    s = xc.pow(2).mean(-1, keepdim=True).sqrt()
+    keep = positions.ordinary().float()
+    mean = (s * keep).sum() / keep.sum().clamp_min(1)
+    return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": rc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def _lr_at(step: int, rc: RemovalConfig, lr: float) -> float:
+    return lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))
+
+
+def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
+             positions: SpecialPositions, progress: bool = True, label: str = "") -> dict[str, Any]:
+    """Fine-tune ``adapter.net`` over the schedule; with ``remove`` freeze each site at its turn."""
+    rank, world = _world()
+    events = [*adapter.sites, SPECIAL_OFF]
+    K, bs = rc.steps_per_ln, rc.batch_size(adapter.n_ctx, world)
+    local = bs // world
+    net = adapter.net
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    opt = _optimizer(net, rc, lr)
+    captured: list[Tensor] = []
+    hook = None
+    if rc.aux_loss > 0:
+        hook = adapter.final_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    frozen: list[FrozenStandardize] = []
+    schedule, metrics = [], []
+    bar = tqdm(total=len(events) * K, desc=label, disable=not (progress and rank == 0), dynamic_ncols=True,
+               leave=False, mininterval=0.5)
+    net.train()
+    step = 0
+    try:
+        for i, event in enumerate(events):
+            first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
+            entry: dict[str, Any] = {"event": i, "norm": event if event == SPECIAL_OFF else event.name, "step": step}
+            if remove and event == SPECIAL_OFF:
+                for f in frozen:
+                    f.special = False
+            elif remove:
+                sig = calibrate(adapter, event.norm, first, positions)
+                st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
+                                       sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
+                event.norm.standardize = st.to(device)
+                frozen.append(st)
+                entry.update({k: v for k, v in sig.items()})
+            schedule.append(entry)
+            bar.set_description(f"{label} {'removing ' + entry['norm'] if remove else 'control'} ({i + 1}/{len(events)})")
+            for k in range(K):
+                batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step, rc, lr)
+                positions.update(batch)
+                captured.clear()
+                with _autocast(device):
+                    logits = model(batch)
+                    loss = lm_cross_entropy(logits.float(), batch)
+                    total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
+                if not torch.isfinite(total):
+                    raise WorkbenchError(
+                        f"the fine-tune diverged at step {step + 1} ({entry['norm']}); lower --lr or raise --steps-per-ln"
+                    )
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
+                opt.step()
+                step += 1
+                metrics.append({"step": step, "norm": entry["norm"], "loss": loss.item()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        bar.close()
+        if hook is not None:
+            hook.remove()
+    net.eval()
+    return {"schedule": schedule, "metrics": metrics, "steps": step,
+            "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs}
+
+
+def config_record(rc: RemovalConfig) -> dict[str, Any]:
+    return asdict(rc)
+
+
+def control_copy(adapter):
+    """An identical adapter whose norms stay live: the control run."""
+    return copy.deepcopy(adapter)
+
+
+__all__ = ["RemovalConfig", "calibrate", "config_record", "control_copy", "evaluate", "finetune"]

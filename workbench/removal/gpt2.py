@@ -1,0 +1,242 @@
+"""GPT-2 checkpoints ↔ the workbench's GPT family, both ways, exactly.
+
+Loading: a Hugging Face GPT-2 directory (``config.json`` with ``model_type: gpt2`` + safetensors or
+``pytorch_model.bin``) becomes a Pre-LN ``GPT`` whose logits equal ``GPT2LMHeadModel``'s.
+
+Exporting: a ``GPT`` (Pre-LN, or LN-free) becomes a directory stock ``transformers`` loads as a
+``GPT2LMHeadModel`` without custom code. An LN-free model keeps GPT-2's LayerNorm modules but makes
+them exact identities on its residual stream: ``layer_norm_epsilon`` = 1e15 swamps the variance in
+float32 (var + ε rounds to ε for any var below ~6e7), the gain 1/rsqrt(ε) cancels the division, and
+the centering is a no-op because every reader of a centered-LN-derived model is mean-centered.
+GPT-2 has no unembedding bias, so the final norm's bias (and ours) rides on a constant: ln_f adds
+1/d to every coordinate, and the lm_head rows carry C·W_U + 1 ⊗ b — exact, since the centered
+residual sums to zero. Reading such a directory back gives the LN-free ``GPT`` again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import WorkbenchError
+from ..model import GPT
+from ..norms import Affine
+from ..norms.frozen import FrozenStandardize
+from ..tokenizer import EOT
+
+LN_FREE_EPS = 1e15
+MARKER = "workbench_ln_free"
+
+
+def _config(path: str | Path) -> dict | None:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def is_gpt2_dir(path: str | Path) -> bool:
+    cfg = _config(path)
+    return bool(cfg) and cfg.get("model_type") == "gpt2"
+
+
+def _state_dict(d: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if (d / "model.safetensors").is_file():
+        sd = load_file(str(d / "model.safetensors"))
+    elif (d / "model.safetensors.index.json").is_file():
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(load_file(str(d / shard)))
+    elif (d / "pytorch_model.bin").is_file():
+        sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise WorkbenchError(f"{d} has no model.safetensors or pytorch_model.bin; it is not a complete checkpoint")
+    return {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
+
+
+def _tokenizer(d: Path) -> Tokenizer | None:
+    if (d / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(d / "tokenizer.json"))
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+    return None
+
+
+def _check_supported(cfg: dict, d: Path) -> None:
+    act = cfg.get("activation_function", "gelu_new")
+    problems = []
+    if act != "gelu_new":
+        problems.append(f"activation_function={act!r} (the workbench's GPT uses gelu_new)")
+    if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("non-standard attention scaling")
+    if cfg.get("add_cross_attention", False):
+        problems.append("cross-attention")
+    if problems:
+        raise WorkbenchError(f"GPT-2 checkpoint {d} is not supported: {'; '.join(problems)}")
+
+
+def load_gpt2(path: str | Path) -> GPT:
+    """A GPT-2 Hugging Face directory as a workbench ``GPT`` (Pre-LN; LN-free if exported by us)."""
+    d = Path(path)
+    cfg = _config(d)
+    if not cfg or cfg.get("model_type") != "gpt2":
+        raise WorkbenchError(f"{d} is not a GPT-2 Hugging Face directory (config.json with model_type gpt2)")
+    _check_supported(cfg, d)
+    n_embd, n_head = cfg.get("n_embd", 768), cfg.get("n_head", 12)
+    mc = ModelConfig(n_layers=cfg.get("n_layer", 12), d_model=n_embd, n_heads=n_head, d_vocab=cfg.get("vocab_size", 50257),
+                     n_ctx=cfg.get("n_positions", 1024), norm="pre-ln", d_mlp=cfg.get("n_inner") or 4 * n_embd,
+                     eps=cfg.get("layer_norm_epsilon", 1e-5), act_fn="gelu_new")
+    sd = _state_dict(d)
+    model = GPT(mc, _tokenizer(d))
+    h, dh = mc.n_heads, mc.d_head
+
+    def heads_in(W: Tensor) -> Tensor:  # [d_model, h*dh] → [h, d_model, dh]
+        return W.reshape(W.shape[0], h, dh).permute(1, 0, 2)
+
+    new = {"embed.W_E": sd["wte.weight"], "pos_embed.W_pos": sd["wpe.weight"],
+           "ln_final.affine.w": sd["ln_f.weight"], "ln_final.affine.b": sd["ln_f.bias"]}
+    W_U = sd.get("lm_head.weight", sd["wte.weight"]) if not cfg.get("tie_word_embeddings", True) else sd["wte.weight"]
+    new["unembed.W_U"] = W_U.T.contiguous()
+    new["unembed.b_U"] = torch.zeros(mc.d_vocab)
+    for layer in range(mc.n_layers):
+        p, q = f"h.{layer}.", f"blocks.{layer}."
+        Wq, Wk, Wv = sd[p + "attn.c_attn.weight"].chunk(3, dim=1)
+        bq, bk, bv = sd[p + "attn.c_attn.bias"].chunk(3)
+        new.update({
+            q + "ln1.affine.w": sd[p + "ln_1.weight"], q + "ln1.affine.b": sd[p + "ln_1.bias"],
+            q + "ln2.affine.w": sd[p + "ln_2.weight"], q + "ln2.affine.b": sd[p + "ln_2.bias"],
+            q + "attn.W_Q": heads_in(Wq), q + "attn.W_K": heads_in(Wk), q + "attn.W_V": heads_in(Wv),
+            q + "attn.b_Q": bq.reshape(h, dh), q + "attn.b_K": bk.reshape(h, dh), q + "attn.b_V": bv.reshape(h, dh),
+            q + "attn.W_O": sd[p + "attn.c_proj.weight"].reshape(h, dh, mc.d_model), q + "attn.b_O": sd[p + "attn.c_proj.bias"],
+            q + "mlp.W_in": sd[p + "mlp.c_fc.weight"], q + "mlp.b_in": sd[p + "mlp.c_fc.bias"],
+            q + "mlp.W_out": sd[p + "mlp.c_proj.weight"], q + "mlp.b_out": sd[p + "mlp.c_proj.bias"],
+        })
+    model.load_state_dict({k: v.contiguous() for k, v in new.items()}, strict=True)
+    if cfg.get(MARKER):
+        return _as_ln_free(model)
+    return model.eval()
+
+
+def _as_ln_free(model: GPT) -> GPT:
+    """Our own export read back: every huge-ε LayerNorm is the affine map it computes; fold them."""
+    from .gpt_sites import GPTRemoval
+
+    sigma = math.sqrt(torch.tensor(model.cfg.eps, dtype=torch.float32).item())
+    adapter = GPTRemoval(model)
+    for site in adapter.sites:
+        site.norm.standardize = FrozenStandardize(sigma, centers=True)
+    return adapter.fold()
+
+
+def _readers_centered(model: GPT) -> float:
+    """Largest |column sum over d_model| of any residual reader, relative to the matrix's scale."""
+    worst = 0.0
+    for W in [m for b in model.blocks for m in (b.attn.W_Q, b.attn.W_K, b.attn.W_V)]:
+        worst = max(worst, (W.sum(1).abs().max() / W.abs().max().clamp_min(1e-30)).item())
+    for W in [b.mlp.W_in for b in model.blocks] + [model.W_U]:
+        worst = max(worst, (W.sum(0).abs().max() / W.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+@torch.no_grad()
+def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None) -> dict:
+    """Write ``model`` as a stock ``GPT2LMHeadModel`` directory; returns ``{"max_abs_logit_diff", ...}``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .api import check_out_dir, publish
+
+    out = Path(out)
+    check_out_dir(out)
+    cfg = model.cfg
+    ln_free = cfg.norm == "none"
+    if cfg.norm not in ("pre-ln", "none") or cfg.split_ln1_v:
+        raise WorkbenchError(f"only pre-ln and LN-free (none) models export to GPT-2, not {cfg.norm!r}; "
+                             "use `workbench convert --to folded` or `remove-ln` first")
+    if cfg.d_head * cfg.n_heads != cfg.d_model or cfg.act_fn != "gelu_new":
+        raise WorkbenchError("GPT-2 needs d_head·n_heads = d_model and gelu_new")
+    if ln_free and _readers_centered(model) > 1e-4:
+        raise WorkbenchError("this LN-free model's readers are not mean-centered (it did not come from a centered "
+                             "LayerNorm), so GPT-2's LayerNorm cannot be made an identity on it; it cannot be exported")
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    eps = LN_FREE_EPS if ln_free else cfg.eps
+    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+
+    def ln(norm) -> tuple[Tensor, Tensor]:
+        if ln_free:
+            return torch.full((d,), gain), torch.zeros(d)
+        a = norm.affine
+        w = a.w if isinstance(a, Affine) else torch.ones(d)
+        b = a.b if isinstance(a, Affine) and a.b is not None else torch.zeros(d)
+        return w * gain, b
+
+    def heads_out(W: Tensor) -> Tensor:  # [h, d_model, dh] → [d_model, h*dh]
+        return W.permute(1, 0, 2).reshape(d, h * dh)
+
+    sd = {"transformer.wte.weight": model.W_E, "transformer.wpe.weight": model.W_pos}
+    for i, b in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        a = b.attn
+        (w1, b1), (w2, b2) = ln(b.ln1), ln(b.ln2)
+        sd.update({
+            p + "ln_1.weight": w1, p + "ln_1.bias": b1, p + "ln_2.weight": w2, p + "ln_2.bias": b2,
+            p + "attn.c_attn.weight": torch.cat([heads_out(a.W_Q), heads_out(a.W_K), heads_out(a.W_V)], 1),
+            p + "attn.c_attn.bias": torch.cat([a.b_Q.reshape(-1), a.b_K.reshape(-1), a.b_V.reshape(-1)]),
+            p + "attn.c_proj.weight": a.W_O.reshape(h * dh, d), p + "attn.c_proj.bias": a.b_O,
+            p + "mlp.c_fc.weight": b.mlp.W_in, p + "mlp.c_fc.bias": b.mlp.b_in,
+            p + "mlp.c_proj.weight": b.mlp.W_out, p + "mlp.c_proj.bias": b.mlp.b_out,
+        })
+    # Final norm + unembedding: logits = (x̂ ⊙ w + b) W_U + b_U with x̂ summing to zero, rewritten as
+    # (x̂ + 1/d) W' with W' = C·diag(w)·W_U + 1 ⊗ (b W_U + b_U).
+    if ln_free:
+        M, b_total = model.W_U.double(), model.b_U.double()
+    else:
+        wf, bf = ln(model.ln_final)
+        M, b_total = wf.double()[:, None] * model.W_U.double(), bf.double() @ model.W_U.double() + model.b_U.double()
+    W_lm = M - M.mean(0, keepdim=True) + b_total[None, :]
+    sd["transformer.ln_f.weight"] = torch.full((d,), gain)
+    sd["transformer.ln_f.bias"] = torch.full((d,), 1.0 / d)
+    sd["lm_head.weight"] = W_lm.T.float()
+
+    eot = model.tokenizer.token_to_id(EOT) if model.tokenizer is not None else None
+    hf_cfg = GPT2Config(vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=d, n_layer=cfg.n_layers, n_head=h,
+                        n_inner=cfg.d_mlp, activation_function="gelu_new", layer_norm_epsilon=eps,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                        bos_token_id=eot, eos_token_id=eot)
+    if ln_free:
+        setattr(hf_cfg, MARKER, True)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith("masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
+    tokens = check_tokens if check_tokens is not None else torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)),
+                                                                          generator=torch.Generator().manual_seed(0))
+    diff = (hf(tokens).logits - model(tokens)).abs().max().item()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        hf.save_pretrained(tmp)
+        if model.tokenizer is not None:
+            model.tokenizer.save(str(tmp / "tokenizer.json"))
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
