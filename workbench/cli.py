@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_removal import COMMANDS as REMOVAL_COMMANDS
+from .cli_removal import add_parsers as add_removal_parsers
 from .errors import WorkbenchError
 
 COMPARE_METRICS = ("resid_var", "grad_norm", "angular_distance", "ablation")
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--metric", required=True, choices=sorted(COMPARE_METRICS))
     cp.add_argument("--tokens", type=int, default=16384)
     cp.add_argument("--out", help="directory for the figure and table (default: the zoo directory)")
+    add_removal_parsers(sub)
     return p
 
 
@@ -222,7 +225,7 @@ def _cmd_compare(args) -> int:
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
             "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
-            "fetch": _cmd_fetch, "study": _cmd_study}
+            "fetch": _cmd_fetch, "study": _cmd_study, **REMOVAL_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,9 @@ class LayerStandardize(Standardize):
 
 
 def layer_norm(cfg, layer=None, site="ln1", depth_scale: float = 1.0) -> Norm:
-    return Norm(LayerStandardize(cfg.eps), Affine(cfg.d_model), depth_scale)
+    # affine=False: the gain and bias were folded into the following weights (`workbench convert`).
+    affine = Affine(cfg.d_model) if cfg.norm_kwargs.get("affine", True) else None
+    return Norm(LayerStandardize(cfg.eps), affine, depth_scale)
 
 
 PRE_LN = register(
@@ -53,5 +55,6 @@ PRE_LN = register(
         description="Pre-LN (GPT-2): LayerNorm before attention and MLP, plus a final LayerNorm",
         reference="Radford et al. 2019; Xiong et al. 2020",
         make=layer_norm,
+        accepts=("affine",),
     )
 )

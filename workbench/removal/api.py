@@ -164,3 +164,49 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc) -> Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def validation_windows(model: GPT, corpus: str = "english", n: int = 32, seed: int = 0) -> tuple[list[torch.Tensor], str]:
+    """Up to ``n`` windows of validation text in the model's own tokenizer (random tokens without one)."""
+    from ..corpus import load_corpus
+    from ..data import tokenize_works
+
+    n_ctx = min(model.cfg.n_ctx, 128)
+    if model.tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, model.cfg.d_vocab, (8, n_ctx), generator=g) for _ in range(max(1, n // 8))], "random tokens (no tokenizer)"
+    stream = tokenize_works(model.tokenizer, load_corpus(corpus).val)
+    usable = (len(stream) // n_ctx) * n_ctx
+    windows = torch.from_numpy(stream[:usable].astype("int64")).reshape(-1, n_ctx)[:n]
+    return list(windows.split(8)), f"{corpus} validation split"
+
+
+def convert_to_dir(spec: str | Path | GPT, to: str, out: str | Path, corpus: str = "english") -> dict[str, Any]:
+    """``workbench convert``: the exact transform, checked on validation text, written atomically."""
+    from .convert import convert, max_abs_logit_diff
+
+    out = Path(out)
+    check_out_dir(out)
+    model = load_gpt_source(spec, torch.device("cpu"))
+    converted = convert(model, to)
+    batches, what = validation_windows(model, corpus)
+    summary = {"source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>", "from": model.cfg.norm,
+               "to": to, "norm": converted.cfg.norm, "d_model": converted.cfg.d_model,
+               "max_abs_logit_diff": max_abs_logit_diff(model, converted, batches),
+               "eval": what, "eval_tokens": sum(b.numel() for b in batches)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        record = {"train": None, "converted_from": summary["source"], "conversion": to}
+        if converted.tokenizer is not None:
+            _save_run(tmp, converted, record)
+        else:
+            tmp.mkdir(exist_ok=True)
+            io.atomic_write_json(tmp / io.CONFIG_FILE, {"model": converted.cfg.to_dict(), **record, "workbench_version": __version__})
+            io.save_weights(converted, tmp / io.MODEL_FILE)
+        io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

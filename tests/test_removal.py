@@ -1,0 +1,182 @@
+"""LayerNorm removal: frozen-scale norms, the schedule, folding, the CLI, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import workbench
+from conftest import TINY_MODEL, TINY_TRAIN
+from workbench.analysis.dla import direct_logit_attribution
+from workbench.cli import main
+from workbench.config import ModelConfig
+from workbench.data import load_token_data
+from workbench.model import GPT
+from workbench.norms.frozen import FrozenStandardize, SpecialPositions
+from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+from workbench.removal.finetune import calibrate, evaluate
+from workbench.removal.gpt_sites import GPTRemoval
+
+RC = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
+
+
+def heavy(norm, **kw):
+    torch.manual_seed(0)
+    kw = {"n_layers": 4 if norm == "mix-ln" else 3, **kw}
+    m = GPT(ModelConfig(norm=norm, d_model=32, n_heads=4, n_ctx=24, d_vocab=64, **kw)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if name.split(".")[-1].startswith("W_") else 0.5))
+    return m
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_corpus):
+    d = tmp_path_factory.mktemp("runs")
+    for norm in ("pre-ln", "pre-rms", "mix-ln", "post-ln", "none", "batchnorm"):
+        overrides = {**TINY_MODEL, "n_layers": 4} if norm == "mix-ln" else TINY_MODEL
+        workbench.train(norm, d / norm, steps=8, corpus=str(tiny_corpus), model_overrides=overrides,
+                        train_overrides=TINY_TRAIN, progress=False)
+    return d
+
+
+def test_frozen_standardize_is_the_written_out_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8) * 3 + 1
+    tokens = torch.tensor([[0, 4, 7, 0, 2], [0, 1, 1, 1, 1]])
+    pos = SpecialPositions(eot_id=0)
+    pos.update(tokens)
+    st = FrozenStandardize(2.0, centers=True, positions=pos, sigma_bos=5.0, sigma_eot=7.0)
+    sigma = torch.full((2, 5, 1), 2.0)
+    sigma[:, 0] = 5.0
+    sigma[0, 3] = 7.0  # an end-of-text token that is not at position 0
+    torch.testing.assert_close(st(x, lambda s: s), (x - x.mean(-1, keepdim=True)) / sigma)
+    st.special = False
+    torch.testing.assert_close(st(x, lambda s: s), (x - x.mean(-1, keepdim=True)) / 2.0)
+    rms = FrozenStandardize(2.0, centers=False)
+    torch.testing.assert_close(rms(x, lambda s: s), x / 2.0)
+
+
+def test_calibration_is_the_rms_of_the_live_scale_over_ordinary_positions():
+    m = heavy("pre-ln")
+    adapter = GPTRemoval(m)
+    tokens = torch.randint(1, 64, (3, 24), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 0
+    tokens[1, 9] = 0
+    _, cache = m.run_with_cache(tokens)
+    x = cache["blocks.1.hook_resid_mid"]  # what blocks.1.ln2 reads
+    var = x.var(-1, unbiased=False) + m.cfg.eps
+    ordinary = torch.ones_like(var, dtype=torch.bool)
+    ordinary[:, 0] = False
+    ordinary[1, 9] = False
+    pos = SpecialPositions(eot_id=0)
+    sig = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, pos)
+    assert sig["sigma"] == pytest.approx(var[ordinary].mean().sqrt().item(), rel=1e-5)
+    assert sig["sigma_bos"] == pytest.approx(var[:, 0].mean().sqrt().item(), rel=1e-5)
+    assert sig["sigma_eot"] == pytest.approx(var[1, 9].sqrt().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre-ln", "lns", "pre-rms", "pre-crms", "srms", "mix-ln"])
+def test_fold_of_frozen_norms_is_exact(norm):
+    m = heavy(norm)
+    adapter = GPTRemoval(m)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 64, (2, 24), generator=g)
+    pos = SpecialPositions(eot_id=None)
+    for site in adapter.sites:  # frozen one at a time at the scale the live norm had, as in the schedule
+        sigma = calibrate(adapter, site.norm, tokens, pos)["sigma"]
+        site.norm.standardize = FrozenStandardize(sigma, site.norm.standardize.centers)
+    folded = adapter.fold()
+    ref = adapter.net(tokens)
+    assert (folded(tokens) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    if norm == "mix-ln":
+        assert folded.cfg.norm == "mix-ln" and folded.cfg.norm_kwargs["pre_ln_free"]
+        assert not is_norm_free(folded)  # its Post-LN block keeps a live LayerNorm
+    else:
+        assert folded.cfg.norm == "none" and is_norm_free(folded)
+        assert not any("ln" in name for name, _ in folded.named_parameters())
+
+
+def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
+    out = tmp_path / "free"
+    s = remove_ln(runs / "pre-ln", out, RemovalConfig(**RC), corpus=str(tiny_corpus), progress=False)
+    L = TINY_MODEL["n_layers"]
+    names = [e["norm"] for e in s["schedule"]]
+    assert names == ([f"blocks.{i}.ln2" for i in range(L)] + [f"blocks.{i}.ln1" for i in range(L)]
+                     + [f"blocks.{i}.ln1_v" for i in range(L)] + ["ln_final", "special positions"])
+    assert [e["step"] for e in s["schedule"]] == list(range(len(names)))  # K = 1
+    bs = 64 // TINY_MODEL["n_ctx"]
+    assert s["tokens_used"] == len(names) * bs * (TINY_MODEL["n_ctx"] - 1)
+    assert s["token_fraction"] == pytest.approx(s["tokens_used"] / s["pretraining_tokens"])
+    assert all(s[k] is not None for k in ("ce_original", "ce_control", "ce_ln_free"))
+    assert s["fold_max_abs_logit_diff"] < 1e-4
+
+    free = workbench.load(out)
+    assert free.cfg.norm == "none" and is_norm_free(free)
+    data = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)
+    val = data.val_batches(2, 4, free.cfg.n_ctx)
+    assert evaluate(free, val, None, torch.device("cpu")) == pytest.approx(s["ce_ln_free"], abs=1e-5)
+    control = workbench.load(out / "control")
+    assert evaluate(control, val, None, torch.device("cpu")) == pytest.approx(s["ce_control"], abs=1e-5)
+    assert control.cfg.norm == "pre-ln"
+    # With no norm left, direct logit attribution is exact.
+    r = direct_logit_attribution(free, "And God said", answer=" the")
+    assert abs(r.dla_sum - r.logit) <= 1e-4 and r.nmae <= 1e-5
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == len(names) and all("control_loss" in m for m in metrics)
+
+
+def test_remove_ln_on_rms_and_mix_ln(runs, tmp_path, tiny_corpus):
+    s = remove_ln(runs / "pre-rms", tmp_path / "rms", RemovalConfig(**RC, control=False), corpus=str(tiny_corpus),
+                  progress=False)
+    assert s["ce_control"] is None and s["fold_max_abs_logit_diff"] < 1e-4
+    assert is_norm_free(workbench.load(tmp_path / "rms"))
+    s = remove_ln(runs / "mix-ln", tmp_path / "mix", RemovalConfig(**RC, control=False), corpus=str(tiny_corpus),
+                  progress=False)
+    assert "Post-LN blocks keep" in s["note"]
+    assert [e["norm"] for e in s["schedule"]][:3] == ["blocks.1.ln2", "blocks.2.ln2", "blocks.3.ln2"]
+    m = workbench.load(tmp_path / "mix")
+    assert m.cfg.norm_kwargs == {"pre_ln_free": True}
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["remove-ln", "{run}/post-ln"], "needs a Pre-norm model"),
+    (["remove-ln", "{run}/none"], "already LayerNorm-free"),
+    (["remove-ln", "{run}/batchnorm"], "no per-token scale"),
+    (["remove-ln", "{run}/pre-ln", "--steps-per-ln", "0"], "at least 1"),
+    (["remove-ln", "{run}/missing"], "not found"),
+    (["remove-ln", "{run}/pre-ln", "--tokens-per-step", "-5"], "must be positive"),
+    (["convert", "{run}/pre-ln", "--to", "pre-xyz"], "unknown conversion target"),
+    (["convert", "{run}/post-ln", "--to", "folded"], "needs a Pre-LN model"),
+    (["export", "{run}/pre-rms"], "only pre-ln and LN-free"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, _, err = run([a.format(run=runs) for a in argv] + ["--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_out_dir_must_be_new(runs, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    code, _, err = run(["remove-ln", str(runs / "pre-ln"), "--out", str(tmp_path / "full")], capsys)
+    assert code == 2 and "not empty" in err
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_convert_cli_reaches_1e4_on_all_targets(runs, tmp_path, capsys, tiny_corpus):
+    for to in ("folded", "pre-rms", "pre-crms"):
+        code, out, err = run(["convert", str(runs / "pre-ln"), "--to", to, "--out", str(tmp_path / to),
+                              "--corpus", str(tiny_corpus)], capsys)
+        assert code == 0, err
+        s = json.loads((tmp_path / to / "summary.json").read_text())
+        assert s["max_abs_logit_diff"] <= 1e-4 and s["eval_tokens"] > 0
+        m = workbench.load(tmp_path / to)
+        assert m.cfg.d_model == TINY_MODEL["d_model"] - (to == "pre-crms")

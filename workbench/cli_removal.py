@@ -1,0 +1,92 @@
+"""CLI commands of LayerNorm removal: ``remove-ln``, ``convert`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("remove-ln", help="remove every norm by fine-tuning (frozen-std fake norms, one at a time)")
+    r.add_argument("model", help="run directory, GPT-2 Hugging Face directory, smollm2 or a Llama HF directory")
+    r.add_argument("--out", required=True, help="directory to create: LN-free model, control/, summary.json")
+    r.add_argument("--steps-per-ln", type=int, default=None, help="fine-tuning steps after each norm (K)")
+    r.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (T)")
+    r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")
+    r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
+    r.add_argument("--lr", type=float, help="learning rate (default: a tenth of the pre-training peak)")
+    r.add_argument("--corpus", help="fine-tuning text (default: the model's training corpus, else english)")
+    r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
+    r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    r.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("convert", help="exact training-free transforms of a Pre-LN model")
+    c.add_argument("model", help="run directory or GPT-2 Hugging Face directory")
+    c.add_argument("--to", required=True, help="folded | pre-rms | pre-crms")
+    c.add_argument("--out", required=True)
+    c.add_argument("--corpus", default="english", help="validation text for max_abs_logit_diff")
+
+    e = sub.add_parser("export", help="write a model as a stock Hugging Face GPT-2 directory")
+    e.add_argument("model", help="run directory (pre-ln, or LN-free from remove-ln)")
+    e.add_argument("--out", required=True)
+
+
+def _removal_config(args):
+    from .removal import RemovalConfig
+
+    given = {"steps_per_ln": args.steps_per_ln, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
+             "ema": args.ema}
+    return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss,
+                         control=not args.no_control)
+
+
+def cmd_remove_ln(args) -> int:
+    from .hf import is_hf_spec
+    from .removal import remove_ln
+    from .removal.gpt2 import is_gpt2_dir
+
+    rc = _removal_config(args)
+    if is_hf_spec(args.model) and not is_gpt2_dir(args.model):
+        from .removal.llama import remove_rmsnorm_hf
+
+        s = remove_rmsnorm_hf(args.model, args.out, rc, corpus=args.corpus or "english", device=args.device,
+                              progress=not args.quiet)
+    else:
+        s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
+    frac = f" ({100 * s['token_fraction']:.2f}% of pre-training)" if s.get("token_fraction") else ""
+    print(f"CE original {s['ce_original']:.4f}  control {_f(s['ce_control'])}  LN-free {s['ce_ln_free']:.4f}"
+          f"  | {s['tokens_used']} fine-tuning tokens{frac}")
+    print(f"wrote {args.out} (summary.json; the control model in {Path(args.out) / 'control'})")
+    return 0
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def cmd_convert(args) -> int:
+    from .removal.api import convert_to_dir
+
+    s = convert_to_dir(args.model, args.to, args.out, corpus=args.corpus)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import workbench
+
+    from .model import GPT
+    from .removal.gpt2 import export_gpt2
+
+    model = workbench.load(args.model)
+    if not isinstance(model, GPT):
+        raise WorkbenchError(f"{args.model} is already a Hugging Face model; export takes a workbench run directory")
+    s = export_gpt2(model, args.out)
+    print(json.dumps(s, indent=2))
+    print(f"wrote {args.out}: load it with transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+COMMANDS = {"remove-ln": cmd_remove_ln, "convert": cmd_convert, "export": cmd_export}
