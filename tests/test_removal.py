@@ -180,3 +180,25 @@ def test_convert_cli_reaches_1e4_on_all_targets(runs, tmp_path, capsys, tiny_cor
         assert s["max_abs_logit_diff"] <= 1e-4 and s["eval_tokens"] > 0
         m = workbench.load(tmp_path / to)
         assert m.cfg.d_model == TINY_MODEL["d_model"] - (to == "pre-crms")
+
+
+def test_two_process_ddp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rc = dict(RC, tokens_per_step=128, control=False)
+    single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "from workbench.removal import remove_ln, RemovalConfig\n"
+        f"remove_ln({str(runs / 'pre-ln')!r}, {str(tmp_path / 'ddp')!r}, RemovalConfig(**{rc!r}), "
+        f"corpus={str(tiny_corpus)!r}, progress=False)\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                        str(script)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2
+    assert [e["sigma"] for e in ddp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
+    assert ddp["ce_ln_free"] == pytest.approx(single["ce_ln_free"], abs=1e-4)

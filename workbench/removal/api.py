@@ -78,10 +78,15 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
               device: str | None = None, progress: bool = True, data: TokenData | None = None) -> dict[str, Any]:
     """Remove every norm of a Pre-norm model by fine-tuning; write the LN-free model, a control run and
     ``summary.json`` to ``out``. Returns the summary."""
+    from ..train import _init_distributed
+
     rc = rc or RemovalConfig()
     out = Path(out)
     check_out_dir(out)
     dev = _device(device)
+    ddp = _init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
+    if dev.type == "cuda" and ddp.world > 1:
+        dev = torch.device("cuda", ddp.rank % torch.cuda.device_count())
     model = load_gpt_source(spec, dev)
     check_removable(model.cfg)
     if model.tokenizer is None:
@@ -136,7 +141,12 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         summary["note"] = ("mix-ln: the Pre-LN blocks and the final norm were removed; the Post-LN blocks keep "
                            "their live LayerNorm (it normalizes the residual stream itself)")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_result(out, ln_free, control, summary, metrics, rc)
+    summary["world_size"] = ddp.world
+    summary["device"] = str(dev)
+    if ddp.main:
+        _write_result(out, ln_free, control, summary, metrics, rc)
+    if ddp.world > 1:
+        torch.distributed.barrier()
     return summary
 
 

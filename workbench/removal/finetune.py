@@ -32,6 +32,7 @@ class RemovalConfig:
     tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
     lr: float | None = None  # None: the adapter's default (a tenth of the pre-training peak)
     warmup_steps: int = 5
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr·min_lr_ratio over the whole schedule
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
@@ -117,8 +118,11 @@ def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def _lr_at(step: int, rc: RemovalConfig, lr: float) -> float:
-    return lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))
+def _lr_at(step: int, total: int, rc: RemovalConfig, lr: float) -> float:
+    if step < rc.warmup_steps:
+        return lr * (step + 1) / rc.warmup_steps
+    progress = (step - rc.warmup_steps) / max(1, total - rc.warmup_steps)
+    return lr * (rc.min_lr_ratio + (1 - rc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
@@ -160,7 +164,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
             for k in range(K):
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, rc, lr)
+                    g["lr"] = _lr_at(step, len(events) * K, rc, lr)
                 positions.update(batch)
                 captured.clear()
                 with _autocast(device):
@@ -176,7 +180,11 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
                 opt.step()
                 step += 1
-                metrics.append({"step": step, "norm": entry["norm"], "loss": loss.item()})
+                seen = loss.detach().clone()
+                if world > 1:  # record the global batch's loss, as a single process would
+                    dist.all_reduce(seen)
+                    seen /= world
+                metrics.append({"step": step, "norm": entry["norm"], "loss": seen.item()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:

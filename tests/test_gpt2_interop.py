@@ -1,0 +1,81 @@
+"""GPT-2 checkpoints: load → ours (same logits), remove LN, export to a stock GPT2LMHeadModel, load back."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import workbench
+from workbench.corpus import load_corpus
+from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+from workbench.removal.api import convert_to_dir
+from workbench.removal.gpt2 import export_gpt2, load_gpt2
+from workbench.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tiny_corpus):
+    """A randomly initialised GPT-2 (non-trivial LN gains and biases) saved the way transformers saves."""
+    d = tmp_path_factory.mktemp("gpt2")
+    tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(d)
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def tokens(vocab, seed=0):
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_loaded_gpt2_has_the_logits_of_transformers(gpt2_dir):
+    hf = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    ours = workbench.load(gpt2_dir)
+    assert ours.cfg.norm == "pre-ln" and ours.cfg.n_ctx == 32
+    t = tokens(ours.cfg.d_vocab)
+    with torch.no_grad():
+        assert (ours(t) - hf(t).logits).abs().max().item() <= 1e-4
+
+
+def test_round_trip_gpt2_to_ln_free_to_stock_transformers(gpt2_dir, tmp_path, tiny_corpus):
+    s = remove_ln(gpt2_dir, tmp_path / "free", RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2,
+                                                                  eval_batch_size=4),
+                  corpus=str(tiny_corpus), progress=False)
+    assert s["pretraining_tokens"] is None and s["fold_max_abs_logit_diff"] < 1e-4
+    free = workbench.load(tmp_path / "free")
+    assert is_norm_free(free)
+    report = export_gpt2(free, tmp_path / "hf")
+    assert report["ln_free"] and report["max_abs_logit_diff"] <= 1e-4
+    stock = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()  # no custom code
+    t = tokens(free.cfg.d_vocab, seed=1)
+    with torch.no_grad():
+        ref = free(t)
+        assert (stock(t).logits - ref).abs().max().item() <= 1e-4
+        back = workbench.load(tmp_path / "hf")  # our export read back: LN-free again
+        assert back.cfg.norm == "none" and is_norm_free(back)
+        assert (back(t) - ref).abs().max().item() <= 1e-4
+
+
+def test_export_of_a_pre_ln_model_with_an_unembedding_bias(gpt2_dir, tmp_path):
+    m = load_gpt2(gpt2_dir)
+    with torch.no_grad():
+        m.unembed.b_U.normal_()  # GPT-2 has no lm_head bias: it must ride on ln_f's constant
+    export_gpt2(m, tmp_path / "hf")
+    stock = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    t = tokens(m.cfg.d_vocab, seed=2)
+    with torch.no_grad():
+        assert (stock(t).logits - m(t)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("to", ["folded", "pre-rms", "pre-crms"])
+def test_convert_gpt2(gpt2_dir, tmp_path, to, tiny_corpus):
+    s = convert_to_dir(gpt2_dir, to, tmp_path / to, corpus=str(tiny_corpus))
+    assert s["max_abs_logit_diff"] <= 1e-4 and s["eval"].endswith("validation split")

@@ -1,0 +1,72 @@
+"""RMSNorm removal on a Hugging Face Llama model through its own modules (a tiny random one here;
+SmolLM2 in docs/ln_removal.md)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from workbench.data import load_token_data
+from workbench.errors import WorkbenchError
+from workbench.model.gpt import lm_cross_entropy
+from workbench.removal import RemovalConfig
+from workbench.removal.gpt2 import LN_FREE_EPS
+from workbench.removal.llama import LlamaRemoval, remove_rmsnorm_hf
+from workbench.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_corpus):
+    d = tmp_path_factory.mktemp("llama")
+    tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # gains that must be folded
+    hf.save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
+    return d
+
+
+def test_split_norms_compute_what_llama_computes(llama_dir):
+    hf = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    t = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(t).logits
+        adapter = LlamaRemoval(hf, _Tok(), n_ctx=16)
+        assert (adapter.net(t) - ref).abs().max().item() <= 1e-5
+    names = [s.name for s in adapter.sites]
+    assert names[0] == "model.layers.0.post_attention_layernorm" and names[2] == "model.layers.0.input_layernorm[q,k]"
+    assert names[-1] == "model.norm" and len(names) == 3 * 2 + 1
+
+
+class _Tok:
+    def token_to_id(self, s):
+        return 0
+
+
+def test_rmsnorm_free_llama_is_a_stock_llama(llama_dir, tmp_path, tiny_corpus):
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
+    s = remove_rmsnorm_hf(str(llama_dir), tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False, n_ctx=32)
+    assert s["fold_max_abs_logit_diff"] <= 1e-4
+    assert [e["norm"] for e in s["schedule"]][-2:] == ["model.norm", "special positions"]
+    free = LlamaForCausalLM.from_pretrained(tmp_path / "free").eval()  # stock transformers, no custom code
+    assert free.config.rms_norm_eps == LN_FREE_EPS and not free.config.tie_word_embeddings
+    for m in free.modules():
+        if type(m).__name__.endswith("RMSNorm"):  # identities: the gain cancels 1/sqrt(eps) exactly enough
+            assert torch.allclose(m.weight, m.weight[0].expand_as(m.weight))
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "free").backend_tokenizer
+    data = load_token_data(str(tiny_corpus), tok.get_vocab_size(), tokenizer=tok)
+    with torch.no_grad():
+        ce = [lm_cross_entropy(free(input_ids=b).logits, b).item() for b in data.val_batches(2, 4, 32)]
+    assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4)
+
+
+def test_non_llama_models_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(WorkbenchError, match="not a Llama-architecture model"):
+        LlamaRemoval(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), _Tok())
