@@ -63,6 +63,15 @@ def test_rmsnorm_free_llama_is_a_stock_llama(llama_dir, tmp_path, tiny_corpus):
     with torch.no_grad():
         ce = [lm_cross_entropy(free(input_ids=b).logits, b).item() for b in data.val_batches(2, 4, 32)]
     assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4)
+    # Direct logit attribution: approximate with RMSNorm, exact without.
+    from workbench.analysis.dla_hf import direct_logit_attribution_hf
+
+    normed = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    before = direct_logit_attribution_hf(normed, tok, "And God said unto the", answer=" the")
+    after = direct_logit_attribution_hf(free, tok, "And God said unto the", answer=" the")
+    for r in (before, after):
+        assert abs(r.dla_sum - r.logit) <= 1e-4
+    assert after.nmae <= 1e-5 < 1e-3 < before.nmae
 
 
 def test_non_llama_models_are_refused():

@@ -144,7 +144,17 @@ def _cmd_zoo(args) -> int:
 def _cmd_dla(args) -> int:
     import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
+    from .hf import is_hf_spec
+    from .removal.gpt2 import is_gpt2_dir
 
+    if is_hf_spec(args.model) and not is_gpt2_dir(args.model):
+        from .analysis.dla_hf import direct_logit_attribution_hf
+        from .hf import load_causal_lm
+
+        hf, tok = load_causal_lm(args.model)
+        r = direct_logit_attribution_hf(hf, tok.backend_tokenizer, args.prompt, args.answer, args.contrast)
+        print(json.dumps(r.to_json(), indent=1) if args.json else format_dla(r, args.top))
+        return 0
     model = workbench.load(args.model)
     answer = args.answer
     if answer is None:

