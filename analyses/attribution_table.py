@@ -1,6 +1,9 @@
 """The attribution table across a zoo's norms (DLA exactness, patching agreement, confidence neurons).
 
     python analyses/attribution_table.py zoo/tiny [pre-ln,lns,pre-rms,dyt,none] [--out FILE.json]
+
+An entry LABEL=PATH adds any run directory under its own label, e.g. the LN-free model from
+`workbench remove-ln`:  pre-ln,pre-ln/ln-free=runs/ln_free_pre-ln
 """
 
 import argparse
@@ -28,11 +31,15 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     present = collect_existing(args.zoo)
-    names = [n for n in args.norms.split(",") if n in present]
-    if not names:
+    entries = []
+    for e in args.norms.split(","):
+        label, path = e.split("=", 1) if "=" in e else (e, Path(args.zoo) / e)
+        if ("=" in e and Path(path).is_dir()) or label in present:
+            entries.append((label, Path(path)))
+    if not entries:
         print(f"none of {args.norms} is trained in {args.zoo}; run `workbench zoo --out {args.zoo}`", file=sys.stderr)
         return 2
-    table = attribution_report({n: workbench.load(Path(args.zoo) / n) for n in names})
+    table = attribution_report({label: workbench.load(path) for label, path in entries})
     print(markdown(table))
     if args.out:
         atomic_write_text(args.out, table.to_json(orient="records", indent=1))

@@ -202,3 +202,15 @@ def test_two_process_ddp_removal_matches_single_process(runs, tmp_path, tiny_cor
     assert ddp["world_size"] == 2
     assert [e["sigma"] for e in ddp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
     assert ddp["ce_ln_free"] == pytest.approx(single["ce_ln_free"], abs=1e-4)
+
+
+def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
+    import math
+
+    from workbench.removal.finetune import _lr_at
+
+    rc = RemovalConfig(warmup_steps=4, final_steps=10, min_lr_ratio=0.1)
+    assert _lr_at(0, 40, rc, 1.0) == pytest.approx(0.25) and _lr_at(3, 40, rc, 1.0) == 1.0
+    assert all(_lr_at(s, 40, rc, 1.0) == 1.0 for s in range(4, 40))
+    assert _lr_at(44, 40, rc, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert _lr_at(49, 40, rc, 1.0) == pytest.approx(0.1)

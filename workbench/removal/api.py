@@ -121,7 +121,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         "tokens_used": run["tokens"],
         "pretraining_tokens": source.get("tokens"),
         "token_fraction": run["tokens"] / source["tokens"] if source.get("tokens") else None,
-        "steps": run["steps"],
+        "steps": run["steps"], "skipped_steps": run["skipped_steps"],
         "batch_size": run["batch_size"],
         "lr": lr,
         "schedule": run["schedule"],

@@ -32,7 +32,9 @@ class RemovalConfig:
     tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
     lr: float | None = None  # None: the adapter's default (a tenth of the pre-training peak)
     warmup_steps: int = 5
-    min_lr_ratio: float = 0.1  # cosine decay from lr to lr·min_lr_ratio over the whole schedule
+    final_steps: int = 0  # after the last removal: a cool-down with cosine decay to lr·min_lr_ratio
+    min_lr_ratio: float = 0.1
+    max_skipped: int = 5  # steps with a non-finite gradient are skipped; more than this many in a row is divergence
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
@@ -49,6 +51,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--tokens-per-step must be positive, got {self.tokens_per_step}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        if self.final_steps < 0:
+            raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
         if self.aux_loss < 0:
             raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
         if not 0.0 <= self.ema < 1.0:
@@ -118,10 +122,14 @@ def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def _lr_at(step: int, total: int, rc: RemovalConfig, lr: float) -> float:
+def _lr_at(step: int, removal_steps: int, rc: RemovalConfig, lr: float) -> float:
+    """Linear warm-up, constant while norms are being removed (each removal needs the same room to
+    adapt), then a cosine cool-down over the final steps."""
     if step < rc.warmup_steps:
         return lr * (step + 1) / rc.warmup_steps
-    progress = (step - rc.warmup_steps) / max(1, total - rc.warmup_steps)
+    if step < removal_steps or rc.final_steps == 0:
+        return lr
+    progress = (step - removal_steps + 1) / rc.final_steps
     return lr * (rc.min_lr_ratio + (1 - rc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -141,30 +149,35 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         hook = adapter.final_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
     frozen: list[FrozenStandardize] = []
     schedule, metrics = [], []
-    bar = tqdm(total=len(events) * K, desc=label, disable=not (progress and rank == 0), dynamic_ncols=True,
-               leave=False, mininterval=0.5)
+    removal_steps = len(events) * K
+    plan = [(e, K) for e in events] + ([("final", rc.final_steps)] if rc.final_steps else [])
+    bar = tqdm(total=removal_steps + rc.final_steps, desc=label, disable=not (progress and rank == 0),
+               dynamic_ncols=True, leave=False, mininterval=0.5)
     net.train()
-    step = 0
+    step, skipped_in_a_row, skipped = 0, 0, 0
     try:
-        for i, event in enumerate(events):
+        for i, (event, n_steps) in enumerate(plan):
             first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
-            entry: dict[str, Any] = {"event": i, "norm": event if event == SPECIAL_OFF else event.name, "step": step}
+            name = event if isinstance(event, str) else event.name
+            entry: dict[str, Any] = {"event": i, "norm": name, "step": step}
             if remove and event == SPECIAL_OFF:
                 for f in frozen:
                     f.special = False
-            elif remove:
+            elif remove and not isinstance(event, str):
                 sig = calibrate(adapter, event.norm, first, positions)
                 st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
                                        sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
                 event.norm.standardize = st.to(device)
                 frozen.append(st)
                 entry.update({k: v for k, v in sig.items()})
-            schedule.append(entry)
-            bar.set_description(f"{label} {'removing ' + entry['norm'] if remove else 'control'} ({i + 1}/{len(events)})")
-            for k in range(K):
+            if event != "final":
+                schedule.append(entry)
+            what = "cool-down" if event == "final" else ("removing " + name if remove else "control")
+            bar.set_description(f"{label} {what} ({i + 1}/{len(plan)})")
+            for k in range(n_steps):
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, len(events) * K, rc, lr)
+                    g["lr"] = _lr_at(step, removal_steps, rc, lr)
                 positions.update(batch)
                 captured.clear()
                 with _autocast(device):
@@ -173,18 +186,31 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
                 if not torch.isfinite(total):
                     raise WorkbenchError(
-                        f"the fine-tune diverged at step {step + 1} ({entry['norm']}); lower --lr or raise --steps-per-ln"
+                        f"the fine-tune diverged at step {step + 1} ({name}): non-finite loss; lower --lr or "
+                        "raise --steps-per-ln"
                     )
                 opt.zero_grad(set_to_none=True)
                 total.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
-                opt.step()
+                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
+                finite = bool(torch.isfinite(grad_norm))
+                if finite:
+                    opt.step()
+                    skipped_in_a_row = 0
+                else:  # an overflowing gradient: skip this update rather than poison the weights
+                    skipped_in_a_row += 1
+                    skipped += 1
+                    if skipped_in_a_row > rc.max_skipped:
+                        raise WorkbenchError(
+                            f"the fine-tune diverged at step {step + 1} ({name}): {skipped_in_a_row} non-finite "
+                            "gradients in a row; lower --lr or raise --steps-per-ln"
+                        )
                 step += 1
                 seen = loss.detach().clone()
                 if world > 1:  # record the global batch's loss, as a single process would
                     dist.all_reduce(seen)
                     seen /= world
-                metrics.append({"step": step, "norm": entry["norm"], "loss": seen.item()})
+                metrics.append({"step": step, "norm": name, "loss": seen.item(), "lr": _lr_at(step - 1, removal_steps, rc, lr),
+                                **({} if finite else {"skipped": True})})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
@@ -192,7 +218,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         if hook is not None:
             hook.remove()
     net.eval()
-    return {"schedule": schedule, "metrics": metrics, "steps": step,
+    return {"schedule": schedule, "metrics": metrics, "steps": step, "skipped_steps": skipped,
             "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs}
 
 
