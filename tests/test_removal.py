@@ -214,3 +214,13 @@ def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
     assert all(_lr_at(s, 40, rc, 1.0) == 1.0 for s in range(4, 40))
     assert _lr_at(44, 40, rc, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert _lr_at(49, 40, rc, 1.0) == pytest.approx(0.1)
+
+
+def test_micro_batches_accumulate_to_the_full_batch(runs, tmp_path, tiny_corpus):
+    rc = dict(RC, tokens_per_step=128, control=False)
+    full = remove_ln(runs / "pre-ln", tmp_path / "full", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
+    micro = remove_ln(runs / "pre-ln", tmp_path / "micro", RemovalConfig(**rc, micro_batch=1), corpus=str(tiny_corpus),
+                      progress=False)
+    assert full["batch_size"] == micro["batch_size"] == 4
+    assert [e["sigma"] for e in micro["schedule"][:-1]] == pytest.approx([e["sigma"] for e in full["schedule"][:-1]], rel=1e-5)
+    assert micro["ce_ln_free"] == pytest.approx(full["ce_ln_free"], abs=1e-4)

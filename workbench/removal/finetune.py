@@ -32,6 +32,7 @@ class RemovalConfig:
     tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
     lr: float | None = None  # None: the adapter's default (a tenth of the pre-training peak)
     warmup_steps: int = 5
+    micro_batch: int | None = None  # sequences per forward pass (gradient accumulation); None = all at once
     final_steps: int = 0  # after the last removal: a cool-down with cosine decay to lr·min_lr_ratio
     min_lr_ratio: float = 0.1
     max_skipped: int = 5  # steps with a non-finite gradient are skipped; more than this many in a row is divergence
@@ -51,6 +52,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--tokens-per-step must be positive, got {self.tokens_per_step}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        if self.micro_batch is not None and self.micro_batch <= 0:
+            raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
         if self.final_steps < 0:
             raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
         if self.aux_loss < 0:
@@ -89,21 +92,24 @@ def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positio
 
 
 @torch.no_grad()
-def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions) -> dict[str, float | None]:
+def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: int | None = None) -> dict[str, float | None]:
     """σ² = mean of the live per-token scale² over ordinary positions; BOS and EOT pooled separately."""
-    captured: list[Tensor] = []
-    norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
-    try:
-        positions.update(batch)
-        adapter.net(batch)
-    finally:
-        norm.hook_scale.remove_hooks("fwd")
-    s2 = captured[0].pow(2).expand(*batch.shape, 1)
-    masks = {"sigma": positions.ordinary(), "sigma_bos": positions.bos, "sigma_eot": positions.eot}
-    stats = torch.stack([torch.stack([(s2 * m).sum(), m.sum().float()]) for m in masks.values()])
+    stats = torch.zeros(3, 2, dtype=torch.float64, device=batch.device)
+    for part in batch.split(chunk or len(batch)):
+        captured: list[Tensor] = []
+        norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
+        try:
+            positions.update(part)
+            adapter.net(part)
+        finally:
+            norm.hook_scale.remove_hooks("fwd")
+        s2 = captured[0].pow(2).expand(*part.shape, 1)
+        masks = (positions.ordinary(), positions.bos, positions.eot)
+        stats += torch.stack([torch.stack([(s2 * m).sum(), m.sum().float()]) for m in masks]).double()
     if _world()[1] > 1:
         dist.all_reduce(stats)
-    return {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(masks, stats.tolist())}
+    return {k: (math.sqrt(s / n) if n > 0 else None)
+            for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
 
 
 def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
@@ -113,6 +119,28 @@ def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
     keep = positions.ordinary().float()
     mean = (s * keep).sum() / keep.sum().clamp_min(1)
     return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, captured: list[Tensor],
+                world: int) -> tuple[Tensor, Tensor]:
+    """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss and objective."""
+    chunks = batch.split(rc.micro_batch or len(batch))
+    loss_sum, total_sum = 0.0, 0.0
+    for j, chunk in enumerate(chunks):
+        positions.update(chunk)
+        captured.clear()
+        last = j == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+        with sync:
+            with _autocast(chunk.device):
+                loss = lm_cross_entropy(model(chunk).float(), chunk)
+                total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
+            weight = len(chunk) / len(batch)
+            if torch.isfinite(total):
+                (total * weight).backward()
+        loss_sum = loss_sum + loss.detach() * weight
+        total_sum = total_sum + total.detach() * weight
+    return loss_sum, total_sum
 
 
 def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.optim.Optimizer:
@@ -164,7 +192,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 for f in frozen:
                     f.special = False
             elif remove and not isinstance(event, str):
-                sig = calibrate(adapter, event.norm, first, positions)
+                sig = calibrate(adapter, event.norm, first, positions, rc.micro_batch)
                 st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
                                        sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
                 event.norm.standardize = st.to(device)
@@ -178,19 +206,13 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, rc, lr)
-                positions.update(batch)
-                captured.clear()
-                with _autocast(device):
-                    logits = model(batch)
-                    loss = lm_cross_entropy(logits.float(), batch)
-                    total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
+                opt.zero_grad(set_to_none=True)
+                loss, total = _accumulate(model, batch, rc, positions, captured, world)
                 if not torch.isfinite(total):
                     raise WorkbenchError(
                         f"the fine-tune diverged at step {step + 1} ({name}): non-finite loss; lower --lr or "
                         "raise --steps-per-ln"
                     )
-                opt.zero_grad(set_to_none=True)
-                total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
                 finite = bool(torch.isfinite(grad_norm))
                 if finite:
