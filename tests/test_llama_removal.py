@@ -79,3 +79,16 @@ def test_non_llama_models_are_refused():
 
     with pytest.raises(WorkbenchError, match="not a Llama-architecture model"):
         LlamaRemoval(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), _Tok())
+
+
+def test_dla_cli_on_a_llama_directory(llama_dir, capsys):
+    import json
+
+    from workbench.cli import main
+
+    assert main(["dla", str(llama_dir), "--prompt", "And God said unto the", "--answer", " the", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    names = [c["name"] for c in r["components"]]
+    assert names[0] == "embed" and "L1H3" in names and "L1.mlp" in names
+    assert abs(sum(c["dla"] for c in r["components"]) - r["logit"]) <= 1e-4
+    assert main(["dla", str(llama_dir), "--prompt", "And God said", "--answer", " nevertheless-ish"]) == 2
