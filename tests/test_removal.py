@@ -224,3 +224,15 @@ def test_micro_batches_accumulate_to_the_full_batch(runs, tmp_path, tiny_corpus)
     assert full["batch_size"] == micro["batch_size"] == 4
     assert [e["sigma"] for e in micro["schedule"][:-1]] == pytest.approx([e["sigma"] for e in full["schedule"][:-1]], rel=1e-5)
     assert micro["ce_ln_free"] == pytest.approx(full["ce_ln_free"], abs=1e-4)
+
+
+def test_median_calibration_is_the_median_token_scale():
+    m = heavy("pre-ln")
+    adapter = GPTRemoval(m)
+    tokens = torch.randint(1, 64, (3, 24), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 0
+    _, cache = m.run_with_cache(tokens)
+    scale = (cache["blocks.1.hook_resid_mid"].var(-1, unbiased=False) + m.cfg.eps).sqrt()[:, 1:]
+    sig = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, SpecialPositions(eot_id=0), statistic="median")
+    assert sig["sigma"] == pytest.approx(scale.flatten().median().item(), rel=1e-5)
+    assert sig["sigma_rms"] == pytest.approx(scale.pow(2).mean().sqrt().item(), rel=1e-5)

@@ -16,6 +16,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (T)")
     r.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (gradient accumulation)")
     r.add_argument("--final-steps", type=int, default=None, help="cool-down steps after the last removal (default 0)")
+    r.add_argument("--sigma", choices=["rms", "median"], default="rms",
+                   help="frozen std from the ordinary tokens' scales: rms (pooled std) or median (robust)")
     r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")
     r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
     r.add_argument("--lr", type=float, help="learning rate (default: a tenth of the pre-training peak)")
@@ -40,7 +42,7 @@ def _removal_config(args):
 
     given = {"steps_per_ln": args.steps_per_ln, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
              "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch}
-    return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss,
+    return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
                          control=not args.no_control)
 
 

@@ -38,6 +38,9 @@ class RemovalConfig:
     max_skipped: int = 5  # steps with a non-finite gradient are skipped; more than this many in a row is divergence
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # How the ordinary positions' per-token scales become one σ: "rms" (root mean square, the pooled std
+    # of the paper) or "median" (robust to the few ordinary tokens with massive activations of e.g. SmolLM2).
+    sigma: str = "rms"
     aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
     ema: float = 0.0  # 0: σ fixed at calibration; else the EMA rate towards the live scale
     seed: int = 1  # batch seed; pre-training used seed 0's batches
@@ -54,6 +57,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
+        if self.sigma not in ("rms", "median"):
+            raise WorkbenchError(f"--sigma must be rms or median, got {self.sigma!r}")
         if self.final_steps < 0:
             raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
         if self.aux_loss < 0:
@@ -92,9 +97,12 @@ def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positio
 
 
 @torch.no_grad()
-def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: int | None = None) -> dict[str, float | None]:
-    """σ² = mean of the live per-token scale² over ordinary positions; BOS and EOT pooled separately."""
+def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: int | None = None,
+              statistic: str = "rms") -> dict[str, float | None]:
+    """σ from the live per-token scale s_t: over ordinary positions sqrt(mean s_t²) ("rms") or
+    median s_t ("median"); BOS and EOT positions pooled separately (always rms)."""
     stats = torch.zeros(3, 2, dtype=torch.float64, device=batch.device)
+    ordinary_scales: list[Tensor] = []
     for part in batch.split(chunk or len(batch)):
         captured: list[Tensor] = []
         norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
@@ -103,13 +111,22 @@ def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: 
             adapter.net(part)
         finally:
             norm.hook_scale.remove_hooks("fwd")
-        s2 = captured[0].pow(2).expand(*part.shape, 1)
+        s = captured[0].expand(*part.shape, 1)
         masks = (positions.ordinary(), positions.bos, positions.eot)
-        stats += torch.stack([torch.stack([(s2 * m).sum(), m.sum().float()]) for m in masks]).double()
-    if _world()[1] > 1:
+        stats += torch.stack([torch.stack([(s.pow(2) * m).sum(), m.sum().float()]) for m in masks]).double()
+        ordinary_scales.append(s[masks[0]].double().cpu())
+    world = _world()[1]
+    if world > 1:
         dist.all_reduce(stats)
-    return {k: (math.sqrt(s / n) if n > 0 else None)
-            for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
+    out = {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
+    if statistic == "median":
+        local = torch.cat(ordinary_scales)
+        if world > 1:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, local)
+            local = torch.cat(everyone)
+        out["sigma_rms"], out["sigma"] = out["sigma"], local.median().item()
+    return out
 
 
 def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
@@ -192,12 +209,12 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 for f in frozen:
                     f.special = False
             elif remove and not isinstance(event, str):
-                sig = calibrate(adapter, event.norm, first, positions, rc.micro_batch)
+                sig = calibrate(adapter, event.norm, first, positions, rc.micro_batch, rc.sigma)
                 st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
                                        sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
                 event.norm.standardize = st.to(device)
                 frozen.append(st)
-                entry.update({k: v for k, v in sig.items()})
+                entry.update(sig)
             if event != "final":
                 schedule.append(entry)
             what = "cool-down" if event == "final" else ("removing " + name if remove else "control")
