@@ -106,7 +106,8 @@ def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
                      + [f"blocks.{i}.ln1_v" for i in range(L)] + ["ln_final", "special positions"])
     assert [e["step"] for e in s["schedule"]] == list(range(len(names)))  # K = 1
     bs = 64 // TINY_MODEL["n_ctx"]
-    assert s["tokens_used"] == len(names) * bs * (TINY_MODEL["n_ctx"] - 1)
+    assert s["final_steps"] == int(0.3 * len(names))  # the default cool-down
+    assert s["tokens_used"] == (len(names) + s["final_steps"]) * bs * (TINY_MODEL["n_ctx"] - 1)
     assert s["token_fraction"] == pytest.approx(s["tokens_used"] / s["pretraining_tokens"])
     assert all(s[k] is not None for k in ("ce_original", "ce_control", "ce_ln_free"))
     assert s["fold_max_abs_logit_diff"] < 1e-4
@@ -123,7 +124,7 @@ def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
     r = direct_logit_attribution(free, "And God said", answer=" the")
     assert abs(r.dla_sum - r.logit) <= 1e-4 and r.nmae <= 1e-5
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == len(names) and all("control_loss" in m for m in metrics)
+    assert len(metrics) == len(names) + s["final_steps"] and all("control_loss" in m for m in metrics)
 
 
 def test_remove_ln_on_rms_and_mix_ln(runs, tmp_path, tiny_corpus):
@@ -209,11 +210,12 @@ def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
 
     from workbench.removal.finetune import _lr_at
 
-    rc = RemovalConfig(warmup_steps=4, final_steps=10, min_lr_ratio=0.1)
-    assert _lr_at(0, 40, rc, 1.0) == pytest.approx(0.25) and _lr_at(3, 40, rc, 1.0) == 1.0
-    assert all(_lr_at(s, 40, rc, 1.0) == 1.0 for s in range(4, 40))
-    assert _lr_at(44, 40, rc, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert _lr_at(49, 40, rc, 1.0) == pytest.approx(0.1)
+    rc = RemovalConfig(warmup_steps=4, min_lr_ratio=0.1)
+    assert rc.cooldown(40) == 12 and RemovalConfig(final_steps=0).cooldown(40) == 0
+    assert _lr_at(0, 40, 10, rc, 1.0) == pytest.approx(0.25) and _lr_at(3, 40, 10, rc, 1.0) == 1.0
+    assert all(_lr_at(s, 40, 10, rc, 1.0) == 1.0 for s in range(4, 40))
+    assert _lr_at(44, 40, 10, rc, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert _lr_at(49, 40, 10, rc, 1.0) == pytest.approx(0.1)
 
 
 def test_micro_batches_accumulate_to_the_full_batch(runs, tmp_path, tiny_corpus):

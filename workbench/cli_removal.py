@@ -20,7 +20,7 @@ def add_parsers(sub) -> None:
                    help="frozen std from the ordinary tokens' scales: rms (pooled std) or median (robust)")
     r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")
     r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
-    r.add_argument("--lr", type=float, help="learning rate (default: a tenth of the pre-training peak)")
+    r.add_argument("--lr", type=float, help="learning rate (default: 0.4 × the pre-training peak; 2e-5 for Llama models)")
     r.add_argument("--corpus", help="fine-tuning text (default: the model's training corpus, else english)")
     r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")

@@ -96,7 +96,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     if data is None:
         data = load_token_data(corpus, model.cfg.d_vocab, tokenizer=model.tokenizer)
     data.check_context(model.cfg.n_ctx)
-    lr = rc.lr or 0.1 * (source.get("lr") or 6e-4)
+    lr = rc.lr or 0.4 * (source.get("lr") or 6e-4)
     t0 = time.perf_counter()
 
     adapter = GPTRemoval(model)
@@ -121,7 +121,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         "tokens_used": run["tokens"],
         "pretraining_tokens": source.get("tokens"),
         "token_fraction": run["tokens"] / source["tokens"] if source.get("tokens") else None,
-        "steps": run["steps"], "skipped_steps": run["skipped_steps"],
+        "steps": run["steps"], "final_steps": run["final_steps"], "skipped_steps": run["skipped_steps"],
         "batch_size": run["batch_size"],
         "lr": lr,
         "schedule": run["schedule"],

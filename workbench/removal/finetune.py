@@ -30,10 +30,11 @@ from .schedule import SPECIAL_OFF
 class RemovalConfig:
     steps_per_ln: int = 2  # K: fine-tuning steps after each norm is frozen
     tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
-    lr: float | None = None  # None: the adapter's default (a tenth of the pre-training peak)
+    lr: float | None = None  # None: 0.4 × the pre-training peak (6e-4 if unknown); 2e-5 for Hugging Face Llama models
     warmup_steps: int = 5
     micro_batch: int | None = None  # sequences per forward pass (gradient accumulation); None = all at once
-    final_steps: int = 0  # after the last removal: a cool-down with cosine decay to lr·min_lr_ratio
+    # After the last removal: a cool-down with cosine decay to lr·min_lr_ratio. None: 30 % of the removal steps.
+    final_steps: int | None = None
     min_lr_ratio: float = 0.1
     max_skipped: int = 5  # steps with a non-finite gradient are skipped; more than this many in a row is divergence
     weight_decay: float = 0.1
@@ -59,12 +60,15 @@ class RemovalConfig:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
         if self.sigma not in ("rms", "median"):
             raise WorkbenchError(f"--sigma must be rms or median, got {self.sigma!r}")
-        if self.final_steps < 0:
+        if self.final_steps is not None and self.final_steps < 0:
             raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
         if self.aux_loss < 0:
             raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
         if not 0.0 <= self.ema < 1.0:
             raise WorkbenchError(f"--ema must lie in [0, 1), got {self.ema}")
+
+    def cooldown(self, removal_steps: int) -> int:
+        return int(0.3 * removal_steps) if self.final_steps is None else self.final_steps
 
     def batch_size(self, n_ctx: int, world: int = 1) -> int:
         b = max(1, self.tokens_per_step // n_ctx)
@@ -167,14 +171,14 @@ def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def _lr_at(step: int, removal_steps: int, rc: RemovalConfig, lr: float) -> float:
+def _lr_at(step: int, removal_steps: int, final_steps: int, rc: RemovalConfig, lr: float) -> float:
     """Linear warm-up, constant while norms are being removed (each removal needs the same room to
     adapt), then a cosine cool-down over the final steps."""
     if step < rc.warmup_steps:
         return lr * (step + 1) / rc.warmup_steps
-    if step < removal_steps or rc.final_steps == 0:
+    if step < removal_steps or final_steps == 0:
         return lr
-    progress = (step - removal_steps + 1) / rc.final_steps
+    progress = (step - removal_steps + 1) / final_steps
     return lr * (rc.min_lr_ratio + (1 - rc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -195,8 +199,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     frozen: list[FrozenStandardize] = []
     schedule, metrics = [], []
     removal_steps = len(events) * K
-    plan = [(e, K) for e in events] + ([("final", rc.final_steps)] if rc.final_steps else [])
-    bar = tqdm(total=removal_steps + rc.final_steps, desc=label, disable=not (progress and rank == 0),
+    final_steps = rc.cooldown(removal_steps)
+    plan = [(e, K) for e in events] + ([("final", final_steps)] if final_steps else [])
+    bar = tqdm(total=removal_steps + final_steps, desc=label, disable=not (progress and rank == 0),
                dynamic_ncols=True, leave=False, mininterval=0.5)
     net.train()
     step, skipped_in_a_row, skipped = 0, 0, 0
@@ -222,7 +227,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
             for k in range(n_steps):
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, removal_steps, rc, lr)
+                    g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
                 opt.zero_grad(set_to_none=True)
                 loss, total = _accumulate(model, batch, rc, positions, captured, world)
                 if not torch.isfinite(total):
@@ -248,7 +253,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 if world > 1:  # record the global batch's loss, as a single process would
                     dist.all_reduce(seen)
                     seen /= world
-                metrics.append({"step": step, "norm": name, "loss": seen.item(), "lr": _lr_at(step - 1, removal_steps, rc, lr),
+                metrics.append({"step": step, "norm": name, "loss": seen.item(), "lr": _lr_at(step - 1, removal_steps, final_steps, rc, lr),
                                 **({} if finite else {"skipped": True})})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -257,7 +262,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         if hook is not None:
             hook.remove()
     net.eval()
-    return {"schedule": schedule, "metrics": metrics, "steps": step, "skipped_steps": skipped,
+    return {"schedule": schedule, "metrics": metrics, "steps": step, "final_steps": final_steps, "skipped_steps": skipped,
             "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs}
 
 

@@ -172,7 +172,7 @@ def remove_rmsnorm_hf(spec: str, out: str | Path, rc: RemovalConfig | None = Non
         "source": str(spec), "architecture": type(hf).__name__, "norm": "RMSNorm (pretrained)",
         "ce_original": ce_original, "ce_control": None, "ce_ln_free": ce_free, "ce_ln_free_before_fold": ce_unfolded,
         "fold_max_abs_logit_diff": fold_diff, "tokens_used": run["tokens"], "pretraining_tokens": None,
-        "token_fraction": None, "steps": run["steps"], "skipped_steps": run["skipped_steps"], "batch_size": run["batch_size"], "n_ctx": n_ctx, "lr": lr,
+        "token_fraction": None, "steps": run["steps"], "final_steps": run["final_steps"], "skipped_steps": run["skipped_steps"], "batch_size": run["batch_size"], "n_ctx": n_ctx, "lr": lr,
         "schedule": run["schedule"], "config": config_record(rc), "corpus": corpus,
         "eval_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in val),
     }
