@@ -18,6 +18,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--final-steps", type=int, default=None, help="cool-down steps after the last removal (default 0)")
     r.add_argument("--sigma", choices=["rms", "median"], default="rms",
                    help="frozen std from the ordinary tokens' scales: rms (pooled std) or median (robust)")
+    r.add_argument("--special-positions", type=int, default=1,
+                   help="the first N positions keep their own std until the end (default 1: BOS)")
     r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")
     r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
     r.add_argument("--lr", type=float, help="learning rate (default: 0.4 × the pre-training peak; 2e-5 for Llama models)")
@@ -43,6 +45,7 @@ def _removal_config(args):
     given = {"steps_per_ln": args.steps_per_ln, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
              "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch}
     return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
+                         special_positions=args.special_positions,
                          control=not args.no_control)
 
 

@@ -22,14 +22,15 @@ from .base import Standardize
 class SpecialPositions:
     """Which positions keep their own σ, shared by every fake norm of one model; set per forward."""
 
-    def __init__(self, eot_id: int | None):
+    def __init__(self, eot_id: int | None, n_first: int = 1):
         self.eot_id = eot_id
+        self.n_first = n_first  # the first n_first positions count as BOS (1 = position 0 only)
         self.bos: Bool[Tensor, "batch pos 1"] | None = None
         self.eot: Bool[Tensor, "batch pos 1"] | None = None
 
     def update(self, tokens: Tensor) -> None:
         pos0 = torch.zeros_like(tokens, dtype=torch.bool)
-        pos0[:, 0] = True
+        pos0[:, : self.n_first] = True
         eot = (tokens == self.eot_id) & ~pos0 if self.eot_id is not None else torch.zeros_like(pos0)
         self.bos, self.eot = pos0.unsqueeze(-1), eot.unsqueeze(-1)
 

@@ -101,10 +101,10 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
 
     adapter = GPTRemoval(model)
     control = control_copy(adapter) if rc.control else None
-    positions = SpecialPositions(adapter.eot_id)
+    positions = SpecialPositions(adapter.eot_id, rc.special_positions)
     val = data.val_batches(rc.eval_batches, rc.eval_batch_size, model.cfg.n_ctx)
     ce_original = evaluate(model, val, None, dev)
-    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln")
+    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln", val=val)
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
     ln_free = adapter.fold()
     ce_ln_free = evaluate(ln_free, val, None, dev)
@@ -118,6 +118,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         "ce_ln_free": ce_ln_free,
         "ce_ln_free_before_fold": ce_unfolded,
         "fold_max_abs_logit_diff": fold_diff,
+        "ce_before_special_off": run["schedule"][-1].get("ce_before"),
         "tokens_used": run["tokens"],
         "pretraining_tokens": source.get("tokens"),
         "token_fraction": run["tokens"] / source["tokens"] if source.get("tokens") else None,
@@ -131,7 +132,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     }
     metrics = run["metrics"]
     if control is not None:
-        cpos = SpecialPositions(adapter.eot_id)
+        cpos = SpecialPositions(adapter.eot_id, rc.special_positions)
         crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control")
         summary["ce_control"] = evaluate(control.net, val, None, dev)
         summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]

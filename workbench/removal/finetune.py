@@ -42,6 +42,8 @@ class RemovalConfig:
     # How the ordinary positions' per-token scales become one σ: "rms" (root mean square, the pooled std
     # of the paper) or "median" (robust to the few ordinary tokens with massive activations of e.g. SmolLM2).
     sigma: str = "rms"
+    # Positions 0 … special_positions−1 keep their own σ until the last event (with end-of-text tokens).
+    special_positions: int = 1
     aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
     ema: float = 0.0  # 0: σ fixed at calibration; else the EMA rate towards the live scale
     seed: int = 1  # batch seed; pre-training used seed 0's batches
@@ -60,6 +62,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
         if self.sigma not in ("rms", "median"):
             raise WorkbenchError(f"--sigma must be rms or median, got {self.sigma!r}")
+        if self.special_positions < 1:
+            raise WorkbenchError(f"--special-positions must be at least 1 (position 0), got {self.special_positions}")
         if self.final_steps is not None and self.final_steps < 0:
             raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
         if self.aux_loss < 0:
@@ -157,8 +161,7 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
                 total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
             weight = len(chunk) / len(batch)
-            if torch.isfinite(total):
-                (total * weight).backward()
+            (total * weight).backward()  # always: under DDP every rank must join the all-reduce
         loss_sum = loss_sum + loss.detach() * weight
         total_sum = total_sum + total.detach() * weight
     return loss_sum, total_sum
@@ -183,7 +186,8 @@ def _lr_at(step: int, removal_steps: int, final_steps: int, rc: RemovalConfig, l
 
 
 def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
-             positions: SpecialPositions, progress: bool = True, label: str = "") -> dict[str, Any]:
+             positions: SpecialPositions, progress: bool = True, label: str = "",
+             val: list[Tensor] | None = None) -> dict[str, Any]:
     """Fine-tune ``adapter.net`` over the schedule; with ``remove`` freeze each site at its turn."""
     rank, world = _world()
     events = [*adapter.sites, SPECIAL_OFF]
@@ -211,6 +215,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
             name = event if isinstance(event, str) else event.name
             entry: dict[str, Any] = {"event": i, "norm": name, "step": step}
             if remove and event == SPECIAL_OFF:
+                if val is not None:  # how much the special positions' own σ was still worth
+                    entry["ce_before"] = evaluate(net, val, positions, device)
+                    net.train()
                 for f in frozen:
                     f.special = False
             elif remove and not isinstance(event, str):
@@ -230,23 +237,21 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
                 opt.zero_grad(set_to_none=True)
                 loss, total = _accumulate(model, batch, rc, positions, captured, world)
-                if not torch.isfinite(total):
-                    raise WorkbenchError(
-                        f"the fine-tune diverged at step {step + 1} ({name}): non-finite loss; lower --lr or "
-                        "raise --steps-per-ln"
-                    )
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
-                finite = bool(torch.isfinite(grad_norm))
+                if world > 1:  # every rank must take the same decision
+                    total = total.clone()
+                    dist.all_reduce(total)
+                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(total))
                 if finite:
                     opt.step()
                     skipped_in_a_row = 0
-                else:  # an overflowing gradient: skip this update rather than poison the weights
+                else:  # an overflowing loss or gradient: skip this update rather than poison the weights
                     skipped_in_a_row += 1
                     skipped += 1
                     if skipped_in_a_row > rc.max_skipped:
                         raise WorkbenchError(
                             f"the fine-tune diverged at step {step + 1} ({name}): {skipped_in_a_row} non-finite "
-                            "gradients in a row; lower --lr or raise --steps-per-ln"
+                            "losses or gradients in a row; lower --lr or raise --steps-per-ln"
                         )
                 step += 1
                 seen = loss.detach().clone()

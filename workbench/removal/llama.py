@@ -160,8 +160,8 @@ def remove_rmsnorm_hf(spec: str, out: str | Path, rc: RemovalConfig | None = Non
     adapter = LlamaRemoval(hf, tok, n_ctx)
     ce_original = evaluate(adapter.net, val, None, dev)
     control = control_copy(adapter) if rc.control else None
-    positions = SpecialPositions(adapter.eot_id)
-    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-rmsnorm")
+    positions = SpecialPositions(adapter.eot_id, rc.special_positions)
+    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-rmsnorm", val=val)
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
     folded = adapter.fold()
     folded_net = _Logits(folded)
@@ -171,14 +171,15 @@ def remove_rmsnorm_hf(spec: str, out: str | Path, rc: RemovalConfig | None = Non
     summary: dict[str, Any] = {
         "source": str(spec), "architecture": type(hf).__name__, "norm": "RMSNorm (pretrained)",
         "ce_original": ce_original, "ce_control": None, "ce_ln_free": ce_free, "ce_ln_free_before_fold": ce_unfolded,
-        "fold_max_abs_logit_diff": fold_diff, "tokens_used": run["tokens"], "pretraining_tokens": None,
+        "fold_max_abs_logit_diff": fold_diff,
+        "ce_before_special_off": run["schedule"][-1].get("ce_before"), "tokens_used": run["tokens"], "pretraining_tokens": None,
         "token_fraction": None, "steps": run["steps"], "final_steps": run["final_steps"], "skipped_steps": run["skipped_steps"], "batch_size": run["batch_size"], "n_ctx": n_ctx, "lr": lr,
         "schedule": run["schedule"], "config": config_record(rc), "corpus": corpus,
         "eval_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in val),
     }
     metrics = run["metrics"]
     if control is not None:
-        crun = finetune(control, data, rc, lr, dev, remove=False, positions=SpecialPositions(adapter.eot_id),
+        crun = finetune(control, data, rc, lr, dev, remove=False, positions=SpecialPositions(adapter.eot_id, rc.special_positions),
                         progress=progress, label="control")
         summary["ce_control"] = evaluate(control.net, val, None, dev)
         summary["ce_ln_free_minus_control"] = ce_free - summary["ce_control"]
