@@ -15,12 +15,13 @@ def load(spec: str | Path, device: str = "cpu"):
     """Load a model from a spec: a run directory written by ``workbench train`` (a ``GPT``), a GPT-2
     Hugging Face directory (also a ``GPT``: same logits as ``GPT2LMHeadModel``), or another Hugging Face model — ``smollm2``, a local HF directory, ``hf:NAME`` — seen through
     TransformerLens' TransformerBridge (a ``BridgedModel``)."""
-    from .hf import is_hf_spec, load_hf
+    from .hf import is_hf_spec, load_hf, resolve_gpt2
     from .io import load_run
-    from .removal.gpt2 import is_gpt2_dir, load_gpt2
+    from .removal.gpt2 import load_gpt2
 
-    if is_gpt2_dir(spec):  # GPT-2 checkpoints load into the workbench's own family, exactly
-        return load_gpt2(spec).to(device)
+    gpt2 = resolve_gpt2(spec)
+    if gpt2 is not None:  # GPT-2 checkpoints load into the workbench's own family, exactly
+        return load_gpt2(gpt2).to(device)
     if is_hf_spec(spec):
         return load_hf(spec)
     if not Path(spec).exists():

@@ -144,10 +144,9 @@ def _cmd_zoo(args) -> int:
 def _cmd_dla(args) -> int:
     import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
-    from .hf import is_hf_spec
-    from .removal.gpt2 import is_gpt2_dir
+    from .hf import is_hf_spec, resolve_gpt2
 
-    if is_hf_spec(args.model) and not is_gpt2_dir(args.model):
+    if is_hf_spec(args.model) and resolve_gpt2(args.model) is None:
         from .analysis.dla_hf import direct_logit_attribution_hf
         from .hf import load_causal_lm
 

@@ -50,12 +50,11 @@ def _removal_config(args):
 
 
 def cmd_remove_ln(args) -> int:
-    from .hf import is_hf_spec
+    from .hf import is_hf_spec, resolve_gpt2
     from .removal import remove_ln
-    from .removal.gpt2 import is_gpt2_dir
 
     rc = _removal_config(args)
-    if is_hf_spec(args.model) and not is_gpt2_dir(args.model):
+    if is_hf_spec(args.model) and resolve_gpt2(args.model) is None:
         from .removal.llama import remove_rmsnorm_hf
 
         s = remove_rmsnorm_hf(args.model, args.out, rc, corpus=args.corpus or "english", device=args.device,

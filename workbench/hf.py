@@ -114,6 +114,27 @@ class BridgedModel:
         return self
 
 
+def resolve_gpt2(spec: str | Path) -> Path | None:
+    """The local directory of a GPT-2 checkpoint named by ``spec`` (a directory, or ``hf:NAME`` through the
+    hub cache — downloaded once with internet), or None when ``spec`` is not a GPT-2."""
+    from .removal.gpt2 import is_gpt2_dir
+
+    s = str(spec)
+    if not s.startswith("hf:"):
+        return Path(s) if is_gpt2_dir(s) else None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        cfg = Path(hf_hub_download(s[3:], "config.json"))
+        if not is_gpt2_dir(cfg.parent):
+            return None
+        return Path(snapshot_download(s[3:], allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"],
+                                      ignore_patterns=["*onnx*", "*flax*", "*tf_model*", "*rust*"]))
+    except Exception as e:  # offline and not cached, unknown name, ...
+        raise WorkbenchError(f"could not resolve {s} through the Hugging Face hub cache ({e.__class__.__name__}); "
+                             "it needs internet the first time, or give a local directory") from None
+
+
 def is_hf_spec(spec: str | Path) -> bool:
     s = str(spec)
     if s == "smollm2" or s.startswith("hf:"):

@@ -61,12 +61,14 @@ def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
 
 
 def load_gpt_source(spec: str | Path | GPT, device: torch.device) -> GPT:
-    from .gpt2 import is_gpt2_dir, load_gpt2
+    from ..hf import resolve_gpt2
+    from .gpt2 import load_gpt2
 
     if isinstance(spec, GPT):
         return spec.to(device)
-    if is_gpt2_dir(spec):
-        return load_gpt2(spec).to(device)
+    gpt2 = resolve_gpt2(spec)
+    if gpt2 is not None:
+        return load_gpt2(gpt2).to(device)
     if not Path(spec).exists():
         raise WorkbenchError(f"model {str(spec)!r} not found: give a run directory or a GPT-2 Hugging Face directory")
     from ..io import load_run
