@@ -3,7 +3,8 @@
     python analyses/attribution_table.py zoo/tiny [pre-ln,lns,pre-rms,dyt,none] [--out FILE.json]
 
 An entry LABEL=PATH adds any run directory under its own label, e.g. the LN-free model from
-`workbench remove-ln`:  pre-ln,pre-ln/ln-free=runs/ln_free_pre-ln
+`workbench remove-ln`:  pre-ln,pre-ln/ln-free=runs/ln_free_pre-ln. PATH may also be a Hugging Face
+Llama model (smollm2, its RMSNorm-free directory), analysed through HookedLlama.
 """
 
 import argparse
@@ -24,6 +25,17 @@ def markdown(table) -> str:
     return "\n".join(lines)
 
 
+def load(path):
+    """Hugging Face Llama models (smollm2, a directory) through HookedLlama; everything else as usual."""
+    from workbench.hf import is_hf_spec, resolve_gpt2
+
+    if is_hf_spec(path) and resolve_gpt2(path) is None:
+        from workbench.analysis.hooked_hf import load_hooked
+
+        return load_hooked(str(path))
+    return workbench.load(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo")
@@ -34,12 +46,12 @@ def main() -> int:
     entries = []
     for e in args.norms.split(","):
         label, path = e.split("=", 1) if "=" in e else (e, Path(args.zoo) / e)
-        if ("=" in e and Path(path).is_dir()) or label in present:
+        if ("=" in e and (Path(path).is_dir() or path == "smollm2")) or label in present:
             entries.append((label, Path(path)))
     if not entries:
         print(f"none of {args.norms} is trained in {args.zoo}; run `workbench zoo --out {args.zoo}`", file=sys.stderr)
         return 2
-    table = attribution_report({label: workbench.load(path) for label, path in entries})
+    table = attribution_report({label: load(path) for label, path in entries})
     print(markdown(table))
     if args.out:
         atomic_write_text(args.out, table.to_json(orient="records", indent=1))

@@ -92,3 +92,35 @@ def test_dla_cli_on_a_llama_directory(llama_dir, capsys):
     assert names[0] == "embed" and "L1H3" in names and "L1.mlp" in names
     assert abs(sum(c["dla"] for c in r["components"]) - r["logit"]) <= 1e-4
     assert main(["dla", str(llama_dir), "--prompt", "And God said", "--answer", " nevertheless-ish"]) == 2
+
+
+def test_hooked_llama_patching_and_confidence(llama_dir, capsys):
+    import json
+
+    from workbench.analysis.confidence import confidence_neurons
+    from workbench.analysis.hooked_hf import load_hooked
+    from workbench.analysis.patching import patching
+    from workbench.cli import main
+
+    m = load_hooked(str(llama_dir))
+    t = m.to_tokens("And God said unto the")
+    with torch.no_grad():
+        assert torch.equal(m(t), LlamaForCausalLM.from_pretrained(llama_dir).eval()(input_ids=t).logits)
+    assert {"blocks.1.attn.hook_z", "blocks.1.mlp.hook_post", "ln_final.hook_scale"} <= set(m.hook_dict)
+    clean = m.to_tokens("And God said unto the")
+    changed = 3
+    corrupt = clean.clone()
+    corrupt[0, changed] = (clean[0, changed] + 7) % m.cfg.d_vocab
+    r = patching(m, clean, corrupt, " the", " and")
+    resid0 = r.table[(r.table.kind == "resid") & (r.table.layer == 0)]
+    # Patching the first layer's input at the one changed position restores the clean run exactly;
+    # every other position changes nothing.
+    assert resid0[resid0.pos == changed].activation.item() == pytest.approx(r.clean_metric - r.corrupt_metric, abs=1e-5)
+    assert resid0[resid0.pos != changed].activation.abs().max() <= 1e-5
+    c = confidence_neurons(m, torch.randint(0, m.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert len(c) == 10 and c.null_share.between(0, 1).all()
+    text = "And God said unto the"
+    assert main(["patch", str(llama_dir), "--clean", text, "--corrupt", text, "--answer", " the",
+                 "--contrast", " and", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clean_metric"] == pytest.approx(r.clean_metric, abs=1e-5) == pytest.approx(out["corrupt_metric"], abs=1e-5)

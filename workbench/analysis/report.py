@@ -3,6 +3,8 @@ patching, and how much confidence neurons act through the final norm's scale."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
@@ -13,8 +15,21 @@ from .dla import direct_logit_attribution
 from .patching import patching
 from .prompts import load_prompts, usable
 
+if TYPE_CHECKING:
+    from .hooked_hf import HookedLlama
 
-def attribution_report(models: dict[str, GPT], corpus: str = "english", sequences: int = 16) -> pd.DataFrame:
+
+def _dla(model, p):
+    from .hooked_hf import HookedLlama
+
+    if isinstance(model, HookedLlama):
+        from .dla_hf import direct_logit_attribution_hf
+
+        return direct_logit_attribution_hf(model.hf, model.tokenizer, p.prompt, p.answer, p.contrast)
+    return direct_logit_attribution(model, p.prompt, p.answer, p.contrast)
+
+
+def attribution_report(models: dict[str, "GPT | HookedLlama"], corpus: str = "english", sequences: int = 16) -> pd.DataFrame:
     rows = []
     prompts = load_prompts()
     for name, model in models.items():
@@ -23,7 +38,7 @@ def attribution_report(models: dict[str, GPT], corpus: str = "english", sequence
         for p in prompts:
             if usable(model, p):
                 try:
-                    nmae.append(direct_logit_attribution(model, p.prompt, p.answer, p.contrast).nmae)
+                    nmae.append(_dla(model, p).nmae)
                 except WorkbenchError:
                     break  # DLA undefined for this norm (Post-LN): leave the columns empty
         row.update(dla_prompts=len(nmae), dla_nmae_median=float(np.median(nmae)) if nmae else np.nan,
