@@ -117,6 +117,15 @@ def test_hooked_llama_patching_and_confidence(llama_dir, capsys):
     # every other position changes nothing.
     assert resid0[resid0.pos == changed].activation.item() == pytest.approx(r.clean_metric - r.corrupt_metric, abs=1e-5)
     assert resid0[resid0.pos != changed].activation.abs().max() <= 1e-5
+    from workbench.analysis.dla_hf import direct_logit_attribution_hf
+    from workbench.analysis.report import attribution_report
+
+    plain = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    a = direct_logit_attribution_hf(plain, m.tokenizer, "And God said unto the", answer=" the")
+    b = direct_logit_attribution_hf(m.hf, m.tokenizer, "And God said unto the", answer=" the")  # swapped final norm
+    assert a.table.dla.tolist() == pytest.approx(b.table.dla.tolist(), abs=1e-6) and a.nmae == pytest.approx(b.nmae)
+    row = attribution_report({"tiny llama": m}, sequences=2).iloc[0]
+    assert row["norm"].startswith("RMSNorm") and 0 <= row["conf_null_share"] <= 1
     c = confidence_neurons(m, torch.randint(0, m.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)))
     assert len(c) == 10 and c.null_share.between(0, 1).all()
     text = "And God said unto the"

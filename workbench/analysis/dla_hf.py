@@ -77,9 +77,7 @@ def direct_logit_attribution_hf(hf: nn.Module, tokenizer, prompt: str, answer: s
     comps, final = torch.stack(vecs).float(), got["final"].float()
     if not torch.allclose(comps.sum(0), final, atol=1e-3 * max(1.0, final.abs().max().item())):
         raise RuntimeError("components do not sum to the final residual; the decomposition is incomplete")
-    norm = hf.model.norm
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    gain = norm.weight.float()
+    eps, gain = _rms_parameters(hf.model.norm)
 
     def logit_of(x: Tensor) -> Tensor:
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain * direction).sum(-1)
@@ -91,6 +89,16 @@ def direct_logit_attribution_hf(hf: nn.Module, tokenizer, prompt: str, answer: s
     nmae = ((dla - direct).abs().mean() / direct.abs().mean().clamp_min(1e-30)).item()
     table = _table(names, dla.tolist(), direct.tolist())
     return DLAResult(logit=logit.item(), dla_sum=dla.sum().item(), nmae=nmae, table=table)
+
+
+def _rms_parameters(norm: nn.Module) -> tuple[float, Tensor]:
+    """ε and gain of the final RMSNorm: Hugging Face's module, or the workbench ``Norm`` swapped in
+    by ``HookedLlama`` (same computation)."""
+    from ..norms import Affine, Norm
+
+    if isinstance(norm, Norm):
+        return float(norm.standardize.eps), (norm.affine.w if isinstance(norm.affine, Affine) else torch.ones(1)).float()
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))), norm.weight.float()
 
 
 def _table(names, dla, de):
