@@ -238,3 +238,24 @@ def test_median_calibration_is_the_median_token_scale():
     sig = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, SpecialPositions(eot_id=0), statistic="median")
     assert sig["sigma"] == pytest.approx(scale.flatten().median().item(), rel=1e-5)
     assert sig["sigma_rms"] == pytest.approx(scale.pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+def test_ema_and_aux_loss_follow_their_formulas():
+    from workbench.removal.finetune import _aux_std_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    pos = SpecialPositions(eot_id=None)
+    pos.update(torch.ones(2, 6, dtype=torch.long))
+    st = FrozenStandardize(1.0, centers=True, positions=pos, sigma_bos=3.0, ema=0.5).train()
+    st(x, lambda s: s)
+    xc = x - x.mean(-1, keepdim=True)
+    live = xc[:, 1:].pow(2).mean().sqrt().item()  # ordinary positions only
+    assert st.sigma.item() == pytest.approx(0.5 * 1.0 + 0.5 * live, rel=1e-5)
+    assert st.sigma_bos.item() == 3.0
+    # per-token stds 1 and 3 at the two ordinary positions → mean 2 → ((1/2 − 1)² + (3/2 − 1)²) / 2
+    y = torch.zeros(1, 3, 4)
+    y[0, 1] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    y[0, 2] = torch.tensor([3.0, -3.0, 3.0, -3.0])
+    pos.update(torch.ones(1, 3, dtype=torch.long))
+    assert _aux_std_loss(y, pos).item() == pytest.approx(0.25)
