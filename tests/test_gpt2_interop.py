@@ -79,3 +79,23 @@ def test_export_of_a_pre_ln_model_with_an_unembedding_bias(gpt2_dir, tmp_path):
 def test_convert_gpt2(gpt2_dir, tmp_path, to, tiny_corpus):
     s = convert_to_dir(gpt2_dir, to, tmp_path / to, corpus=str(tiny_corpus))
     assert s["max_abs_logit_diff"] <= 1e-4 and s["eval"].endswith("validation split")
+
+
+def test_hf_name_resolves_through_the_hub_cache(gpt2_dir, tmp_path):
+    """hf:NAME finds a GPT-2 in the Hugging Face cache (offline here: the snapshot is put there by hand,
+    in the cache's own layout) and loads it into the workbench family."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    snap = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(gpt2_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    code = ("import workbench, torch; m = workbench.load('hf:someone/tiny-gpt2'); "
+            "print(type(m).__name__, m.cfg.norm, m.cfg.n_layers)")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["GPT", "pre-ln", "2"]
