@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--sites", type=int, default=None, help="freeze only the first N sites")
     ap.add_argument("--special-positions", type=int, default=1)
     ap.add_argument("--corpus", default="english")
+    ap.add_argument("--sigma", default="rms", help="rms | median | qNN, as remove-ln --sigma")
     args = ap.parse_args()
     adapter, tok = adapter_for(args.model)
     val = tokenize_works(tok, load_corpus(args.corpus).val)
@@ -53,7 +54,7 @@ def main() -> int:
     print(f"{'#':>3} {'site':<45}{'sigma':>10}{'sigma_bos':>11}{'sigma_eot':>11}{'val CE':>9}")
     print(f"{'':>3} {'(live norms)':<45}{'':>32}{evaluate(adapter.net, evals, pos, dev):>9.3f}")
     for i, site in enumerate(adapter.sites[: args.sites]):
-        sig = calibrate(adapter, site.norm, calib, pos)
+        sig = calibrate(adapter, site.norm, calib, pos, statistic=args.sigma)
         site.norm.standardize = FrozenStandardize(sig["sigma"], site.norm.standardize.centers, pos, sig["sigma_bos"],
                                                   sig["sigma_eot"] or sig["sigma_bos"])
         ce = evaluate(adapter.net, evals, pos, dev)

@@ -238,6 +238,10 @@ def test_median_calibration_is_the_median_token_scale():
     sig = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, SpecialPositions(eot_id=0), statistic="median")
     assert sig["sigma"] == pytest.approx(scale.flatten().median().item(), rel=1e-5)
     assert sig["sigma_rms"] == pytest.approx(scale.pow(2).mean().sqrt().item(), rel=1e-5)
+    q = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, SpecialPositions(eot_id=0), statistic="q90")
+    assert q["sigma"] == pytest.approx(torch.quantile(scale.flatten().double(), 0.9).item(), rel=1e-5)
+    with pytest.raises(Exception, match="qNN"):
+        RemovalConfig(sigma="q150")
 
 
 def test_ema_and_aux_loss_follow_their_formulas():

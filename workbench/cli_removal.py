@@ -16,8 +16,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (T)")
     r.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (gradient accumulation)")
     r.add_argument("--final-steps", type=int, default=None, help="cool-down steps after the last removal (default 0)")
-    r.add_argument("--sigma", choices=["rms", "median"], default="rms",
-                   help="frozen std from the ordinary tokens' scales: rms (pooled std) or median (robust)")
+    r.add_argument("--sigma", default="rms",
+                   help="frozen std from the ordinary tokens' scales: rms (pooled std), median, or qNN (percentile)")
     r.add_argument("--special-positions", type=int, default=1,
                    help="the first N positions keep their own std until the end (default 1: BOS)")
     r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")

@@ -40,7 +40,8 @@ class RemovalConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # How the ordinary positions' per-token scales become one σ: "rms" (root mean square, the pooled std
-    # of the paper) or "median" (robust to the few ordinary tokens with massive activations of e.g. SmolLM2).
+    # of the paper), "median" (robust to a few tokens with massive activations) or "qNN" (the NN-th
+    # percentile: most tokens are then scaled down, almost none up).
     sigma: str = "rms"
     # Positions 0 … special_positions−1 keep their own σ until the last event (with end-of-text tokens).
     special_positions: int = 1
@@ -60,8 +61,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
-        if self.sigma not in ("rms", "median"):
-            raise WorkbenchError(f"--sigma must be rms or median, got {self.sigma!r}")
+        if not (self.sigma in ("rms", "median") or _percentile(self.sigma) is not None):
+            raise WorkbenchError(f"--sigma must be rms, median or qNN (a percentile, e.g. q99), got {self.sigma!r}")
         if self.special_positions < 1:
             raise WorkbenchError(f"--special-positions must be at least 1 (position 0), got {self.special_positions}")
         if self.final_steps is not None and self.final_steps < 0:
@@ -77,6 +78,14 @@ class RemovalConfig:
     def batch_size(self, n_ctx: int, world: int = 1) -> int:
         b = max(1, self.tokens_per_step // n_ctx)
         return max(world, b - b % world)
+
+
+def _percentile(statistic: str) -> float | None:
+    try:
+        q = float(statistic[1:]) if statistic.startswith("q") else None
+    except ValueError:
+        return None
+    return q if q is not None and 0 < q < 100 else None
 
 
 def _world() -> tuple[int, int]:
@@ -127,13 +136,15 @@ def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: 
     if world > 1:
         dist.all_reduce(stats)
     out = {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
-    if statistic == "median":
+    if statistic != "rms":
         local = torch.cat(ordinary_scales)
         if world > 1:
             everyone: list = [None] * world
             dist.all_gather_object(everyone, local)
             local = torch.cat(everyone)
-        out["sigma_rms"], out["sigma"] = out["sigma"], local.median().item()
+        q = _percentile(statistic)
+        value = local.median().item() if q is None else torch.quantile(local, q / 100).item()
+        out["sigma_rms"], out["sigma"] = out["sigma"], value
     return out
 
 
