@@ -263,3 +263,33 @@ def test_ema_and_aux_loss_follow_their_formulas():
     y[0, 2] = torch.tensor([3.0, -3.0, 3.0, -3.0])
     pos.update(torch.ones(1, 3, dtype=torch.long))
     assert _aux_std_loss(y, pos).item() == pytest.approx(0.25)
+
+
+def test_two_process_fsdp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rc = dict(RC, tokens_per_step=128)
+    single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
+    script = tmp_path / "fsdp.py"
+    script.write_text(
+        "from workbench.removal import remove_ln, RemovalConfig\n"
+        f"remove_ln({str(runs / 'pre-ln')!r}, {str(tmp_path / 'fsdp')!r}, RemovalConfig(**{rc!r}, fsdp=True), "
+        f"corpus={str(tiny_corpus)!r}, progress=False)\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
+                        str(script)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fsdp = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert fsdp["world_size"] == 2 and fsdp["config"]["fsdp"]
+    assert [e["sigma"] for e in fsdp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
+    for key in ("ce_ln_free", "ce_control", "ce_ln_free_before_fold"):
+        assert fsdp[key] == pytest.approx(single[key], abs=1e-4), key
+    free, control = workbench.load(tmp_path / "fsdp"), workbench.load(tmp_path / "fsdp" / "control")
+    assert is_norm_free(free) and control.cfg.norm == "pre-ln"
+
+
+def test_fsdp_needs_several_processes():
+    with pytest.raises(Exception, match="torchrun"):
+        RemovalConfig(fsdp=True)

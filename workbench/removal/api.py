@@ -17,7 +17,7 @@ from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms.frozen import SpecialPositions
 from ..train import __version__
-from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune
+from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
 from .gpt_sites import GPTRemoval, check_removable
 
 
@@ -103,15 +103,25 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
 
     adapter = GPTRemoval(model)
     control = control_copy(adapter) if rc.control else None
+    # FSDP shards the modules in place; unsharded twins (on the CPU) receive the trained weights.
+    twin = _cpu_copy(adapter) if rc.fsdp else None
+    control_twin = _cpu_copy(control) if rc.fsdp and control is not None else None
     positions = SpecialPositions(adapter.eot_id, rc.special_positions)
     val = data.val_batches(rc.eval_batches, rc.eval_batch_size, model.cfg.n_ctx)
     ce_original = evaluate(model, val, None, dev)
     run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln", val=val)
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
-    ln_free = adapter.fold()
-    ce_ln_free = evaluate(ln_free, val, None, dev)
-    with torch.no_grad():
-        fold_diff = (ln_free(val[0].to(dev)) - adapter.net(val[0].to(dev))).abs().max().item()
+    plain, plain_dev = adapter, dev
+    if rc.fsdp:
+        gather_into(adapter, twin)
+        plain, plain_dev = twin, torch.device("cpu")
+    ln_free, ce_ln_free, fold_diff = None, None, None
+    if ddp.main or not rc.fsdp:
+        ln_free = plain.fold()
+        ce_ln_free = evaluate(ln_free, val, None, plain_dev)
+        with torch.no_grad():
+            x = val[0].to(plain_dev)
+            fold_diff = (ln_free(x) - plain.net(x)).abs().max().item()
     summary: dict[str, Any] = {
         "source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>",
         "norm": model.cfg.norm,
@@ -137,7 +147,11 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         cpos = SpecialPositions(adapter.eot_id, rc.special_positions)
         crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control")
         summary["ce_control"] = evaluate(control.net, val, None, dev)
-        summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
+        if ce_ln_free is not None:
+            summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
+        if rc.fsdp:
+            gather_into(control, control_twin)
+            control = control_twin
         by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
         metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
     if model.cfg.norm == "mix-ln":
@@ -151,6 +165,12 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     if ddp.world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _cpu_copy(adapter):
+    twin = control_copy(adapter)
+    twin.net.cpu()
+    return twin
 
 
 def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -51,6 +52,7 @@ class RemovalConfig:
     eval_batches: int = 16
     eval_batch_size: int = 8
     control: bool = True
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     def __post_init__(self) -> None:
         if self.steps_per_ln <= 0:
@@ -59,6 +61,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--tokens-per-step must be positive, got {self.tokens_per_step}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise WorkbenchError("--fsdp shards the model across processes: run it under torchrun with at least 2")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
         if not (self.sigma in ("rms", "median") or _percentile(self.sigma) is not None):
@@ -166,7 +170,7 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
         positions.update(chunk)
         captured.clear()
         last = j == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+        sync = contextlib.nullcontext() if last or world == 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with _autocast(chunk.device):
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
@@ -205,7 +209,15 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     K, bs = rc.steps_per_ln, rc.batch_size(adapter.n_ctx, world)
     local = bs // world
     net = adapter.net
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    if rc.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in adapter.shard_units():  # one all-gather per block, then the rest of the model
+            fully_shard(unit)
+        fully_shard(net)
+        model = net
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = _optimizer(net, rc, lr)
     captured: list[Tensor] = []
     hook = None
@@ -249,6 +261,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 opt.zero_grad(set_to_none=True)
                 loss, total = _accumulate(model, batch, rc, positions, captured, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded (DTensor) norm
+                    grad_norm = grad_norm.full_tensor()
                 if world > 1:  # every rank must take the same decision
                     total = total.clone()
                     dist.all_reduce(total)
@@ -284,6 +298,20 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
 
 def config_record(rc: RemovalConfig) -> dict[str, Any]:
     return asdict(rc)
+
+
+@torch.no_grad()
+def gather_into(sharded, plain) -> None:
+    """Copy the trained (possibly FSDP-sharded) adapter into its unsharded twin, frozen norms included.
+    Every rank must call it; the twin holds the full weights on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _world()[0] != 0:
+        return
+    for mine, theirs in zip(plain.sites, sharded.sites):
+        mine.norm.standardize = copy.deepcopy(theirs.norm.standardize).cpu()
+    plain.net.load_state_dict(state)
 
 
 def control_copy(adapter):

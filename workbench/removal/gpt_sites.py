@@ -62,6 +62,9 @@ class GPTRemoval:
         )
         self.final_norm: Norm = net.ln_final
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.net.blocks)
+
     def logits(self, tokens: Tensor) -> Tensor:
         return self.net(tokens)
 

@@ -103,6 +103,9 @@ class LlamaRemoval:
         self.hf = hf
         self.net = _Logits(hf)
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.hf.model.layers)
+
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """A stock Llama whose norms are identities: frozen scales folded into q/k/v, gate/up, lm_head."""
