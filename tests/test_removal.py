@@ -183,23 +183,25 @@ def test_convert_cli_reaches_1e4_on_all_targets(runs, tmp_path, capsys, tiny_cor
         assert m.cfg.d_model == TINY_MODEL["d_model"] - (to == "pre-crms")
 
 
-def test_two_process_ddp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
+def _torchrun_remove_ln(run, out, rc: dict, corpus, port: int) -> dict:
+    """``remove_ln`` under ``torchrun --nproc_per_node=2`` (gloo); returns its summary."""
     import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    script = out.parent / f"{out.name}.py"
+    script.write_text("from workbench.removal import remove_ln, RemovalConfig\n"
+                      f"remove_ln({str(run)!r}, {str(out)!r}, RemovalConfig(**{rc!r}), corpus={str(corpus)!r}, progress=False)\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(script)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_two_process_ddp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
     rc = dict(RC, tokens_per_step=128, control=False)
     single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
-    script = tmp_path / "ddp.py"
-    script.write_text(
-        "from workbench.removal import remove_ln, RemovalConfig\n"
-        f"remove_ln({str(runs / 'pre-ln')!r}, {str(tmp_path / 'ddp')!r}, RemovalConfig(**{rc!r}), "
-        f"corpus={str(tiny_corpus)!r}, progress=False)\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
-                        str(script)], capture_output=True, text=True, timeout=300, cwd=root)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    ddp = _torchrun_remove_ln(runs / "pre-ln", tmp_path / "ddp", rc, tiny_corpus, 29523)
     assert ddp["world_size"] == 2
     assert [e["sigma"] for e in ddp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
     assert ddp["ce_ln_free"] == pytest.approx(single["ce_ln_free"], abs=1e-4)
@@ -266,22 +268,9 @@ def test_ema_and_aux_loss_follow_their_formulas():
 
 
 def test_two_process_fsdp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     rc = dict(RC, tokens_per_step=128)
     single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
-    script = tmp_path / "fsdp.py"
-    script.write_text(
-        "from workbench.removal import remove_ln, RemovalConfig\n"
-        f"remove_ln({str(runs / 'pre-ln')!r}, {str(tmp_path / 'fsdp')!r}, RemovalConfig(**{rc!r}, fsdp=True), "
-        f"corpus={str(tiny_corpus)!r}, progress=False)\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
-                        str(script)], capture_output=True, text=True, timeout=300, cwd=root)
-    assert r.returncode == 0, r.stderr[-2000:]
-    fsdp = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    fsdp = _torchrun_remove_ln(runs / "pre-ln", tmp_path / "fsdp", {**rc, "fsdp": True}, tiny_corpus, 29527)
     assert fsdp["world_size"] == 2 and fsdp["config"]["fsdp"]
     assert [e["sigma"] for e in fsdp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
     for key in ("ce_ln_free", "ce_control", "ce_ln_free_before_fold"):

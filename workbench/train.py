@@ -89,6 +89,19 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
+def resolve_device(device: str | None, ddp: _Dist | None = None) -> torch.device:
+    """The device asked for (default: cuda if visible); under torchrun each rank takes its LOCAL_RANK GPU."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and ddp is not None and ddp.world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
 def build_configs(
     norm: str,
     preset: str = "tiny",
@@ -160,14 +173,7 @@ def train(
     data.check_context(model_cfg.n_ctx)
     if train_cfg.batch_size % ddp.world:
         raise WorkbenchError(f"batch size {train_cfg.batch_size} is not divisible by {ddp.world} processes")
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if dev.type == "cuda" and ddp.world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dev = resolve_device(device, ddp)
 
     created = False
     if ddp.main and state is None:

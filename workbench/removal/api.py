@@ -36,13 +36,9 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def _device(device: str | None) -> torch.device:
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return dev
+    from ..train import _init_distributed, resolve_device
+
+    return resolve_device(device, _init_distributed())
 
 
 def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
@@ -85,10 +81,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     rc = rc or RemovalConfig()
     out = Path(out)
     check_out_dir(out)
-    dev = _device(device)
     ddp = _init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
-    if dev.type == "cuda" and ddp.world > 1:
-        dev = torch.device("cuda", ddp.rank % torch.cuda.device_count())
+    dev = _device(device)
     model = load_gpt_source(spec, dev)
     check_removable(model.cfg)
     if model.tokenizer is None:
