@@ -37,3 +37,21 @@ def test_zoo_report_script(tmp_path, tiny_corpus):
     r = subprocess.run([sys.executable, str(ROOT / "analyses" / "zoo_report.py"), str(tmp_path / "nothing")],
                        capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_ln_removal_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypatch):
+    run = tmp_path / "run"
+    workbench.train("pre-ln", run, steps=4, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                    train_overrides=TINY_TRAIN, progress=False)
+    monkeypatch.setenv("WORKBENCH_NOTEBOOK_RUN", str(run))
+    monkeypatch.setenv("WORKBENCH_NOTEBOOK_CORPUS", str(tiny_corpus))
+    monkeypatch.setenv("WORKBENCH_NOTEBOOK_STEPS_PER_LN", "1")
+    monkeypatch.chdir(tmp_path)
+    nb = json.loads((ROOT / "notebooks" / "02_ln_removal.ipynb").read_text())
+    scope: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"], "notebooks are committed with outputs stripped"
+            exec(compile("".join(cell["source"]), "notebook", "exec"), scope)
+    assert abs(scope["after"].dla_sum - scope["after"].logit) <= 1e-4 and scope["after"].nmae <= 1e-5
+    assert scope["max_diff"] <= 1e-4 and len(scope["schedule"]) == 3 * TINY_MODEL["n_layers"] + 2
