@@ -282,3 +282,15 @@ def test_two_process_fsdp_removal_matches_single_process(runs, tmp_path, tiny_co
 def test_fsdp_needs_several_processes():
     with pytest.raises(Exception, match="torchrun"):
         RemovalConfig(fsdp=True)
+
+
+def test_ramp_blends_live_and_frozen_scale_geometrically(runs, tmp_path, tiny_corpus):
+    x = torch.randn(2, 5, 8) * 3
+    st = FrozenStandardize(2.0, centers=True)
+    st.live_eps, st.blend = 1e-5, 0.25
+    xc = x - x.mean(-1, keepdim=True)
+    live = (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(st(x, lambda s: s), xc / (live.pow(0.75) * 2.0 ** 0.25))
+    s = remove_ln(runs / "pre-ln", tmp_path / "ramp", RemovalConfig(**RC, ramp=4, final_steps=0, control=False),
+                  corpus=str(tiny_corpus), progress=False)
+    assert s["final_steps"] == 4 and s["fold_max_abs_logit_diff"] < 1e-4  # the cool-down covers the last ramp

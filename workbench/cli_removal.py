@@ -24,6 +24,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
     r.add_argument("--lr", type=float, help="learning rate (default: 0.4 × the pre-training peak; 2e-5 for Llama models)")
     r.add_argument("--corpus", help="fine-tuning text (default: the model's training corpus, else english)")
+    r.add_argument("--ramp", type=int, default=0,
+                   help="hand each norm over from its live scale to the frozen one over R steps (default 0: at once)")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
@@ -47,7 +49,7 @@ def _removal_config(args):
              "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch}
     return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
                          special_positions=args.special_positions,
-                         control=not args.no_control, fsdp=args.fsdp)
+                         control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp)
 
 
 def cmd_remove_ln(args) -> int:

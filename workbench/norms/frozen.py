@@ -49,6 +49,9 @@ class FrozenStandardize(Standardize):
         self.register_buffer("sigma_bos", torch.tensor(float(sigma_bos if sigma_bos is not None else sigma)))
         self.register_buffer("sigma_eot", torch.tensor(float(sigma_eot if sigma_eot is not None else sigma)))
         self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
+        # Gradual hand-over (``remove-ln --ramp``): scale = live^(1−blend) · σ^blend, blend rising to 1.
+        self.blend = 1.0
+        self.live_eps: float | None = None
 
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
@@ -74,11 +77,17 @@ class FrozenStandardize(Standardize):
             live = (stats[0] / stats[1]).sqrt()
             self.sigma.mul_(1 - self.ema).add_(self.ema * live)
 
+    def _blended(self, xc: Tensor, frozen: Tensor) -> Tensor:
+        if self.blend >= 1.0:
+            return frozen
+        live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
+        return live.pow(1 - self.blend) * frozen.pow(self.blend)
+
     def forward(self, x, hook_scale):
         xc = self._center(x)
         if self.training and self.ema > 0:
             self._follow(xc.detach().float())
-        return xc / hook_scale(self._scale(x))
+        return xc / hook_scale(self._blended(xc, self._scale(x)))
 
     def frozen(self, x):
         s = self._scale(x)

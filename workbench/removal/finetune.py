@@ -52,6 +52,7 @@ class RemovalConfig:
     eval_batches: int = 16
     eval_batch_size: int = 8
     control: bool = True
+    ramp: int = 0  # >0: each frozen norm blends from its live scale to σ over this many steps (geometric)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise WorkbenchError("--fsdp shards the model across processes: run it under torchrun with at least 2")
+        if self.ramp < 0:
+            raise WorkbenchError(f"--ramp must be ≥ 0, got {self.ramp}")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise WorkbenchError(f"--micro-batch must be positive, got {self.micro_batch}")
         if not (self.sigma in ("rms", "median") or _percentile(self.sigma) is not None):
@@ -226,7 +229,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     frozen: list[FrozenStandardize] = []
     schedule, metrics = [], []
     removal_steps = len(events) * K
-    final_steps = rc.cooldown(removal_steps)
+    final_steps = max(rc.cooldown(removal_steps), rc.ramp)  # every hand-over completes before the fold
     plan = [(e, K) for e in events] + ([("final", final_steps)] if final_steps else [])
     bar = tqdm(total=removal_steps + final_steps, desc=label, disable=not (progress and rank == 0),
                dynamic_ncols=True, leave=False, mininterval=0.5)
@@ -247,6 +250,12 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 sig = calibrate(adapter, event.norm, first, positions, rc.micro_batch, rc.sigma)
                 st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
                                        sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
+                if rc.ramp:
+                    eps = getattr(event.norm.standardize, "eps", None)
+                    if eps is None or type(event.norm.standardize).__name__ == "CRMSStandardize":
+                        raise WorkbenchError("--ramp needs a LayerNorm or RMSNorm (a live scale sqrt(mean x² + eps))")
+                    st.live_eps, st.blend = float(eps), 0.0
+                    st.frozen_at = step
                 event.norm.standardize = st.to(device)
                 frozen.append(st)
                 entry.update(sig)
@@ -258,6 +267,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
+                for f in frozen:
+                    if rc.ramp:
+                        f.blend = min(1.0, (step - f.frozen_at + 1) / rc.ramp)
                 opt.zero_grad(set_to_none=True)
                 loss, total = _accumulate(model, batch, rc, positions, captured, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)

@@ -33,6 +33,9 @@ def norm_as_affine(norm: Norm, d_model: int) -> AffineMap:
     if isinstance(st, FrozenStandardize):
         if st.special:
             raise WorkbenchError("a norm still keeps its own BOS/EOT scale; switch the special positions off first")
+        if st.blend < 1.0:
+            raise WorkbenchError("a norm is still being handed over from its live scale (--ramp); give the cool-down "
+                                 "at least as many steps as the ramp")
         inv_sigma, centers = 1.0 / st.sigma.detach().double(), st.centers
     elif isinstance(st, IdentityStandardize):
         inv_sigma, centers = torch.tensor(1.0, dtype=torch.float64), False
