@@ -5,7 +5,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import workbench
-from workbench.corpus import load_corpus
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 from workbench.removal.api import convert_to_dir
 from workbench.removal.gpt2 import export_gpt2, load_gpt2

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
