@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import workbench
+from workbench.analysis.hooked_hf import load_for_analysis
 from workbench.analysis.report import attribution_report
 from workbench.io import atomic_write_text
 from workbench.zoo import collect_existing
@@ -23,17 +23,6 @@ def markdown(table) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def load(path):
-    """Hugging Face Llama models (smollm2, a directory) through HookedLlama; everything else as usual."""
-    from workbench.hf import is_hf_spec, resolve_gpt2
-
-    if is_hf_spec(path) and resolve_gpt2(path) is None:
-        from workbench.analysis.hooked_hf import load_hooked
-
-        return load_hooked(str(path))
-    return workbench.load(path)
 
 
 def main() -> int:
@@ -51,7 +40,7 @@ def main() -> int:
     if not entries:
         print(f"none of {args.norms} is trained in {args.zoo}; run `workbench zoo --out {args.zoo}`", file=sys.stderr)
         return 2
-    table = attribution_report({label: load(path) for label, path in entries})
+    table = attribution_report({label: load_for_analysis(path) for label, path in entries})
     print(markdown(table))
     if args.out:
         atomic_write_text(args.out, table.to_json(orient="records", indent=1))

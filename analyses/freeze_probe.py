@@ -16,14 +16,14 @@ import torch
 
 from workbench.data import TokenData, tokenize_works
 from workbench.corpus import load_corpus
-from workbench.hf import is_hf_spec, load_causal_lm, resolve_gpt2
+from workbench.hf import load_causal_lm, runs_through_hf_modules
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
 from workbench.removal.api import load_gpt_source
 from workbench.removal.finetune import calibrate, evaluate
 
 
 def adapter_for(spec: str):
-    if is_hf_spec(spec) and resolve_gpt2(spec) is None:
+    if runs_through_hf_modules(spec):
         from workbench.removal.llama import LlamaRemoval
 
         hf, tok = load_causal_lm(spec)

@@ -144,9 +144,9 @@ def _cmd_zoo(args) -> int:
 def _cmd_dla(args) -> int:
     import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
-    from .hf import is_hf_spec, resolve_gpt2
+    from .hf import runs_through_hf_modules
 
-    if is_hf_spec(args.model) and resolve_gpt2(args.model) is None:
+    if runs_through_hf_modules(args.model):
         from .analysis.dla_hf import direct_logit_attribution_hf
         from .hf import load_causal_lm
 
@@ -163,23 +163,11 @@ def _cmd_dla(args) -> int:
     return 0
 
 
-def _analysis_model(spec: str):
-    """Workbench runs and GPT-2 directories as ``GPT``; other Hugging Face (Llama) models as a
-    ``HookedLlama`` with the same hook names, so the same analyses run on both."""
-    import workbench
-    from .hf import is_hf_spec, resolve_gpt2
-
-    if is_hf_spec(spec) and resolve_gpt2(spec) is None:
-        from .analysis.hooked_hf import load_hooked
-
-        return load_hooked(spec)
-    return workbench.load(spec)
-
-
 def _cmd_patch(args) -> int:
+    from .analysis.hooked_hf import load_for_analysis
     from .analysis.patching import format_patching, patching
 
-    model = _analysis_model(args.model)
+    model = load_for_analysis(args.model)
     r = patching(model, args.clean, args.corrupt, args.answer, args.contrast)
     print(json.dumps(r.to_json(), indent=1) if args.json else format_patching(r))
     return 0
@@ -187,10 +175,11 @@ def _cmd_patch(args) -> int:
 
 def _cmd_confidence(args) -> int:
     from .analysis.confidence import confidence_neurons, validation_tokens
+    from .analysis.hooked_hf import load_for_analysis
 
     if args.sequences <= 0 or args.top <= 0:
         raise WorkbenchError("--sequences and --top must be positive")
-    model = _analysis_model(args.model)
+    model = load_for_analysis(args.model)
     df = confidence_neurons(model, validation_tokens(model, args.corpus, args.sequences), top=args.top)
     print(df.to_json(orient="records", indent=1) if args.json else df.round(5).to_string(index=False))
     return 0

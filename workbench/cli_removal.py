@@ -53,11 +53,11 @@ def _removal_config(args):
 
 
 def cmd_remove_ln(args) -> int:
-    from .hf import is_hf_spec, resolve_gpt2
+    from .hf import runs_through_hf_modules
     from .removal import remove_ln
 
     rc = _removal_config(args)
-    if is_hf_spec(args.model) and resolve_gpt2(args.model) is None:
+    if runs_through_hf_modules(args.model):
         from .removal.llama import remove_rmsnorm_hf
 
         s = remove_rmsnorm_hf(args.model, args.out, rc, corpus=args.corpus or "english", device=args.device,

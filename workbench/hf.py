@@ -135,6 +135,12 @@ def resolve_gpt2(spec: str | Path) -> Path | None:
                              "it needs internet the first time, or give a local directory") from None
 
 
+def runs_through_hf_modules(spec: str | Path) -> bool:
+    """A Hugging Face model that is not a GPT-2 (GPT-2s load into the workbench's own ``GPT``): analyses
+    and LayerNorm removal then work on the model's own (Llama) modules."""
+    return is_hf_spec(spec) and resolve_gpt2(spec) is None
+
+
 def is_hf_spec(spec: str | Path) -> bool:
     s = str(spec)
     if s == "smollm2" or s.startswith("hf:"):

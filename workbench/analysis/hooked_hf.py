@@ -15,6 +15,7 @@ same thing and exposes ``ln_final.hook_scale``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Int
@@ -67,9 +68,9 @@ class _BlockHooks(nn.Module):
 class HookedLlama(HookedRootModule):
     def __init__(self, hf: nn.Module, tokenizer, name: str = "", n_ctx: int = 256):
         super().__init__()
-        from ..removal.llama import _as_norm, _check_llama
+        from ..removal.llama import check_llama, rms_as_norm
 
-        _check_llama(hf)
+        check_llama(hf)
         cfg = hf.config
         d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cfg = HookedConfig(cfg.num_hidden_layers, cfg.num_attention_heads, d_head, cfg.hidden_size,
@@ -80,7 +81,7 @@ class HookedLlama(HookedRootModule):
         # Registered before ``hf`` so that the hook points get these (TransformerLens) names.
         self.blocks = nn.ModuleList(_BlockHooks(layer.mlp.down_proj) for layer in layers)
         if not isinstance(hf.model.norm, nn.Module) or type(hf.model.norm).__name__.endswith("RMSNorm"):
-            hf.model.norm = _as_norm(hf.model.norm)
+            hf.model.norm = rms_as_norm(hf.model.norm)
         self.ln_final = hf.model.norm
         self.hf = hf
         for layer, hooks in zip(layers, self.blocks):
@@ -130,6 +131,16 @@ class HookedLlama(HookedRootModule):
         if len(ids) != 1:
             raise WorkbenchError(f"{string!r} is {len(ids)} tokens, not one; pick a string that is a single token")
         return ids[0]
+
+
+def load_for_analysis(spec: str | Path):
+    """Workbench runs and GPT-2 directories as ``GPT``; other Hugging Face (Llama) models as a
+    ``HookedLlama`` with the same hook names, so the same analyses run on both."""
+    import workbench
+
+    from ..hf import runs_through_hf_modules
+
+    return load_hooked(str(spec)) if runs_through_hf_modules(spec) else workbench.load(spec)
 
 
 def load_hooked(spec: str, n_ctx: int = 256) -> HookedLlama:

@@ -58,7 +58,7 @@ class _Logits(nn.Module):
         return self.hf(input_ids=tokens, use_cache=False).logits
 
 
-def _as_norm(rms: nn.Module) -> Norm:
+def rms_as_norm(rms: nn.Module) -> Norm:
     w = rms.weight.detach().float()
     norm = Norm(RMSStandardize(float(getattr(rms, "variance_epsilon", getattr(rms, "eps", 1e-6)))),
                 Affine(w.shape[0], bias=False))
@@ -67,7 +67,7 @@ def _as_norm(rms: nn.Module) -> Norm:
     return norm
 
 
-def _check_llama(hf: nn.Module) -> None:
+def check_llama(hf: nn.Module) -> None:
     layers = getattr(getattr(hf, "model", None), "layers", None)
     ok = layers is not None and all(
         hasattr(l, "input_layernorm") and hasattr(l, "post_attention_layernorm") and hasattr(l, "self_attn")
@@ -81,7 +81,7 @@ def _check_llama(hf: nn.Module) -> None:
 
 class LlamaRemoval:
     def __init__(self, hf: nn.Module, tokenizer, n_ctx: int = N_CTX):
-        _check_llama(hf)
+        check_llama(hf)
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.token_to_id(EOT)
         self.n_ctx = n_ctx
@@ -89,15 +89,15 @@ class LlamaRemoval:
         ln2, qk, v = [], [], []
         for i, layer in enumerate(hf.model.layers):
             attn = layer.self_attn
-            n_qk, n_v = _as_norm(layer.input_layernorm), _as_norm(layer.input_layernorm)
+            n_qk, n_v = rms_as_norm(layer.input_layernorm), rms_as_norm(layer.input_layernorm)
             attn.q_proj, attn.k_proj = NormedLinear(n_qk, attn.q_proj), NormedLinear(n_qk, attn.k_proj)
             attn.v_proj = NormedLinear(n_v, attn.v_proj)
             layer.input_layernorm = nn.Identity()
-            layer.post_attention_layernorm = _as_norm(layer.post_attention_layernorm)
+            layer.post_attention_layernorm = rms_as_norm(layer.post_attention_layernorm)
             ln2.append(NormSite(f"model.layers.{i}.post_attention_layernorm", layer.post_attention_layernorm))
             qk.append(NormSite(f"model.layers.{i}.input_layernorm[q,k]", n_qk))
             v.append(NormSite(f"model.layers.{i}.input_layernorm[v]", n_v))
-        hf.model.norm = _as_norm(hf.model.norm)
+        hf.model.norm = rms_as_norm(hf.model.norm)
         self.sites = standard_schedule(ln2, qk, v, NormSite("model.norm", hf.model.norm))
         self.final_norm = hf.model.norm
         self.hf = hf
