@@ -52,6 +52,7 @@ class FrozenStandardize(Standardize):
         # Gradual hand-over (``remove-ln --ramp``): scale = live^(1−blend) · σ^blend, blend rising to 1.
         self.blend = 1.0
         self.live_eps: float | None = None
+        self.frozen_at = 0  # the fine-tuning step at which the hand-over began
 
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
