@@ -36,3 +36,25 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 TINY_MODEL = dict(n_layers=2, d_model=32, n_heads=4, n_ctx=32, d_vocab=320)
 TINY_TRAIN = dict(batch_size=4, eval_every=4, eval_batches=2, ckpt_every=4, warmup_steps=2)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tiny_corpus):
+    """A tiny random Llama with a workbench tokenizer, saved as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from workbench.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("llama")
+    tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # gains that must be folded
+    hf.save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
+    return d

@@ -3,7 +3,7 @@ SmolLM2 in docs/ln_removal.md)."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workbench.data import load_token_data
 from workbench.errors import WorkbenchError
@@ -11,24 +11,6 @@ from workbench.model.gpt import lm_cross_entropy
 from workbench.removal import RemovalConfig
 from workbench.removal.gpt2 import LN_FREE_EPS
 from workbench.removal.llama import LlamaRemoval, remove_rmsnorm_hf
-from workbench.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, tiny_corpus):
-    d = tmp_path_factory.mktemp("llama")
-    tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # gains that must be folded
-    hf.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
-    return d
 
 
 def test_split_norms_compute_what_llama_computes(llama_dir):

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_languages import COMMANDS as LANGUAGE_COMMANDS
+from .cli_languages import add_parsers as add_language_parsers
 from .cli_removal import COMMANDS as REMOVAL_COMMANDS
 from .cli_removal import add_parsers as add_removal_parsers
 from .errors import WorkbenchError
@@ -97,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--tokens", type=int, default=16384)
     cp.add_argument("--out", help="directory for the figure and table (default: the zoo directory)")
     add_removal_parsers(sub)
+    add_language_parsers(sub)
     return p
 
 
@@ -234,7 +237,7 @@ def _cmd_compare(args) -> int:
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
             "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
-            "fetch": _cmd_fetch, "study": _cmd_study, **REMOVAL_COMMANDS}
+            "fetch": _cmd_fetch, "study": _cmd_study, **REMOVAL_COMMANDS, **LANGUAGE_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

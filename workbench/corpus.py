@@ -89,7 +89,12 @@ def _split(name: str, works: list[Work]) -> Corpus:
 
 
 def load_corpus(spec: str = "english") -> Corpus:
-    """``english`` (bundled), a ``.txt`` file, or a folder whose ``*.txt`` files are the works."""
+    """``english`` (bundled), a ``.txt`` file, a folder whose ``*.txt`` files are the works, or a language
+    mixture ``mix:eng=0.4,cyrl=0.3,…`` (``workbench.languages.mixture``)."""
+    if spec.startswith("mix:"):
+        from .languages.mixture import mixture_corpus
+
+        return mixture_corpus(spec)
     if spec in BUNDLED:
         rows = read_jsonl_xz(bundled_path(BUNDLED[spec]))
         return _split(spec, [Work(f"{r['source']}/{r['title']}", r["text"], r["source"]) for r in rows])
@@ -102,7 +107,8 @@ def load_corpus(spec: str = "english") -> Corpus:
     if path.is_file():
         return _split(str(path), [Work(path.name, _read_text(path))])
     raise WorkbenchError(
-        f"corpus {spec!r} not found: give one of {sorted(BUNDLED)}, a .txt file or a folder of .txt files"
+        f"corpus {spec!r} not found: give one of {sorted(BUNDLED)}, a .txt file, a folder of .txt files "
+        "or mix:LANG=SHARE,…"
     )
 
 

@@ -1,0 +1,81 @@
+"""CLI command of the Language Ranker: ``rank-languages``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("rank-languages", help="Language Ranker: per-layer similarity to English on parallel text")
+    r.add_argument("model", help="run directory, smollm2, a Hugging Face directory or hf:NAME")
+    r.add_argument("--corpus", default="udhr", help="udhr (bundled), mix:LANG=SHARE,… (held-out text of a "
+                   "synthetic mixture) or a JSON Lines file of UDHR-shaped records with English (default udhr)")
+    r.add_argument("--langs", help="comma-separated corpus codes or ISO 639-3 codes (default: every language)")
+    r.add_argument("--pooling", default="last", help="last | mean (over the text's tokens; default last)")
+    r.add_argument("--unit", default="article", help="article | paragraph (default article)")
+    r.add_argument("--center", default="language", help="language (subtract each language's mean "
+                   "representation; default) | none (raw cosine, as in Li et al.)")
+    r.add_argument("--pairing", default="aligned", help="aligned | shuffled (a misaligned baseline)")
+    r.add_argument("--max-units", type=int, help="use only the N shortest English units (default: all)")
+    r.add_argument("--max-tokens", type=int, help="cut longer texts (left out of bits per byte; default: "
+                   "the context, at most 1024 for Hugging Face models)")
+    r.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass, padding included")
+    r.add_argument("--dtype", default="float32", help="float32 | bfloat16 (about 2× faster on CPUs with bf16)")
+    r.add_argument("--out", help="write FILE.json (and FILE.html: heat map + score vs bits per English byte)")
+    r.add_argument("--top", type=int, default=25, help="rows of the printed ranking (default 25)")
+    r.add_argument("--quiet", action="store_true")
+
+
+def cmd_rank_languages(args) -> int:
+    import torch
+
+    import workbench
+
+    from .io import atomic_write_json, atomic_write_text
+    from .languages.figures import layer_heatmap, score_vs
+    from .languages.parallel import load_parallel
+    from .languages.ranker import layer_table, rank_languages, ranking_table
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        raise WorkbenchError(f"unknown dtype {args.dtype!r}; choose float32 or bfloat16")
+    if args.batch_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 2):
+        raise WorkbenchError("--batch-tokens must be ≥ 1 and --max-tokens ≥ 2")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix != ".json":
+        raise WorkbenchError(f"--out {out} must name a .json file")
+    if out is not None and not out.parent.is_dir():
+        raise WorkbenchError(f"the folder of --out {out} does not exist; create it first")
+    corpus = load_parallel(args.corpus)  # bad corpus / languages fail before the model loads
+    langs = [c.strip() for c in args.langs.split(",") if c.strip()] if args.langs else None
+    corpus.resolve(langs, args.unit)
+    model = workbench.load(args.model)
+    if args.dtype != "float32":
+        (model.bridge if hasattr(model, "bridge") else model).to(dtypes[args.dtype])
+    result = rank_languages(model, corpus, langs, pooling=args.pooling, unit=args.unit, max_units=args.max_units,
+                            pairing=args.pairing, center=args.center, batch_tokens=args.batch_tokens,
+                            max_tokens=args.max_tokens, progress=not args.quiet, model_name=str(args.model))
+    result["dtype"] = args.dtype
+    table = ranking_table(result)
+    print(table.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    rho = result["spearman_score_vs_bits_per_english_byte"]
+    print(f"{len(table)} languages, {result['tokens']} tokens in {result['seconds']:.1f} s; Spearman(score, bits per "
+          f"English byte) = {'n/a (fewer than 3 languages)' if rho is None else f'{rho:.3f}'}"
+          + (f"; Spearman(score, log share) = {result['spearman_score_vs_log_share']}"
+             if "spearman_score_vs_log_share" in result else ""))
+    if out is not None:
+        heat = layer_heatmap(layer_table(result), title=f"{result['model']}: cosine similarity to English")
+        scatter = score_vs(table)
+        # Self-contained (plotly.js inlined once): the page opens offline.
+        html = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Language Ranker</title></head><body>"
+                + heat.to_html(full_html=False, include_plotlyjs=True)
+                + scatter.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
+        atomic_write_json(out, result)
+        atomic_write_text(out.with_suffix(".html"), html)
+        print(f"wrote {out} and {out.with_suffix('.html')}")
+    return 0
+
+
+COMMANDS = {"rank-languages": cmd_rank_languages}

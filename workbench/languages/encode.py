@@ -1,0 +1,146 @@
+"""Batched forward passes over many short texts: the residual stream after every block, pooled per
+text, and the text's total negative log-likelihood — from the same pass.
+
+Texts are sorted by length and right-padded. No attention mask is needed: attention is causal, so the
+padding after a text never reaches its positions. Every text starts with the model's document-start
+token (``<|endoftext|>`` for workbench models, the tokenizer's BOS — else EOS — for Hugging Face
+models), so the first real token is predicted too and position 0 — an attention sink with outsized
+activations in most models — is never part of a pooled representation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import WorkbenchError
+
+POOLINGS = ("last", "mean")
+
+
+@dataclass
+class TextModel:
+    """What the encoder needs from a model, whichever family it comes from."""
+
+    name: str
+    n_layers: int
+    max_tokens: int
+    bos: int
+    tokenize: Callable[[str], list[int]]
+    run: Callable[[Tensor, Callable], Tensor]  # (tokens, on_block(layer, resid)) -> logits
+
+
+def text_model(model, max_tokens: int | None = None) -> TextModel:
+    """A workbench ``GPT`` or a Hugging Face model seen through TransformerBridge (``BridgedModel``)."""
+    from ..hf import BridgedModel
+    from ..model import GPT
+    from ..tokenizer import eot_id
+
+    if isinstance(model, GPT):
+        if model.tokenizer is None:
+            raise WorkbenchError("this model has no tokenizer; load it from a run directory with workbench.load")
+        tok = model.tokenizer
+        return TextModel(getattr(model, "name", "gpt"), model.cfg.n_layers, min(max_tokens or 10**9, model.cfg.n_ctx),
+                         eot_id(tok), lambda s: tok.encode(s).ids, _hooked_run(model))
+    if isinstance(model, BridgedModel):
+        hf_tok = model.bridge.tokenizer
+        if hf_tok is None:
+            raise WorkbenchError(f"model {model.name} has no tokenizer; the Ranker needs one to read text")
+        bos = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.eos_token_id
+        if bos is None:
+            raise WorkbenchError(f"the tokenizer of {model.name} has neither a BOS nor an EOS token to start texts with")
+        n_pos = getattr(model.bridge.cfg, "n_ctx", None) or 2048
+        return TextModel(model.name, model.cfg.n_layers, min(max_tokens or 1024, n_pos), bos,
+                         lambda s: model.tokenizer.encode(s, add_special_tokens=False).ids, _hooked_run(model.bridge))
+    raise WorkbenchError(f"cannot read text with a {type(model).__name__}; give a workbench run or a Hugging Face model")
+
+
+def _hooked_run(hooked) -> Callable:
+    n_layers = hooked.cfg.n_layers
+
+    def run(tokens: Tensor, on_block: Callable) -> Tensor:
+        hooks = [(f"blocks.{layer}.hook_resid_post", lambda x, hook, layer=layer: on_block(layer, x))
+                 for layer in range(n_layers)]
+        with hooked.hooks(fwd_hooks=hooks):
+            return hooked(tokens, return_type="logits")
+    return run
+
+
+@dataclass
+class Encoded:
+    pooled: Float[Tensor, "text layer d_model"]  # from the text's first max_tokens tokens
+    nll: Float[Tensor, " text"]  # nats, summed over every token of the text (long texts: strided windows)
+    n_tokens: list[int]
+    truncated: list[bool]  # the representation saw only the first max_tokens tokens
+
+
+def _pool(x: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+    if pooling == "last":
+        return x[torch.arange(len(lengths)), lengths - 1]
+    pos = torch.arange(x.shape[1])
+    keep = ((pos >= 1)[None, :] & (pos[None, :] < lengths[:, None])).to(x.dtype)  # skip the start token
+    return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+
+
+def _windows(ids: list[int], width: int) -> list[tuple[int, int]]:
+    """(start, first scored) of the strided windows over a long text's tokens: every token is scored
+    once, in the window where it has at least half a window of context (the first window scores all)."""
+    out, stride = [(0, 0)], max(1, width // 2)
+    start = 0
+    while start + width < len(ids):
+        start += stride
+        out.append((start, start + width - stride))
+    return out
+
+
+@torch.no_grad()
+def encode_texts(tm: TextModel, texts: list[str], pooling: str = "last", batch_tokens: int = 4096,
+                 progress: bool = False, desc: str = "encoding") -> Encoded:
+    """Pooled per-layer residual streams and summed NLL of every text, in the order given."""
+    if pooling not in POOLINGS:
+        raise WorkbenchError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+    width = tm.max_tokens - 1  # content tokens per window, after the start token
+    body = [tm.tokenize(t) for t in texts]
+    # segments: (text, tokens with the start token, first scored position, is the representation window)
+    segs: list[tuple[int, list[int], int, bool]] = []
+    for k, ids in enumerate(body):
+        for start, scored in _windows(ids, width):
+            segs.append((k, [tm.bos] + ids[start: start + width], 1 + scored - start, start == 0))
+    order = sorted(range(len(segs)), key=lambda s: -len(segs[s][1]))
+    batches, cur = [], []
+    for s in order:  # longest first: a batch is as long as its first segment
+        if cur and (len(cur) + 1) * len(segs[cur[0]][1]) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    if cur:
+        batches.append(cur)
+    pooled: Tensor | None = None
+    nll = torch.zeros(len(texts), dtype=torch.float64)
+    bar = tqdm(total=sum(len(s[1]) for s in segs), unit="tok", desc=desc, disable=not progress, leave=False)
+    for batch in batches:
+        lengths = torch.tensor([len(segs[s][1]) for s in batch])
+        tokens = torch.full((len(batch), int(lengths.max())), tm.bos, dtype=torch.long)
+        for row, s in enumerate(batch):
+            tokens[row, : lengths[row]] = torch.tensor(segs[s][1])
+        states: dict[int, Tensor] = {}
+        logits = tm.run(tokens, lambda layer, x: states.__setitem__(layer, _pool(x.float(), lengths, pooling)))
+        if pooled is None:
+            pooled = torch.zeros(len(texts), tm.n_layers, states[0].shape[-1])
+        primary = [row for row, s in enumerate(batch) if segs[s][3]]
+        pooled[[segs[batch[r]][0] for r in primary]] = torch.stack(
+            [states[layer][primary] for layer in range(tm.n_layers)], dim=1)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        pos = torch.arange(1, tokens.shape[1])[None, :]  # the position of each predicted token
+        first = torch.tensor([segs[s][2] for s in batch])[:, None]
+        scored = (pos < lengths[:, None]) & (pos >= first)
+        nll.index_add_(0, torch.tensor([segs[s][0] for s in batch]), -(logp * scored).sum(1).double())
+        bar.update(int(lengths.sum()))
+    bar.close()
+    assert pooled is not None
+    return Encoded(pooled, nll, [len(b) for b in body], [len(b) > width for b in body])

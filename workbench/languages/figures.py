@@ -1,0 +1,40 @@
+"""Figures of the Language Ranker, built from its tidy tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+
+def layer_heatmap(layers: pd.DataFrame, top: int | None = None, title: str = "Cosine similarity to English") -> go.Figure:
+    """Languages (best score at the top) × layers."""
+    df = layers if top is None else layers[layers["rank"] <= top]
+    grid = df.pivot_table(index=["rank", "code", "name"], columns="layer", values="cosine").sort_index()
+    labels = [f"{code} — {name}" for _, code, name in grid.index]
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=list(grid.columns), y=labels, colorscale="Viridis",
+                               colorbar={"title": "cos"}))
+    fig.update_layout(title=title, xaxis_title="layer (residual stream after block)",
+                      yaxis={"autorange": "reversed", "tickfont": {"size": 9}},
+                      height=max(350, 14 * len(labels) + 120))
+    return fig
+
+
+def score_vs(ranking: pd.DataFrame, x: str = "bits_per_english_byte", log_x: bool = False,
+             title: str | None = None) -> go.Figure:
+    """The Ranker score against an independent measure (bits per English byte, or training share)."""
+    df = ranking.dropna(subset=[x])
+    color = df["script"] if "script" in df and df["script"].astype(bool).any() else None
+    fig = go.Figure()
+    groups = [("", df)] if color is None else list(df.groupby("script"))
+    for name, g in groups:
+        fig.add_trace(go.Scatter(x=g[x], y=g["score"], mode="markers", name=str(name) or "languages",
+                                 text=[f"{c} — {n}" for c, n in zip(g["code"], g["name"])],
+                                 hovertemplate="%{text}<br>" + x + " %{x:.3g}<br>score %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title or f"Language Ranker score vs {x.replace('_', ' ')}", xaxis_title=x.replace("_", " "),
+                      yaxis_title="score", xaxis_type="log" if log_x else "linear")
+    if len(df) >= 2 and not log_x:
+        k, b = np.polyfit(df[x].astype(float), df["score"].astype(float), 1)
+        xs = np.linspace(df[x].min(), df[x].max(), 2)
+        fig.add_trace(go.Scatter(x=xs, y=k * xs + b, mode="lines", name="least squares", line={"dash": "dot"}))
+    return fig
