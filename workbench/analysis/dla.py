@@ -135,6 +135,13 @@ def direct_logit_attribution(
     return DLAResult(logit=logit.item(), dla_sum=float(dla.sum() + const_vals.sum()), nmae=nmae, table=table)
 
 
+@torch.no_grad()
+def top_tokens(model: GPT, prompt: str, k: int = 5) -> list[str]:
+    """The model's ``k`` most likely next tokens after ``prompt``, most likely first."""
+    logits = model(model.to_tokens(prompt))[0, -1]
+    return [model.tokenizer.decode([int(i)]) for i in logits.topk(k).indices]
+
+
 def _row(name: str, dla: float, de: float, kind: str | None = None) -> dict:
     layer, head = None, None
     if name.startswith("L"):

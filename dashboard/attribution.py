@@ -1,0 +1,53 @@
+"""Attribution: DLA per component beside its direct effect, NMAE, heads as a layer × head grid."""
+
+import streamlit as st
+
+from dashboard.common import load_model, manifest
+from workbench.analysis.dla import direct_logit_attribution, top_tokens
+from workbench.analysis.figures import dla_bars, head_grid
+from workbench.analysis.prompts import load_prompts
+from workbench.errors import WorkbenchError
+
+st.title("Direct logit attribution")
+m = manifest() or {}
+models = dict(m.get("models", {}))
+custom = st.text_input("Or any model (run directory)", value="")
+if custom:
+    models[custom] = custom
+if not models:
+    st.info("No models yet: train the tiny zoo with `workbench zoo --preset tiny --out zoo/tiny`, or run "
+            "`workbench demo`; or type a run directory above.")
+    st.stop()
+
+name = st.selectbox("Model", list(models))
+try:
+    model = load_model(models[name])
+except WorkbenchError as e:
+    st.error(str(e))
+    st.stop()
+default = load_prompts()[0]
+prompt = st.text_input("Prompt", value=default.prompt)
+try:
+    top = top_tokens(model, prompt)
+except WorkbenchError as e:
+    st.warning(str(e))
+    st.stop()
+c1, c2 = st.columns(2)
+answer = c1.text_input("Answer token", value=top[0], help="default: the model's top prediction; top 5: " + ", ".join(map(repr, top)))
+contrast = c2.text_input("Contrast token (optional)", value="")
+try:
+    r = direct_logit_attribution(model, prompt, answer, contrast or None)
+except WorkbenchError as e:
+    st.warning(str(e))
+    st.stop()
+c1, c2, c3 = st.columns(3)
+c1.metric("logit" + (" difference" if contrast else ""), f"{r.logit:+.4f}")
+c2.metric("sum of DLA", f"{r.dla_sum:+.4f}")
+c3.metric("NMAE (DLA vs direct effect)", f"{r.nmae:.3g}",
+          help="0 when the final norm is linear (LN-free or no norm); large when the norm's scale couples components")
+st.plotly_chart(dla_bars(r.table, title=f"{name}: {answer!r}" + (f" − {contrast!r}" if contrast else "")),
+                width="stretch")
+value = st.radio("Head grid shows", ["dla", "direct_effect"], horizontal=True)
+st.plotly_chart(head_grid(r.table, value=value), width="stretch")
+with st.expander("All components"):
+    st.dataframe(r.table, width="stretch")

@@ -1,0 +1,121 @@
+"""Serve the dashboard and load every page in headless Chromium: errors shown, screenshots taken.
+
+Used by the end-to-end test and to make the README's screenshots:
+
+    python -m dashboard.browser --results results/demo --out docs/screenshots
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLES = {"zoo": "Normalization zoo", "depth": "Depth diagnostics", "removal": "LayerNorm removal",
+          "attribution": "Direct logit attribution", "languages": "Language Ranker"}
+ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def serve(results: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "WORKBENCH_RESULTS": str(results)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited: {proc.stdout.read().decode()[-2000:]}")
+    proc.kill()
+    raise RuntimeError("streamlit did not answer its health check within 90 s")
+
+
+def _settle(driver, title: str, timeout: float = 120) -> bool:
+    """Wait for the page's title and for the script run to finish (no running indicator for 2 s)."""
+    from selenium.webdriver.common.by import By
+
+    deadline, quiet_since, found = time.time() + timeout, None, False
+    while time.time() < deadline:
+        found = found or any(title in h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1"))
+        running = driver.execute_script(
+            "return !!document.querySelector('[data-testid=\"stStatusWidget\"] img, "
+            "[data-testid=\"stStatusWidgetRunningIcon\"], [data-testid=\"stSpinner\"]')")
+        if found and not running:
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since > 2:
+                return True
+        else:
+            quiet_since = None
+        time.sleep(0.25)
+    return found
+
+
+def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, chromedriver: str, port: int,
+                     profile: Path, width: int = 1400, height: int = 1800) -> dict[str, dict]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    out.mkdir(parents=True, exist_ok=True)
+    server = serve(results, port)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
+    report = {}
+    try:
+        for name in pages:
+            driver.get(f"http://127.0.0.1:{port}/{name}")
+            found = _settle(driver, TITLES[name])
+            errors = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, ERRORS)]
+            driver.save_screenshot(str(out / f"{name}.png"))
+            report[name] = {"title_found": found, "errors": errors}
+    finally:
+        driver.quit()
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--results", default="results/demo")
+    p.add_argument("--out", default="docs/screenshots")
+    p.add_argument("--pages", default=",".join(TITLES))
+    a = p.parse_args()
+    exe, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (exe and driver):
+        print("needs chromium and chromedriver (apt install chromium chromium-driver)", file=sys.stderr)
+        return 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as profile:
+        report = screenshot_pages(Path(a.results), Path(a.out), a.pages.split(","), exe, driver, port, Path(profile))
+    for name, r in report.items():
+        print(f"{name}: {'ok' if r['title_found'] and not r['errors'] else r}")
+    return 0 if all(r["title_found"] and not r["errors"] for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

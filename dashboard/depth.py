@@ -1,0 +1,48 @@
+"""Depth: residual variance, gradient norms, angular distance and layer-ablation ΔCE, overlaid."""
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.common import load_json, manifest, missing
+from workbench.analysis.compare import DIAGNOSE_FILE, METRICS, compare_figure, compare_table, depth_summary
+from workbench.zoo import collect_existing
+
+st.title("Depth diagnostics")
+m = manifest() or {}
+zoo_dir = Path(st.text_input("Zoo directory", value=m.get("zoo", "zoo/tiny")))
+extra = st.text_input("More diagnose results (LABEL=FILE.json, comma-separated)",
+                      value=",".join(f"{k}={v}" for k, v in m.get("diagnostics", {}).items()),
+                      help="e.g. smollm2=results/smollm2_diagnose.json from `workbench diagnose smollm2 --out …`")
+
+available = {n: zoo_dir / n / DIAGNOSE_FILE for n in collect_existing(zoo_dir) if (zoo_dir / n / DIAGNOSE_FILE).is_file()}
+for item in filter(None, (s.strip() for s in extra.split(","))):
+    label, _, path = item.rpartition("=")
+    if Path(path).is_file():
+        available[label or Path(path).stem] = Path(path)
+    else:
+        st.warning(f"`{path}` not found; make it with `workbench diagnose MODEL --out {path}`")
+if not available:
+    missing(f"No depth diagnostics for the models in `{zoo_dir}`.", f"workbench compare {zoo_dir} --metric resid_var")
+
+metric = st.selectbox("Metric", list(METRICS), format_func=lambda k: METRICS[k][1])
+chosen = st.multiselect("Models", list(available), default=list(available))
+relative = st.checkbox("Relative depth (layer / number of layers): overlay models of different depth")
+results = {n: load_json(available[n]) for n in chosen}
+if not results:
+    st.stop()
+table = compare_table(results, metric)
+if relative:
+    depth = {n: r["model"]["n_layers"] for n, r in results.items()}
+    table = table.assign(layer=table.layer / table.model.map(depth))
+fig = compare_figure(table, metric)
+if relative:
+    fig.update_layout(xaxis_title="relative depth")
+st.plotly_chart(fig, width="stretch")
+st.subheader("Summary per model")
+st.dataframe(depth_summary(results), width="stretch")
+with st.expander("Tidy table"):
+    st.dataframe(table, width="stretch")
+    st.download_button("CSV", table.to_csv(index=False), file_name=f"depth_{metric}.csv")
+st.caption("Diagnostics: " + json.dumps({n: str(p) for n, p in available.items()}))

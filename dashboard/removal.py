@@ -1,0 +1,70 @@
+"""LayerNorm removal: the schedule, CE of original / control / LN-free, DLA before and after."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.common import load_model, manifest, missing
+from workbench.analysis.dla import direct_logit_attribution, top_tokens
+from workbench.analysis.figures import dla_bars
+from workbench.analysis.prompts import load_prompts, usable
+from workbench.errors import WorkbenchError
+from workbench.removal.report import ce_table, read_removal, removal_figure
+
+st.title("LayerNorm removal")
+m = manifest() or {}
+runs = dict(m.get("removal", {}))
+custom = st.text_input("Or another remove-ln output directory", value="")
+if custom:
+    runs[Path(custom).name] = custom
+if not runs:
+    zoo = m.get("zoo", "zoo/tiny")
+    missing("No LayerNorm-removal run yet.", f"workbench remove-ln {zoo}/pre-ln --out results/demo/ln_free/pre-ln")
+
+name = st.selectbox("Run", list(runs))
+try:
+    summary, schedule, metrics = read_removal(runs[name])
+except WorkbenchError as e:
+    st.error(str(e))
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("CE original", f"{summary['ce_original']:.4f}")
+if summary.get("ce_control") is not None:
+    c2.metric("CE control", f"{summary['ce_control']:.4f}")
+c3.metric("CE LN-free", f"{summary['ce_ln_free']:.4f}",
+          delta=f"{summary['ce_ln_free_minus_control']:+.4f} vs control" if summary.get("ce_ln_free_minus_control")
+          is not None else None, delta_color="inverse")
+frac = summary.get("token_fraction")
+c4.metric("Fine-tuning tokens", f"{summary['tokens_used']:,}", delta=f"{100 * frac:.1f}% of pre-training" if frac else None,
+          delta_color="off")
+st.plotly_chart(removal_figure(metrics, schedule), width="stretch")
+left, right = st.columns(2)
+left.subheader("Cross-entropy (validation)")
+left.dataframe(ce_table(summary), width="stretch")
+right.subheader("Schedule")
+right.dataframe(schedule, width="stretch", height=260)
+
+st.subheader("Direct logit attribution before and after")
+source = summary.get("source")
+if not source or not Path(str(source)).exists():
+    st.info(f"The original model ({source}) is not on this machine; only the LN-free model is shown.")
+models = {"LN-free": runs[name]} | ({"original": str(source)} if source and Path(str(source)).exists() else {})
+loaded = {k: load_model(v) for k, v in sorted(models.items(), key=lambda kv: kv[0] != "original")}
+fits = [p for p in load_prompts() if all(usable(mm, p) for mm in loaded.values())]
+default = fits[0] if fits else load_prompts()[0]
+prompt = st.text_input("Prompt", value=default.prompt)
+first = next(iter(loaded.values()))
+c1, c2 = st.columns(2)
+answer = c1.text_input("Answer token", value=default.answer if fits else top_tokens(first, prompt)[0])
+contrast = c2.text_input("Contrast token (optional)", value=default.contrast if fits else "")
+cols = st.columns(len(loaded))
+for col, (label, model) in zip(cols, loaded.items()):
+    try:
+        r = direct_logit_attribution(model, prompt, answer, contrast or None)
+    except WorkbenchError as e:
+        col.warning(f"{label}: {e}")
+        continue
+    col.metric(f"{label}: NMAE (DLA vs direct effect)", f"{r.nmae:.3g}")
+    col.plotly_chart(dla_bars(r.table, top=15, title=f"{label}: {answer!r}" + (f" − {contrast!r}" if contrast else "")),
+                     width="stretch")

@@ -1,0 +1,26 @@
+"""Zoo: loss curves, final validation loss and divergence per normalization."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.common import manifest, missing
+from workbench.zoo import collect_existing, loss_figure, loss_table
+
+st.title("Normalization zoo")
+m = manifest() or {}
+zoo_dir = Path(st.text_input("Zoo directory", value=m.get("zoo", "zoo/tiny")))
+results = collect_existing(zoo_dir)
+if not results:
+    missing(f"No trained models in `{zoo_dir}`.", f"workbench zoo --preset tiny --out {zoo_dir}")
+
+chosen = st.multiselect("Models", list(results), default=list(results))
+st.plotly_chart(loss_figure(loss_table(zoo_dir, chosen)), width="stretch")
+uni = next(iter(results.values())).get("unigram_val_loss")
+st.dataframe(
+    [{"norm": n, **{k: results[n].get(k) for k in ("final_val_loss", "diverged", "diverged_at_step", "steps", "seconds")}}
+     for n in chosen],
+    width="stretch",
+)
+if uni is not None:
+    st.caption(f"Unigram baseline on the validation split: {uni:.4f} nats. From `{zoo_dir}`.")

@@ -1,0 +1,131 @@
+"""The dashboard: every page under AppTest (renders, key widgets, an interaction changes the figure)
+and every page in headless Chromium against a served app (no error element; screenshots saved)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+from workbench.demo import DemoConfig, read_manifest, run_demo
+
+PAGES = ["zoo", "depth", "removal", "attribution", "languages"]
+ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_corpus):
+    d = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(zoo=str(d / "zoo"), results=str(d / "results"), norms="pre-ln,none,post-ln", steps=4,
+                     corpus=str(tiny_corpus), diagnose_tokens=256, removal_steps_per_ln=1, rank_max_units=3,
+                     rank_langs="sco,ita,spa,fra,rus,cmn_hans", model_overrides={**TINY_MODEL, "n_ctx": 64},
+                     train_overrides=TINY_TRAIN)
+    run_demo(cfg, progress=False, log=lambda *_: None)
+    return d / "results"
+
+
+def page(name: str, results: Path) -> AppTest:
+    os.environ["WORKBENCH_RESULTS"] = str(results)
+    sys.path.insert(0, str(ROOT))
+    at = AppTest.from_file(str(ROOT / "dashboard" / f"{name}.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def charts(at):
+    return [c.proto.spec for c in at.get("plotly_chart")]
+
+
+def test_demo_manifest_names_every_result(results):
+    m = read_manifest(results)
+    assert set(m["models"]) == {"pre-ln", "none", "post-ln", "pre-ln LN-free"}
+    assert set(m["languages"]) == {"pre-ln", "none", "pre-ln LN-free"}
+    assert all(Path(p).is_file() for p in m["languages"].values())
+    assert (Path(m["removal"]["pre-ln"]) / "summary.json").is_file() and Path(m["attribution"]).is_file()
+    assert all((Path(m["zoo"]) / n / "diagnose.json").is_file() for n in ("pre-ln", "none", "post-ln"))
+
+
+def test_zoo_page(results):
+    at = page("zoo", results)
+    assert at.multiselect[0].value == ["none", "post-ln", "pre-ln"] or len(at.multiselect[0].value) == 3
+    before = charts(at)
+    at.multiselect[0].set_value(["none"]).run()
+    assert not at.exception and len(at.dataframe[0].value) == 1 and charts(at) != before
+
+
+def test_depth_page(results):
+    at = page("depth", results)
+    assert at.selectbox[0].value == "resid_var" and len(at.get("plotly_chart")) == 1
+    before = charts(at)
+    at.selectbox[0].set_value("grad_norm").run()
+    assert not at.exception and charts(at) != before and "gradient norm" in charts(at)[0]
+
+
+def test_removal_page(results):
+    at = page("removal", results)
+    labels = [mm.label for mm in at.metric]
+    assert "CE LN-free" in labels and "CE control" in labels
+    assert any("NMAE" in lbl for lbl in labels)
+    nmae = {mm.label: float(mm.value) for mm in at.metric if "NMAE" in mm.label}
+    assert nmae["LN-free: NMAE (DLA vs direct effect)"] < 1e-4  # exact once the norms are gone
+
+
+def test_attribution_page(results):
+    at = page("attribution", results)
+    assert [s.label for s in at.selectbox] == ["Model"] and len(at.get("plotly_chart")) == 2
+    before = charts(at)
+    at.selectbox[0].set_value("none").run()
+    assert not at.exception and charts(at) != before
+    assert float(next(mm for mm in at.metric if "NMAE" in mm.label).value) < 1e-4  # no norm: DLA is exact
+    at.selectbox[0].set_value("post-ln").run()
+    assert not at.exception and at.warning and "Post-LN" in at.warning[0].value
+
+
+def test_languages_page(results):
+    at = page("languages", results)
+    assert at.selectbox[0].value == "pre-ln" and len(at.get("plotly_chart")) == 2
+    before = charts(at)
+    at.selectbox[0].set_value("pre-ln LN-free").run()
+    assert not at.exception and charts(at) != before
+
+
+def test_pages_name_the_command_when_results_are_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no zoo/tiny here either
+    for name, command in [("zoo", "workbench zoo"), ("depth", "workbench compare"), ("removal", "workbench remove-ln"),
+                          ("languages", "workbench rank-languages")]:
+        at = page(name, tmp_path)
+        assert at.info and command in at.info[0].value, name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (exe and driver):
+        if os.environ.get("WORKBENCH_REQUIRE_BROWSER"):
+            pytest.fail("Chromium and chromedriver are required here (apt install chromium chromium-driver)")
+        pytest.skip("Chromium/chromedriver not installed (CI installs them: apt install chromium chromium-driver)")
+    return exe, driver
+
+
+def test_every_page_in_headless_chromium(results, tmp_path):
+    from dashboard.browser import screenshot_pages
+
+    exe, driver = _chromium()
+    shots = screenshot_pages(results, ARTIFACTS, PAGES, exe, driver, port=_free_port(), profile=tmp_path / "profile")
+    for name in PAGES:
+        assert shots[name]["errors"] == [], (name, shots[name]["errors"])
+        assert shots[name]["title_found"], name
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000

@@ -1,0 +1,112 @@
+"""``workbench demo``: the whole story on the bundled corpus, and the results the dashboard reads.
+
+Trains the tiny zoo if it is not there, computes every analysis that exists — depth diagnostics of
+every model, LayerNorm removal of the Pre-LN model (with its control), direct logit attribution of the
+bundled prompts before and after removal, the Language Ranker on the UDHR for every Pre-norm model —
+and writes ``RESULTS/manifest.json`` naming where each result lives. Finished steps are kept, so a
+second run only does what is missing. The dashboard reads the manifest (``streamlit run app.py --
+--results RESULTS``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import WorkbenchError
+from .io import atomic_write_json, atomic_write_text
+
+MANIFEST = "manifest.json"
+DEFAULT_RESULTS = "results/demo"
+RANKED_NORMS = ("pre-ln", "pre-rms", "lns", "none")  # Pre-norm family + a norm-free baseline
+
+
+@dataclass
+class DemoConfig:
+    zoo: str = "zoo/tiny"
+    results: str = DEFAULT_RESULTS
+    preset: str = "tiny"
+    norms: str | None = None  # zoo members (default: every registered norm)
+    corpus: str = "english"
+    diagnose_tokens: int = 16384
+    removal_norm: str = "pre-ln"
+    removal_steps_per_ln: int = 2
+    rank_max_units: int = 10
+    rank_langs: str | None = None  # comma-separated UDHR codes (default: every declaration)
+    steps: int | None = None  # training steps (default: the preset's)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def dashboard_command(results: str | Path) -> str:
+    return f"streamlit run app.py -- --results {results}"
+
+
+def read_manifest(results: str | Path) -> dict[str, Any] | None:
+    path = Path(results) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise WorkbenchError(f"{path} is not valid JSON; delete it and run `workbench demo` again") from None
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Every step of the demo; returns the manifest."""
+    import workbench
+    from .analysis.report import attribution_report
+    from .analysis.compare import zoo_diagnostics
+    from .languages.ranker import rank_languages
+    from .removal import RemovalConfig, remove_ln
+    from .zoo import collect_existing, train_zoo
+
+    zoo, out = Path(cfg.zoo), Path(cfg.results)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"[1/5] zoo in {zoo}")
+    train_zoo(zoo, preset=cfg.preset, norms=cfg.norms, steps=cfg.steps, corpus=cfg.corpus, progress=progress, log=log,
+              model_overrides=cfg.model_overrides or None, train_overrides=cfg.train_overrides or None)
+    finished = {n: r for n, r in collect_existing(zoo).items() if not r.get("diverged")}
+
+    log("[2/5] depth diagnostics of every model (cached as <run>/diagnose.json)")
+    zoo_diagnostics(zoo, tokens=cfg.diagnose_tokens)
+
+    removal: dict[str, str] = {}
+    if cfg.removal_norm in finished:
+        ln_free = out / "ln_free" / cfg.removal_norm
+        log(f"[3/5] LayerNorm removal of {cfg.removal_norm} → {ln_free}")
+        if not (ln_free / "summary.json").is_file():
+            remove_ln(zoo / cfg.removal_norm, ln_free, RemovalConfig(steps_per_ln=cfg.removal_steps_per_ln),
+                      progress=progress)
+        removal[cfg.removal_norm] = str(ln_free)
+    else:
+        log(f"[3/5] skipped: no trained {cfg.removal_norm} model in {zoo}")
+
+    log("[4/5] direct logit attribution of the bundled prompts, before and after removal")
+    models = {n: str(zoo / n) for n in finished if n in ("pre-ln", "pre-rms", "lns", "none")}
+    models.update({f"{n} LN-free": p for n, p in removal.items()})
+    attribution = out / "attribution.csv"
+    table = attribution_report({label: workbench.load(p) for label, p in models.items()}, corpus=cfg.corpus)
+    atomic_write_text(attribution, table.to_csv(index=False))
+
+    log("[5/5] Language Ranker on the UDHR")
+    languages: dict[str, str] = {}
+    (out / "languages").mkdir(exist_ok=True)
+    for name in [n for n in RANKED_NORMS if n in finished] + [f"{n} LN-free" for n in removal]:
+        path = out / "languages" / f"{name.replace(' ', '_')}.json"
+        if not path.is_file():
+            spec = removal[name.split()[0]] if name.endswith("LN-free") else zoo / name
+            langs = cfg.rank_langs.split(",") if cfg.rank_langs else None
+            r = rank_languages(spec, "udhr", langs, max_units=cfg.rank_max_units, model_name=name)
+            atomic_write_json(path, r)
+        languages[name] = str(path)
+
+    manifest = {"zoo": str(zoo), "removal": removal, "attribution": str(attribution), "languages": languages,
+                "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()}},
+                "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
