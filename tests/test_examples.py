@@ -9,27 +9,36 @@ import workbench
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 
 
-def run_notebook(name: str, tmp_path, tiny_corpus, monkeypatch, **env: str) -> dict:
-    """Execute a shipped notebook's code cells in order, on a tiny pre-ln run; return their namespace."""
+def run_notebook(name: str, tmp_path, monkeypatch, probe: str = "{}", **env: str) -> dict:
+    """Execute a shipped notebook top to bottom in a Jupyter kernel (nbclient), in ``tmp_path``, with
+    ``env`` set; then evaluate ``probe`` (a Python expression over the notebook's variables) in the
+    same kernel and return it (it must be JSON-serializable)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits the environment
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, "notebooks are committed with outputs stripped"
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint(_json.dumps({probe}))"))
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    out = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def tiny_run(tmp_path, tiny_corpus) -> str:
     run = tmp_path / "run"
     workbench.train("pre-ln", run, steps=4, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
                     train_overrides=TINY_TRAIN, progress=False)
-    monkeypatch.setenv("WORKBENCH_NOTEBOOK_RUN", str(run))
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
-    nb = json.loads((ROOT / "notebooks" / name).read_text())
-    scope: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            assert not cell["outputs"], "notebooks are committed with outputs stripped"
-            exec(compile("".join(cell["source"]), "notebook", "exec"), scope)
-    return scope
+    return str(run)
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypatch):
-    scope = run_notebook("01_first_look.ipynb", tmp_path, tiny_corpus, monkeypatch)
-    assert scope["model"].cfg.norm == "pre-ln" and len(scope["rms"]) == TINY_MODEL["n_layers"] + 1
+    r = run_notebook("01_first_look.ipynb", tmp_path, monkeypatch, '{"norm": model.cfg.norm, "rms": len(rms)}',
+                     WORKBENCH_NOTEBOOK_RUN=tiny_run(tmp_path, tiny_corpus))
+    assert r == {"norm": "pre-ln", "rms": TINY_MODEL["n_layers"] + 1}
 
 
 def test_zoo_report_script(tmp_path, tiny_corpus):
@@ -48,7 +57,37 @@ def test_zoo_report_script(tmp_path, tiny_corpus):
 
 
 def test_ln_removal_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypatch):
-    scope = run_notebook("02_ln_removal.ipynb", tmp_path, tiny_corpus, monkeypatch,
-                         WORKBENCH_NOTEBOOK_CORPUS=str(tiny_corpus), WORKBENCH_NOTEBOOK_STEPS_PER_LN="1")
-    assert abs(scope["after"].dla_sum - scope["after"].logit) <= 1e-4 and scope["after"].nmae <= 1e-5
-    assert scope["max_diff"] <= 1e-4 and len(scope["schedule"]) == 3 * TINY_MODEL["n_layers"] + 2
+    r = run_notebook("02_ln_removal.ipynb", tmp_path, monkeypatch,
+                     '{"gap": abs(after.dla_sum - after.logit), "nmae": after.nmae, "max_diff": max_diff, '
+                     '"events": len(schedule)}',
+                     WORKBENCH_NOTEBOOK_RUN=tiny_run(tmp_path, tiny_corpus), WORKBENCH_NOTEBOOK_CORPUS=str(tiny_corpus),
+                     WORKBENCH_NOTEBOOK_STEPS_PER_LN="1")
+    assert r["gap"] <= 1e-4 and r["nmae"] <= 1e-5
+    assert r["max_diff"] <= 1e-4 and r["events"] == 3 * TINY_MODEL["n_layers"] + 2
+
+
+def _tiny_zoo_env(tmp_path, tiny_corpus) -> dict:
+    return dict(WORKBENCH_NOTEBOOK_ZOO=str(tmp_path / "zoo"), WORKBENCH_NOTEBOOK_CORPUS=str(tiny_corpus),
+                WORKBENCH_NOTEBOOK_STEPS="4", WORKBENCH_NOTEBOOK_TOKENS="512",
+                WORKBENCH_NOTEBOOK_MODEL=json.dumps({**TINY_MODEL, "n_layers": 4}))
+
+
+def test_curse_of_depth_notebook(tmp_path, tiny_corpus, monkeypatch):
+    r = run_notebook("03_curse_of_depth.ipynb", tmp_path, monkeypatch,
+                     '{"growth": growth, "layers": [len(v) for v in variance.values()]}',
+                     **_tiny_zoo_env(tmp_path, tiny_corpus))
+    assert set(r["growth"]) == {"pre-ln", "lns"} and r["layers"] == [5, 5]
+
+
+def test_mix_ln_gradients_notebook(tmp_path, tiny_corpus, monkeypatch):
+    r = run_notebook("04_mix_ln_gradients.ipynb", tmp_path, monkeypatch,
+                     '{"n_post": n_post, "cv": uniformity.grad_cv.tolist()}', **_tiny_zoo_env(tmp_path, tiny_corpus))
+    assert r["n_post"] == 1 and len(r["cv"]) == 3 and all(v >= 0 for v in r["cv"])
+
+
+def test_language_ranker_notebook(tmp_path, tiny_corpus, monkeypatch):
+    r = run_notebook("05_language_ranker.ipynb", tmp_path, monkeypatch,
+                     '{"n": len(table), "gap": gap}', WORKBENCH_NOTEBOOK_MODEL_SPEC=tiny_run(tmp_path, tiny_corpus),
+                     WORKBENCH_NOTEBOOK_LANGS="sco,ita,spa", WORKBENCH_NOTEBOOK_UNITS="4",
+                     WORKBENCH_NOTEBOOK_MIXTURE=str(tmp_path / "none"))
+    assert r["n"] == 3 and set(r["gap"]) == {"sco", "ita", "spa"}
