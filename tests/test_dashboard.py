@@ -4,9 +4,7 @@ and every page in headless Chromium against a served app (no error element; scre
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -172,6 +172,22 @@ def test_mixture_shares_and_heldout_parallel_text(tiny_corpus):
     assert not any(u in train_text for u in list(eng.values())[:10])  # held out
 
 
+def test_mixture_with_a_corpus_the_user_brings(tiny_corpus, tmp_path):
+    user = tmp_path / "mine.txt"
+    user.write_text(load_corpus("english").val[1].text[:120_000])
+    corpus = mixture_corpus(f"mix:eng=0.6,grek=0.2,{user}=0.2;base={tiny_corpus}")
+    chars = {}
+    for w in corpus.train:
+        chars[w.source] = chars.get(w.source, 0) + len(w.text)
+    english = sum(len(w.text) for w in load_corpus(str(tiny_corpus)).train)
+    assert chars["mine.txt"] == round(0.2 * english)  # exactly its share of the English training characters
+    assert set(chars) == {"eng", "grek", "mine.txt"}
+    with pytest.raises(WorkbenchError, match="fewer than its share needs"):
+        mixture_corpus(f"mix:eng=0.1,{user}=0.9;base={tiny_corpus}")
+    pc = heldout_parallel(f"mix:eng=0.6,grek=0.2,{user}=0.2;base={tiny_corpus}")
+    assert set(pc.languages) == {"eng", "grek"}  # a user corpus has no parallel text
+
+
 @pytest.mark.parametrize("spec, message", [
     ("mix:eng=0.5,cyrl=0.4", "sum to 0.9"),
     ("mix:eng=0.5,xyz=0.5", "unknown mixture language"),

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="tiny", help="tiny | small (default tiny)")
     t.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--corpus", default="english", help="'english' (bundled), a .txt file or a folder of them")
+    t.add_argument("--corpus", default="english", help="'english' (bundled), a .txt file, a folder of them, or a "
+                   "language mixture mix:eng=0.4,cyrl=0.3,perm2=0.2,PATH=0.1 (shares sum to 1)")
     t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     t.add_argument("--n-ctx", type=int, help="context length (default: the preset's)")
     t.add_argument("--alpha", type=float, help="Mix-LN: fraction of Post-LN blocks (default 0.25)")

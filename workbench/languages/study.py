@@ -63,9 +63,10 @@ def mixture_study(out_dir: str | Path, families: tuple[str, ...] = tuple(FAMILIE
          "spearman_score_vs_bits": spearman(g["score"], g["bits_per_english_byte"])}
         for (f, n), g in table.groupby(["family", "norm"], sort=False)])
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "mixture_languages.csv", table.drop(columns="per_layer").to_csv(index=False))
-    atomic_write_text(out / "mixture_summary.csv", summary.to_csv(index=False))
-    atomic_write_json(out / "mixture_study.json", {"families": list(families), "norms": list(norms),
+    tag = "" if pooling == "last" else f"_{pooling}"  # the same models ranked with another pooling sit beside
+    atomic_write_text(out / f"mixture_languages{tag}.csv", table.drop(columns="per_layer").to_csv(index=False))
+    atomic_write_text(out / f"mixture_summary{tag}.csv", summary.to_csv(index=False))
+    atomic_write_json(out / f"mixture_study{tag}.json", {"families": list(families), "norms": list(norms),
                                                    "preset": preset, "steps": steps, "shares": list(shares),
                                                    "model_overrides": model_overrides or {}, "seed": seed,
                                                    "pooling": pooling, "languages": rows,

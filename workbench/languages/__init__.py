@@ -1,0 +1,8 @@
+"""Language Ranker on parallel text, synthetic languages and training mixtures with shares we set."""
+
+from .parallel import Language, ParallelCorpus, load_parallel
+from .ranker import layer_table, rank_languages, ranking_table, spearman
+from .synthetic import FAMILIES, SyntheticLanguage
+
+__all__ = ["FAMILIES", "Language", "ParallelCorpus", "SyntheticLanguage", "layer_table", "load_parallel",
+           "rank_languages", "ranking_table", "spearman"]
