@@ -1,8 +1,10 @@
 """Attribution: DLA per component beside its direct effect, NMAE, heads as a layer × head grid."""
 
+from pathlib import Path
+
 import streamlit as st
 
-from dashboard.common import load_model, manifest
+from dashboard.common import load_csv, load_model, manifest
 from workbench.analysis.dla import direct_logit_attribution, top_tokens
 from workbench.analysis.figures import dla_bars, head_grid
 from workbench.analysis.prompts import load_prompts
@@ -14,6 +16,9 @@ models = dict(m.get("models", {}))
 custom = st.text_input("Or any model (run directory)", value="")
 if custom:
     models[custom] = custom
+if m.get("attribution") and Path(m["attribution"]).is_file():
+    with st.expander("Across models: DLA error on the bundled prompts, patching agreement, confidence neurons"):
+        st.dataframe(load_csv(m["attribution"]), width="stretch")
 if not models:
     st.info("No models yet: train the tiny zoo with `workbench zoo --preset tiny --out zoo/tiny`, or run "
             "`workbench demo`; or type a run directory above.")

@@ -54,6 +54,17 @@ def load_json(path: str | Path) -> dict:
     return read_json(str(path), _mtime(Path(path)))
 
 
+@st.cache_data(show_spinner=False)
+def _read_csv(path: str, mtime: float):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def load_csv(path: str | Path):
+    return _read_csv(str(path), _mtime(Path(path)))
+
+
 @st.cache_resource(show_spinner="Loading model…")
 def load_model(spec: str):
     import workbench

@@ -23,7 +23,7 @@ def results(tmp_path_factory, tiny_corpus):
     cfg = DemoConfig(zoo=str(d / "zoo"), results=str(d / "results"), norms="pre-ln,none,post-ln", steps=4,
                      corpus=str(tiny_corpus), diagnose_tokens=256, removal_steps_per_ln=1, rank_max_units=3,
                      rank_langs="sco,ita,spa,fra,rus,cmn_hans", model_overrides={**TINY_MODEL, "n_ctx": 64},
-                     train_overrides=TINY_TRAIN)
+                     train_overrides=TINY_TRAIN, smollm2=False)
     run_demo(cfg, progress=False, log=lambda *_: None)
     return d / "results"
 
@@ -127,3 +127,14 @@ def test_every_page_in_headless_chromium(results, tmp_path):
         assert shots[name]["errors"] == [], (name, shots[name]["errors"])
         assert shots[name]["title_found"], name
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
+
+
+def test_demo_bad_input(tmp_path, capsys):
+    from workbench.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--results", str(tmp_path / "file"), "--zoo", str(tmp_path / "zoo")]) == 2
+    assert main(["demo", "--preset", "huge", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "unknown preset" in err
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "r").exists()

@@ -2,7 +2,8 @@
 
 Trains the tiny zoo if it is not there, computes every analysis that exists — depth diagnostics of
 every model, LayerNorm removal of the Pre-LN model (with its control), direct logit attribution of the
-bundled prompts before and after removal, the Language Ranker on the UDHR for every Pre-norm model —
+bundled prompts before and after removal, the Language Ranker on the UDHR for every Pre-norm model, and
+SmolLM2's depth diagnostics and Language Ranker when ``workbench fetch smollm2`` has cached it —
 and writes ``RESULTS/manifest.json`` naming where each result lives. Finished steps are kept, so a
 second run only does what is missing. The dashboard reads the manifest (``streamlit run app.py --
 --results RESULTS``).
@@ -36,6 +37,9 @@ class DemoConfig:
     removal_steps_per_ln: int = 2
     rank_max_units: int = 10
     rank_langs: str | None = None  # comma-separated UDHR codes (default: every declaration)
+    smollm2: bool = True  # also diagnose and rank SmolLM2 when `workbench fetch smollm2` has cached it
+    smollm2_tokens: int = 4096
+    smollm2_every: int = 4  # every 4th UDHR declaration (127 languages), bfloat16
     steps: int | None = None  # training steps (default: the preset's)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
@@ -60,11 +64,19 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     import workbench
     from .analysis.report import attribution_report
     from .analysis.compare import zoo_diagnostics
+    from .analysis.depth import diagnose
+    from .hf import SMOLLM2_GGUF, smollm2_dir
     from .languages.ranker import rank_languages
     from .removal import RemovalConfig, remove_ln
     from .zoo import collect_existing, train_zoo
 
+    from .presets import get_preset
+
     zoo, out = Path(cfg.zoo), Path(cfg.results)
+    get_preset(cfg.preset)
+    for path, flag in ((zoo, "--zoo"), (out, "--results")):
+        if path.exists() and not path.is_dir():
+            raise WorkbenchError(f"{flag} {path} exists and is not a directory; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"[1/5] zoo in {zoo}")
@@ -86,6 +98,16 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     else:
         log(f"[3/5] skipped: no trained {cfg.removal_norm} model in {zoo}")
 
+    diagnostics: dict[str, str] = {}
+    smollm2_ready = cfg.smollm2 and (smollm2_dir() / SMOLLM2_GGUF).is_file()
+    if smollm2_ready:
+        path = out / "diagnose_smollm2.json"
+        log(f"      SmolLM2 is cached: its depth diagnostics too → {path}")
+        if not path.is_file():
+            atomic_write_json(path, diagnose(workbench.load("smollm2"), corpus=cfg.corpus, tokens=cfg.smollm2_tokens,
+                                             model_id="smollm2"))
+        diagnostics["smollm2"] = str(path)
+
     log("[4/5] direct logit attribution of the bundled prompts, before and after removal")
     models = {n: str(zoo / n) for n in finished if n in ("pre-ln", "pre-rms", "lns", "none")}
     models.update({f"{n} LN-free": p for n, p in removal.items()})
@@ -104,8 +126,23 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
             r = rank_languages(spec, "udhr", langs, max_units=cfg.rank_max_units, model_name=name)
             atomic_write_json(path, r)
         languages[name] = str(path)
+    if smollm2_ready:
+        path = out / "languages" / "smollm2.json"
+        log(f"      SmolLM2: every {cfg.smollm2_every}th declaration, bfloat16 → {path}")
+        if not path.is_file():
+            import torch
 
-    manifest = {"zoo": str(zoo), "removal": removal, "attribution": str(attribution), "languages": languages,
+            from .languages.parallel import load_parallel
+
+            model = workbench.load("smollm2")
+            model.bridge.to(torch.bfloat16)
+            pc = load_parallel("udhr")
+            codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
+            r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")
+            atomic_write_json(path, r)
+        languages["smollm2"] = str(path)
+
+    manifest = {"zoo": str(zoo), "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
                 "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()}},
                 "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / MANIFEST, manifest)
