@@ -22,7 +22,8 @@ if not files:
     missing("No Language Ranker results yet.",
             f"workbench rank-languages {zoo}/pre-ln --max-units 10 --out results/demo/languages/pre-ln.json")
 
-name = st.selectbox("Result", list(files))
+names = list(files)
+name = st.selectbox("Result", names, index=names.index("smollm2") if "smollm2" in names else 0)
 result = load_json(files[name])
 table = ranking_table(result)
 rho = result.get("spearman_score_vs_bits_per_english_byte")
