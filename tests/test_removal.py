@@ -1,6 +1,7 @@
 """LayerNorm removal: frozen-scale norms, the schedule, folding, the CLI, and bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -294,3 +295,30 @@ def test_ramp_blends_live_and_frozen_scale_geometrically(runs, tmp_path, tiny_co
     s = remove_ln(runs / "pre-ln", tmp_path / "ramp", RemovalConfig(**RC, ramp=4, final_steps=0, control=False),
                   corpus=str(tiny_corpus), progress=False)
     assert s["final_steps"] == 4 and s["fold_max_abs_logit_diff"] < 1e-4  # the cool-down covers the last ramp
+
+
+def test_scale_spread_is_the_variance_of_log_scale_averaged_over_sites():
+    from workbench.removal.finetune import _log_scale, scale_spread
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 8) * torch.rand(2, 5, 1) * 3 for _ in range(3)]
+    keep = torch.ones(2, 5, 1, dtype=torch.bool)
+    keep[:, 0] = False  # position 0 (BOS) is not ordinary
+    ref = []
+    for x in xs:
+        xc = (x - x.mean(-1, keepdim=True))[:, 1:]
+        logs = torch.log(xc.pow(2).mean(-1).sqrt()).flatten()
+        ref.append(logs.var(unbiased=False).item())
+    got = scale_spread([_log_scale(x, centers=True) for x in xs], keep)
+    assert got.item() == pytest.approx(sum(ref) / 3, rel=1e-5)
+    assert _log_scale(torch.full((1, 1, 4), 2.0), centers=False).item() == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_preconditioning_steps_come_first_and_count(runs, tmp_path, tiny_corpus):
+    rc = RemovalConfig(**{**RC, "precondition": 3, "scale_loss": 0.5, "control": False})
+    s = remove_ln(runs / "pre-ln", tmp_path / "pc", rc, corpus=str(tiny_corpus), progress=False)
+    events = 3 * TINY_MODEL["n_layers"] + 2
+    assert s["schedule"][0] == {"event": 0, "norm": "precondition", "step": 0}
+    assert s["schedule"][1]["step"] == 3 and len(s["schedule"]) == events + 1
+    assert s["steps"] == 3 + events * rc.steps_per_ln + s["final_steps"]
+    assert is_norm_free(workbench.load(tmp_path / "pc"))

@@ -21,6 +21,10 @@ def add_parsers(sub) -> None:
     r.add_argument("--special-positions", type=int, default=1,
                    help="the first N positions keep their own std until the end (default 1: BOS)")
     r.add_argument("--aux-loss", type=float, default=0.0, help="weight of the final-residual std loss (default 0)")
+    r.add_argument("--scale-loss", type=float, default=0.0,
+                   help="weight of a loss on the spread of log per-token scale at every norm (default 0)")
+    r.add_argument("--precondition", type=int, default=0,
+                   help="steps with --scale-loss and every norm live before the first is frozen (default 0)")
     r.add_argument("--ema", type=float, default=None, help="EMA rate of the frozen std while fine-tuning (0 = fixed)")
     r.add_argument("--lr", type=float, help="learning rate (default: 0.4 × the pre-training peak; 2e-5 for Llama models)")
     r.add_argument("--corpus", help="fine-tuning text (default: the model's training corpus, else english)")
@@ -49,7 +53,8 @@ def _removal_config(args):
              "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch}
     return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
                          special_positions=args.special_positions,
-                         control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp)
+                         control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp,
+                         scale_loss=args.scale_loss, precondition=args.precondition)
 
 
 def cmd_remove_ln(args) -> int:

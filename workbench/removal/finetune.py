@@ -46,6 +46,10 @@ class RemovalConfig:
     # Positions 0 … special_positions−1 keep their own σ until the last event (with end-of-text tokens).
     special_positions: int = 1
     aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
+    # Weight of a loss on the spread of log per-token scale at *every* norm site (ordinary positions):
+    # it teaches the model to stop relying on a few high-norm tokens before one σ replaces their scale.
+    scale_loss: float = 0.0
+    precondition: int = 0  # steps with that loss (and every norm live) before the first norm is frozen
     ema: float = 0.0  # 0: σ fixed at calibration; else the EMA rate towards the live scale
     seed: int = 1  # batch seed; pre-training used seed 0's batches
     eval_batches: int = 16
@@ -73,6 +77,8 @@ class RemovalConfig:
             raise WorkbenchError(f"--special-positions must be at least 1 (position 0), got {self.special_positions}")
         if self.final_steps is not None and self.final_steps < 0:
             raise WorkbenchError(f"--final-steps must be ≥ 0, got {self.final_steps}")
+        if self.scale_loss < 0 or self.precondition < 0:
+            raise WorkbenchError("--scale-loss and --precondition must be ≥ 0")
         if self.aux_loss < 0:
             raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
         if not 0.0 <= self.ema < 1.0:
@@ -163,20 +169,42 @@ def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
     return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
 
 
+def _log_scale(x: Tensor, centers: bool) -> Tensor:
+    """log of each position's norm scale: log sqrt(mean (x − mean x)²) (or of mean x² without centering)."""
+    x = x.float()
+    xc = x - x.mean(-1, keepdim=True) if centers else x
+    return 0.5 * torch.log(xc.pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
+def scale_spread(log_scales: list[Tensor], keep: Tensor) -> Tensor:
+    """Mean over norm sites of the variance of log scale over the kept (ordinary) positions."""
+    k = keep.float()
+    n = k.sum().clamp_min(1)
+    out = []
+    for ls in log_scales:
+        mean = (ls * k).sum() / n
+        out.append((((ls - mean) ** 2) * k).sum() / n)
+    return torch.stack(out).mean()
+
+
 def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, captured: list[Tensor],
-                world: int) -> tuple[Tensor, Tensor]:
+                world: int, scales: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss and objective."""
     chunks = batch.split(rc.micro_batch or len(batch))
     loss_sum, total_sum = 0.0, 0.0
     for j, chunk in enumerate(chunks):
         positions.update(chunk)
         captured.clear()
+        if scales is not None:
+            scales.clear()
         last = j == len(chunks) - 1
         sync = contextlib.nullcontext() if last or world == 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with _autocast(chunk.device):
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
                 total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
+                if scales:
+                    total = total + rc.scale_loss * scale_spread(scales, positions.ordinary())
             weight = len(chunk) / len(batch)
             (total * weight).backward()  # always: under DDP every rank must join the all-reduce
         loss_sum = loss_sum + loss.detach() * weight
@@ -225,11 +253,16 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     hook = None
     if rc.aux_loss > 0:
         hook = adapter.final_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    scales: list[Tensor] = []
+    scale_hooks = [site.norm.register_forward_pre_hook(
+        lambda mod, args: scales.append(_log_scale(args[0], mod.standardize.centers)))
+        for site in adapter.sites] if rc.scale_loss > 0 else []
     frozen: list[FrozenStandardize] = []
     schedule, metrics = [], []
-    removal_steps = len(events) * K
-    final_steps = max(rc.cooldown(removal_steps), rc.ramp)  # every hand-over completes before the fold
-    plan = [(e, K) for e in events] + ([("final", final_steps)] if final_steps else [])
+    removal_steps = rc.precondition + len(events) * K
+    final_steps = max(rc.cooldown(len(events) * K), rc.ramp)  # every hand-over completes before the fold
+    plan = ([("precondition", rc.precondition)] if rc.precondition else []) + [(e, K) for e in events] + \
+        ([("final", final_steps)] if final_steps else [])
     bar = tqdm(total=removal_steps + final_steps, desc=label, disable=not (progress and rank == 0),
                dynamic_ncols=True, leave=False, mininterval=0.5)
     net.train()
@@ -260,7 +293,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 entry.update(sig)
             if event != "final":
                 schedule.append(entry)
-            what = "cool-down" if event == "final" else ("removing " + name if remove else "control")
+            what = {"final": "cool-down", "precondition": "preconditioning"}.get(
+                name if isinstance(event, str) else "", "removing " + name if remove else "control")
             bar.set_description(f"{label} {what} ({i + 1}/{len(plan)})")
             for k in range(n_steps):
                 batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
@@ -270,7 +304,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     if rc.ramp:
                         f.blend = min(1.0, (step - f.frozen_at + 1) / rc.ramp)
                 opt.zero_grad(set_to_none=True)
-                loss, total = _accumulate(model, batch, rc, positions, captured, world)
+                loss, total = _accumulate(model, batch, rc, positions, captured, world, scales if scale_hooks else None)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded (DTensor) norm
                     grad_norm = grad_norm.full_tensor()
@@ -302,6 +336,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         bar.close()
         if hook is not None:
             hook.remove()
+        for h in scale_hooks:
+            h.remove()
     net.eval()
     return {"schedule": schedule, "metrics": metrics, "steps": step, "final_steps": final_steps, "skipped_steps": skipped,
             "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs}
