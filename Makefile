@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ZOO    ?= zoo/tiny
 
-.PHONY: setup zoo test bench clean
+.PHONY: setup zoo demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 zoo: setup
 	$(BIN)/workbench zoo --preset tiny --out $(ZOO)
+
+demo: setup
+	$(BIN)/workbench demo --zoo $(ZOO)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -90,6 +90,7 @@ def test_english_against_english_scores_one_at_every_layer(model, tmp_path):
     for center in ("language", "none"):
         r = rank_languages(model, str(path), ["eng_copy"], max_units=6, center=center)
         assert np.allclose(r["languages"][0]["per_layer"], 1.0, atol=1e-5)
+        assert np.allclose(r["languages"][0]["score_ci95"], 1.0, atol=1e-5)
         assert r["languages"][0]["bits_per_english_byte"] == pytest.approx(r["english"]["bits_per_byte"], rel=1e-6)
 
 
@@ -103,6 +104,8 @@ def test_shuffled_pairing_scores_lower_and_results_are_deterministic(model):
     by = {r["code"]: r["score"] for r in shuffled["languages"]}
     for r in aligned["languages"]:
         assert r["score"] > by[r["code"]] + 0.01
+        lo, hi = r["score_ci95"]
+        assert lo <= r["score"] <= hi and hi - lo > 0
     assert {r["code"] for r in aligned["languages"]} == {"sco", "ita"}
     assert aligned["units"] == sorted(aligned["units"], key=int) and len(aligned["units"]) == 12
 

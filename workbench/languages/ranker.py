@@ -12,6 +12,9 @@ same thing, so this compares languages on equal content; plain bits per byte of 
 (a Devanagari letter is 3 bytes, a Cyrillic one 2, a Latin one 1). Texts longer than the context are
 scored with strided windows (every token once, with at least half a window of context); their
 representation comes from their first ``max_tokens`` tokens (``n_truncated`` counts them).
+
+``score_ci95``: a 95 % percentile-bootstrap interval of the score over the units (200 resamples,
+centering redone for each), so that languages whose intervals overlap are not read as ranked.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn.functional as F
 
 from ..errors import WorkbenchError
@@ -28,6 +32,7 @@ from .encode import encode_texts, text_model
 from .parallel import UNITS, ParallelCorpus, load_parallel
 
 PAIRINGS = ("aligned", "shuffled")
+BOOTSTRAP = 200  # resamples of the units for the score's 95 % interval
 CENTERINGS = ("language", "none")
 
 
@@ -55,6 +60,23 @@ def _unit_keys(corpus: ParallelCorpus, unit: str, max_units: int | None) -> list
         keep = set(sorted(keys, key=lambda k: (len(eng[k].encode()), keys.index(k)))[:max_units])
         keys = [k for k in keys if k in keep]
     return keys
+
+
+def _similarity(x: torch.Tensor, e: torch.Tensor, center: bool) -> torch.Tensor:
+    """Cosine per unit and layer, [unit, layer], after subtracting each side's mean over units."""
+    if center:
+        x, e = x - x.mean(0), e - e.mean(0)
+    return F.cosine_similarity(x, e, dim=-1)
+
+
+def _score_interval(x: torch.Tensor, e: torch.Tensor, center: bool, seed: int) -> list[float]:
+    """95 % percentile-bootstrap interval of the score over units (centering redone per resample)."""
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (BOOTSTRAP, n), generator=g)
+    scores = torch.stack([_similarity(x[i], e[i], center).mean() for i in idx])
+    lo, hi = torch.quantile(scores, torch.tensor([0.025, 0.975]))
+    return [float(lo), float(hi)]
 
 
 def _derangement(n: int) -> list[int]:
@@ -106,18 +128,17 @@ def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str
                 raise WorkbenchError(f"{lang.code} has one unit; a shuffled pairing needs at least two")
             e_idx = [e_idx[j] for j in _derangement(len(have))]
         x, e = enc.pooled[idx], enc.pooled[e_idx]  # [unit, layer, d_model]
-        if center == "language":
-            if len(have) < 2:
-                raise WorkbenchError(f"{lang.code} has one unit: centering needs at least two; use --center none")
-            x, e = x - x.mean(0), e - e.mean(0)
-        cos = F.cosine_similarity(x, e, dim=-1)  # [unit, layer]
-        per_layer = cos.mean(0)
+        if center == "language" and len(have) < 2:
+            raise WorkbenchError(f"{lang.code} has one unit: centering needs at least two; use --center none")
+        per_layer = _similarity(x, e, center == "language").mean(0)
+        interval = _score_interval(x, e, center == "language", seed=len(rows)) if len(have) >= 2 else None
         bits = float(enc.nll[idx].sum()) / math.log(2)
         own_bytes = sum(len(texts[i].encode()) for i in idx)
         eng_bytes = sum(len(eng_units[k].encode()) for k in have)
         rows.append({
             "code": lang.code, "name": lang.name, "script": lang.script, "family": lang.family or None,
-            "share": lang.share, "score": float(per_layer.mean()), "per_layer": [float(v) for v in per_layer],
+            "share": lang.share, "score": float(per_layer.mean()), "score_ci95": interval,
+            "per_layer": [float(v) for v in per_layer],
             "bits_per_byte": bits / own_bytes if own_bytes else None,
             "bits_per_english_byte": bits / eng_bytes if eng_bytes else None,
             "n_units": len(have), "n_truncated": sum(enc.truncated[i] for i in idx),
@@ -153,9 +174,12 @@ def _finite(v: float) -> float | None:
 
 def ranking_table(result: dict) -> pd.DataFrame:
     """One row per language: rank, code, name, score, bits per English byte, …"""
-    cols = ["rank", "code", "name", "script", "score", "bits_per_english_byte", "bits_per_byte", "n_units",
+    cols = ["rank", "code", "name", "script", "score", "score_lo", "score_hi", "bits_per_english_byte", "bits_per_byte", "n_units",
             "n_truncated", "tokens", "share", "family"]
     df = pd.DataFrame(result["languages"])
+    if "score_ci95" in df:
+        df["score_lo"] = [ci[0] if ci else None for ci in df["score_ci95"]]
+        df["score_hi"] = [ci[1] if ci else None for ci in df["score_ci95"]]
     return df[[c for c in cols if c in df.columns and not (c in ("share", "family") and df[c].isna().all())]]
 
 
