@@ -22,7 +22,7 @@ from .io import atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
 DEFAULT_RESULTS = "results/demo"
-RANKED_NORMS = ("pre-ln", "pre-rms", "lns", "none")  # Pre-norm family + a norm-free baseline
+RANKED_NORMS = ("pre-ln", "pre-rms", "lns", "none")  # attributed and ranked: Pre-norm family + a norm-free baseline
 
 
 @dataclass
@@ -109,7 +109,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         diagnostics["smollm2"] = str(path)
 
     log("[4/5] direct logit attribution of the bundled prompts, before and after removal")
-    models = {n: str(zoo / n) for n in finished if n in ("pre-ln", "pre-rms", "lns", "none")}
+    models = {n: str(zoo / n) for n in finished if n in RANKED_NORMS}
     models.update({f"{n} LN-free": p for n, p in removal.items()})
     attribution = out / "attribution.csv"
     table = attribution_report({label: workbench.load(p) for label, p in models.items()}, corpus=cfg.corpus)

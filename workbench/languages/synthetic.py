@@ -1,9 +1,9 @@
 """Synthetic languages: deterministic, invertible transformations of English text.
 
 Every synthetic language is exactly parallel to English, so its share of a training mixture can be set
-at will and its held-out text aligned unit by unit. A language is a ``+``-joined list of transforms
-applied right to left in reading order of the name is irrelevant: they are always applied as word order
-→ vocabulary → script, and inverted in the opposite order.
+at will and its held-out text aligned unit by unit. A language is a ``+``-joined list of transforms;
+their order in the name does not matter: they are always applied as word order → vocabulary → script,
+and inverted in the opposite order.
 
 - script substitution (``cyrl``, ``grek``, ``armn``, ``geor``, ``glag``, ``cher``): every ASCII letter
   becomes a letter of another Unicode script, case kept — a new alphabet, the same words;
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import WorkbenchError
 
-# (first upper, first lower, count, skipped code points) per script: 26 letters each, both cases.
+# Per script: the code points that A–Z and a–z become (26 letters each, both cases).
 _SCRIPTS: dict[str, tuple[list[int], list[int]]] = {}
 
 
