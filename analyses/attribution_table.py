@@ -3,15 +3,15 @@
     python analyses/attribution_table.py zoo/tiny [pre-ln,lns,pre-rms,dyt,none] [--out FILE.json]
 
 An entry LABEL=PATH adds any run directory under its own label, e.g. the LN-free model from
-`workbench remove-ln`:  pre-ln,pre-ln/ln-free=runs/ln_free_pre-ln. PATH may also be a Hugging Face
-Llama model (smollm2, its RMSNorm-free directory), analysed through HookedLlama.
+`workbench remove-ln`:  pre-ln,pre-ln/ln-free=runs/ln_free_pre-ln. PATH may be any model spec
+(smollm2, a Hugging Face directory, its RMSNorm-free version).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from workbench.analysis.hooked_hf import load_for_analysis
+import workbench
 from workbench.analysis.report import attribution_report
 from workbench.io import atomic_write_text
 from workbench.zoo import collect_existing
@@ -40,7 +40,7 @@ def main() -> int:
     if not entries:
         print(f"none of {args.norms} is trained in {args.zoo}; run `workbench zoo --out {args.zoo}`", file=sys.stderr)
         return 2
-    table = attribution_report({label: load_for_analysis(path) for label, path in entries})
+    table = attribution_report({label: workbench.load(path) for label, path in entries})
     print(markdown(table))
     if args.out:
         atomic_write_text(args.out, table.to_json(orient="records", indent=1))

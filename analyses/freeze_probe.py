@@ -16,21 +16,14 @@ import torch
 
 from workbench.data import TokenData, tokenize_works
 from workbench.corpus import load_corpus
-from workbench.hf import load_causal_lm, runs_through_hf_modules
+import workbench
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
-from workbench.removal.api import load_gpt_source
 from workbench.removal.finetune import calibrate, evaluate
+from workbench.removal.gpt_sites import GPTRemoval
 
 
 def adapter_for(spec: str):
-    if runs_through_hf_modules(spec):
-        from workbench.removal.llama import LlamaRemoval
-
-        hf, tok = load_causal_lm(spec)
-        return LlamaRemoval(hf, tok.backend_tokenizer, 128), tok.backend_tokenizer
-    from workbench.removal.gpt_sites import GPTRemoval
-
-    model = load_gpt_source(spec, torch.device("cpu"))
+    model = workbench.load(spec)
     return GPTRemoval(model), model.tokenizer
 
 

@@ -1,4 +1,4 @@
-"""DLA exactness on Hugging Face Llama models over the bundled prompts (SmolLM2, its RMSNorm-free version).
+"""DLA exactness over the bundled prompts on any models (SmolLM2, its RMSNorm-free version, run directories).
 
     python analyses/hf_attribution.py smollm2 results/smollm2_rmsfree [--out FILE.json]
 """
@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.analysis.dla_hf import direct_logit_attribution_hf
+import workbench
+from workbench.analysis.dla import direct_logit_attribution
 from workbench.analysis.prompts import load_prompts
 from workbench.errors import WorkbenchError
-from workbench.hf import load_causal_lm
 from workbench.io import atomic_write_text
 
 
 def per_prompt(spec: str) -> pd.DataFrame:
-    hf, tok = load_causal_lm(spec)
+    model = workbench.load(spec)
     rows = []
     for p in load_prompts():
         try:
-            r = direct_logit_attribution_hf(hf, tok.backend_tokenizer, p.prompt, p.answer, p.contrast)
+            r = direct_logit_attribution(model, p.prompt, p.answer, p.contrast)
         except WorkbenchError:  # an answer that is not one token in this tokenizer
             continue
         rows.append({"model": spec, "prompt": p.name, "logit_diff": r.logit, "dla_sum_error": abs(r.dla_sum - r.logit),

@@ -13,12 +13,12 @@ import time
 
 import torch
 
+import workbench
 from workbench.data import load_token_data
-from workbench.hf import load_causal_lm
 from workbench.model.gpt import lm_cross_entropy
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
-from workbench.removal.finetune import _log_scale, calibrate, evaluate, scale_spread
-from workbench.removal.llama import LlamaRemoval
+from workbench.removal.finetune import log_scale, calibrate, evaluate, scale_spread
+from workbench.removal.gpt_sites import GPTRemoval
 
 PROBED = (2, 5, 8, 11, 14, 17, 20, 23, 29)  # MLP norms of these layers: CE after freezing through them
 
@@ -32,18 +32,18 @@ def main() -> int:
     ap.add_argument("--special-positions", type=int, default=2)
     a = ap.parse_args()
     torch.manual_seed(0)
-    hf, tok = load_causal_lm(a.model)
-    tok = tok.backend_tokenizer
-    ad = LlamaRemoval(hf, tok, 128)
+    model = workbench.load(a.model)
+    tok = model.tokenizer
+    ad = GPTRemoval(model, 128)
     data = load_token_data("english", tok.get_vocab_size(), tokenizer=tok)
     val = data.val_batches(3, 8, 128)
     calib, evals = val[0], val[1:]
     pos = SpecialPositions(ad.eot_id, a.special_positions)
     cpu = torch.device("cpu")
-    n_mlp = len(hf.model.layers)
+    n_mlp = model.cfg.n_layers
 
     def capture(into: list):
-        return [s.norm.register_forward_pre_hook(lambda m, args: into.append(_log_scale(args[0], m.standardize.centers)))
+        return [s.norm.register_forward_pre_hook(lambda m, args: into.append(log_scale(args[0], m.standardize.centers)))
                 for s in ad.sites]
 
     @torch.no_grad()

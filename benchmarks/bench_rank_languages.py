@@ -37,7 +37,7 @@ def main() -> int:
     for name in a.dtypes.split(","):
         t0 = time.perf_counter()
         model = workbench.load("smollm2")
-        model.bridge.to(getattr(torch, name))
+        model.to(getattr(torch, name))
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         r = rank_languages(model, pc, codes, max_units=a.max_units, model_name="smollm2")

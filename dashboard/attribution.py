@@ -13,7 +13,7 @@ from workbench.errors import WorkbenchError
 st.title("Direct logit attribution")
 m = manifest() or {}
 models = dict(m.get("models", {}))
-custom = st.text_input("Or any model (run directory)", value="")
+custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)", value="")
 if custom:
     models[custom] = custom
 if m.get("attribution") and Path(m["attribution"]).is_file():
@@ -21,7 +21,7 @@ if m.get("attribution") and Path(m["attribution"]).is_file():
         st.dataframe(load_csv(m["attribution"]), width="stretch")
 if not models:
     st.info("No models yet: train the tiny zoo with `workbench zoo --preset tiny --out zoo/tiny`, or run "
-            "`workbench demo`; or type a run directory above.")
+            "`workbench demo`; or type a model above.")
     st.stop()
 
 name = st.selectbox("Model", list(models))

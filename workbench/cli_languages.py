@@ -53,7 +53,7 @@ def cmd_rank_languages(args) -> int:
     corpus.resolve(langs, args.unit)
     model = workbench.load(args.model)
     if args.dtype != "float32":
-        (model.bridge if hasattr(model, "bridge") else model).to(dtypes[args.dtype])
+        model.to(dtypes[args.dtype])
     result = rank_languages(model, corpus, langs, pooling=args.pooling, unit=args.unit, max_units=args.max_units,
                             pairing=args.pairing, center=args.center, batch_tokens=args.batch_tokens,
                             max_tokens=args.max_tokens, progress=not args.quiet, model_name=str(args.model))

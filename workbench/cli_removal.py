@@ -10,7 +10,7 @@ from .errors import WorkbenchError
 
 def add_parsers(sub) -> None:
     r = sub.add_parser("remove-ln", help="remove every norm by fine-tuning (frozen-std fake norms, one at a time)")
-    r.add_argument("model", help="run directory, GPT-2 Hugging Face directory, smollm2 or a Llama HF directory")
+    r.add_argument("model", help="run directory, Hugging Face directory (GPT-2, Llama, Qwen2, GPT-NeoX), smollm2 or hf:NAME")
     r.add_argument("--out", required=True, help="directory to create: LN-free model, control/, summary.json")
     r.add_argument("--steps-per-ln", type=int, default=None, help="fine-tuning steps after each norm (K)")
     r.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (T)")
@@ -36,13 +36,13 @@ def add_parsers(sub) -> None:
     r.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser("convert", help="exact training-free transforms of a Pre-LN model")
-    c.add_argument("model", help="run directory or GPT-2 Hugging Face directory")
+    c.add_argument("model", help="a Pre-LN model: run directory, GPT-2 or GPT-NeoX Hugging Face directory")
     c.add_argument("--to", required=True, help="folded | pre-rms | pre-crms")
     c.add_argument("--out", required=True)
     c.add_argument("--corpus", default="english", help="validation text for max_abs_logit_diff")
 
-    e = sub.add_parser("export", help="write a model as a stock Hugging Face GPT-2 directory")
-    e.add_argument("model", help="run directory (pre-ln, or LN-free from remove-ln)")
+    e = sub.add_parser("export", help="write a model as a stock Hugging Face directory of its family")
+    e.add_argument("model", help="run directory (pre-ln or LN-free: GPT-2; Llama/Qwen2 runs: their family)")
     e.add_argument("--out", required=True)
 
 
@@ -58,17 +58,10 @@ def _removal_config(args):
 
 
 def cmd_remove_ln(args) -> int:
-    from .hf import runs_through_hf_modules
     from .removal import remove_ln
 
     rc = _removal_config(args)
-    if runs_through_hf_modules(args.model):
-        from .removal.llama import remove_rmsnorm_hf
-
-        s = remove_rmsnorm_hf(args.model, args.out, rc, corpus=args.corpus or "english", device=args.device,
-                              progress=not args.quiet)
-    else:
-        s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
+    s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
     frac = f" ({100 * s['token_fraction']:.2f}% of pre-training)" if s.get("token_fraction") else ""
     print(f"CE original {s['ce_original']:.4f}  control {_f(s['ce_control'])}  LN-free {s['ce_ln_free']:.4f}"
           f"  | {s['tokens_used']} fine-tuning tokens{frac}")
@@ -91,15 +84,11 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     import workbench
 
-    from .model import GPT
-    from .removal.gpt2 import export_gpt2
+    from .loader import export
 
-    model = workbench.load(args.model)
-    if not isinstance(model, GPT):
-        raise WorkbenchError(f"{args.model} is already a Hugging Face model; export takes a workbench run directory")
-    s = export_gpt2(model, args.out)
+    s = export(workbench.load(args.model), args.out)
     print(json.dumps(s, indent=2))
-    print(f"wrote {args.out}: load it with transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+    print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     return 0
 
 

@@ -13,6 +13,11 @@ from typing import Any
 from .errors import WorkbenchError
 
 
+MLP_KINDS = ("gelu", "swiglu")
+POS_KINDS = ("learned", "rope")
+ACT_FNS = ("gelu_new", "gelu", "silu")
+
+
 @dataclass
 class ModelConfig:
     n_layers: int = 2
@@ -31,6 +36,20 @@ class ModelConfig:
     # The ln1 of each Pre-norm block feeds V through its own module (LayerNorm removal freezes the
     # Q/K path and the V path at different times, so they must be separable).
     split_ln1_v: bool = False
+    # Architecture beyond GPT-2: pretrained families (Llama, Qwen2, GPT-NeoX) load into this same model,
+    # each field a capability rather than a family name (see workbench/loader/).
+    mlp: str = "gelu"  # "gelu": W_out·act(W_in x);  "swiglu": W_out·(act(W_gate x) ⊙ W_in x)
+    pos: str = "learned"  # "learned" absolute embeddings, or "rope" (rotary on Q and K)
+    rotary_dim: int | None = None  # rope: the leading dims of each head that rotate (None: all of them)
+    rotary_base: float = 10000.0
+    n_key_value_heads: int | None = None  # grouped-query attention; None: one K/V head per query head
+    parallel: bool = False  # GPT-NeoX: attention and MLP both read the block's input
+    qkv_bias: bool = True  # False: b_Q, b_K, b_V are fixed zeros (buffers), never trained
+    o_bias: bool = True
+    mlp_bias: bool = True
+    unembed_bias: bool = True
+    family: str = "workbench"  # the checkpoint format it came from: the loader's adapter for export
+    bos_token: str = "<|endoftext|>"  # prepended at position 0 by to_tokens (a document start, as in training)
 
     def __post_init__(self) -> None:
         if self.d_head is None:
@@ -45,10 +64,28 @@ class ModelConfig:
         for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx", "d_head", "d_mlp"):
             if int(getattr(self, name)) <= 0:
                 raise WorkbenchError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.n_heads % self.n_key_value_heads:
+            raise WorkbenchError(f"model config: n_heads={self.n_heads} is not a multiple of "
+                                 f"n_key_value_heads={self.n_key_value_heads}")
+        if self.mlp not in MLP_KINDS:
+            raise WorkbenchError(f"unknown mlp {self.mlp!r}; choose one of: {', '.join(MLP_KINDS)}")
+        if self.pos not in POS_KINDS:
+            raise WorkbenchError(f"unknown pos {self.pos!r}; choose one of: {', '.join(POS_KINDS)}")
+        if self.act_fn not in ACT_FNS:
+            raise WorkbenchError(f"unknown act_fn {self.act_fn!r}; choose one of: {', '.join(ACT_FNS)}")
+        if self.pos == "rope":
+            if self.rotary_dim is None:
+                self.rotary_dim = self.d_head
+            if not 0 < self.rotary_dim <= self.d_head or self.rotary_dim % 2:
+                raise WorkbenchError(f"model config: rotary_dim={self.rotary_dim} must be even and in (0, d_head]")
         from .norms import get_scheme  # late import: norms register themselves on import
 
         self.scheme = get_scheme(self.norm)
         self.scheme.check(self)
+        if self.parallel and not self.scheme.residual_is_sum(self):
+            raise WorkbenchError(f"parallel attention + MLP needs Pre-norm blocks; norm {self.norm!r} has Post-norm ones")
 
     # --- attributes TransformerLens' ActivationCache reads -------------------------------------
     @property
@@ -59,7 +96,18 @@ class ModelConfig:
     def final_rms(self) -> bool:
         return self.scheme.tl_normalization_type in ("RMS", "RMSPre")
 
-    positional_embedding_type = "standard"
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary" if self.pos == "rope" else "standard"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp == "swiglu"
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        return self.parallel
+
     default_prepend_bos = True
     use_attn_result = False
     device = "cpu"

@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     from .analysis.report import attribution_report
     from .analysis.compare import zoo_diagnostics
     from .analysis.depth import diagnose
-    from .hf import SMOLLM2_GGUF, smollm2_dir
+    from .loader import smollm2_cached
     from .languages.ranker import rank_languages
     from .removal import RemovalConfig, remove_ln
     from .zoo import collect_existing, train_zoo
@@ -99,7 +99,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         log(f"[3/5] skipped: no trained {cfg.removal_norm} model in {zoo}")
 
     diagnostics: dict[str, str] = {}
-    smollm2_ready = cfg.smollm2 and (smollm2_dir() / SMOLLM2_GGUF).is_file()
+    smollm2_ready = cfg.smollm2 and smollm2_cached()
     if smollm2_ready:
         path = out / "diagnose_smollm2.json"
         log(f"      SmolLM2 is cached: its depth diagnostics too → {path}")
@@ -111,6 +111,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     log("[4/5] direct logit attribution of the bundled prompts, before and after removal")
     models = {n: str(zoo / n) for n in finished if n in RANKED_NORMS}
     models.update({f"{n} LN-free": p for n, p in removal.items()})
+    if smollm2_ready:  # a pretrained model beside the zoo, through the same surface
+        models["smollm2"] = "smollm2"
     attribution = out / "attribution.csv"
     table = attribution_report({label: workbench.load(p) for label, p in models.items()}, corpus=cfg.corpus)
     atomic_write_text(attribution, table.to_csv(index=False))
@@ -134,8 +136,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
 
             from .languages.parallel import load_parallel
 
-            model = workbench.load("smollm2")
-            model.bridge.to(torch.bfloat16)
+            model = workbench.load("smollm2").to(torch.bfloat16)
             pc = load_parallel("udhr")
             codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
             r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")
@@ -143,7 +144,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         languages["smollm2"] = str(path)
 
     manifest = {"zoo": str(zoo), "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
-                "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()}},
+                "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()},
+                           **({"smollm2": "smollm2"} if smollm2_ready else {})},
                 "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / MANIFEST, manifest)
     return manifest

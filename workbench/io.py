@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,6 +83,33 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_dir(out: Path) -> None:
+    """A result directory must be new (or an empty directory): results are never written over."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise WorkbenchError(f"--out {out} is not empty; choose a new directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Build a result directory in a temporary sibling and rename it into place when the block ends
+    without an error; on any error (or a kill before the rename) ``out`` never exists half-written."""
+    out = Path(out)
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

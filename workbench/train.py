@@ -80,7 +80,7 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed() -> _Dist:
+def init_distributed() -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
@@ -162,7 +162,7 @@ def train(
     """
     model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
     out = Path(out)
-    ddp = _init_distributed()
+    ddp = init_distributed()
     state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp)  # validates before anything is written
     if data is None:
         data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)

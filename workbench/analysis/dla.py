@@ -69,7 +69,10 @@ def residual_components(
     names_filter = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith(  # noqa: E731
         ("attn.hook_z", "hook_mlp_out", "hook_resid_post"))
     _, cache = model.run_with_cache(tokens, names_filter=names_filter)
-    names, vecs = ["embed", "pos_embed"], [cache["hook_embed"][0, pos], cache["hook_pos_embed"][0, pos]]
+    names, vecs = ["embed"], [cache["hook_embed"][0, pos]]
+    if "hook_pos_embed" in cache.cache_dict:  # learned positions; rotary ones live inside attention
+        names.append("pos_embed")
+        vecs.append(cache["hook_pos_embed"][0, pos])
     for l, block in enumerate(model.blocks):
         z = cache[f"blocks.{l}.attn.hook_z"][0, pos]  # [head, d_head]
         heads = torch.einsum("hd,hdm->hm", z, block.attn.W_O)

@@ -3,8 +3,6 @@ patching, and how much confidence neurons act through the final norm's scale."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 
@@ -15,21 +13,7 @@ from .dla import direct_logit_attribution
 from .patching import patching
 from .prompts import load_prompts, usable
 
-if TYPE_CHECKING:
-    from .hooked_hf import HookedLlama
-
-
-def _dla(model, p):
-    from .hooked_hf import HookedLlama
-
-    if isinstance(model, HookedLlama):
-        from .dla_hf import direct_logit_attribution_hf
-
-        return direct_logit_attribution_hf(model.hf, model.tokenizer, p.prompt, p.answer, p.contrast)
-    return direct_logit_attribution(model, p.prompt, p.answer, p.contrast)
-
-
-def attribution_report(models: dict[str, "GPT | HookedLlama"], corpus: str = "english", sequences: int = 16) -> pd.DataFrame:
+def attribution_report(models: dict[str, GPT], corpus: str = "english", sequences: int = 16) -> pd.DataFrame:
     rows = []
     prompts = load_prompts()
     for name, model in models.items():
@@ -38,7 +22,7 @@ def attribution_report(models: dict[str, "GPT | HookedLlama"], corpus: str = "en
         for p in prompts:
             if usable(model, p):
                 try:
-                    nmae.append(_dla(model, p).nmae)
+                    nmae.append(direct_logit_attribution(model, p.prompt, p.answer, p.contrast).nmae)
                 except WorkbenchError:
                     break  # DLA undefined for this norm (Post-LN): leave the columns empty
         row.update(dla_prompts=len(nmae), dla_nmae_median=float(np.median(nmae)) if nmae else np.nan,

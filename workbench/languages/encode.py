@@ -36,28 +36,12 @@ class TextModel:
 
 
 def text_model(model, max_tokens: int | None = None) -> TextModel:
-    """A workbench ``GPT`` or a Hugging Face model seen through TransformerBridge (``BridgedModel``)."""
-    from ..hf import BridgedModel
-    from ..model import GPT
-    from ..tokenizer import eot_id
-
-    if isinstance(model, GPT):
-        if model.tokenizer is None:
-            raise WorkbenchError("this model has no tokenizer; load it from a run directory with workbench.load")
-        tok = model.tokenizer
-        return TextModel(getattr(model, "name", "gpt"), model.cfg.n_layers, min(max_tokens or 10**9, model.cfg.n_ctx),
-                         eot_id(tok), lambda s: tok.encode(s).ids, _hooked_run(model))
-    if isinstance(model, BridgedModel):
-        hf_tok = model.bridge.tokenizer
-        if hf_tok is None:
-            raise WorkbenchError(f"model {model.name} has no tokenizer; the Ranker needs one to read text")
-        bos = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.eos_token_id
-        if bos is None:
-            raise WorkbenchError(f"the tokenizer of {model.name} has neither a BOS nor an EOS token to start texts with")
-        n_pos = getattr(model.bridge.cfg, "n_ctx", None) or 2048
-        return TextModel(model.name, model.cfg.n_layers, min(max_tokens or 1024, n_pos), bos,
-                         lambda s: model.tokenizer.encode(s, add_special_tokens=False).ids, _hooked_run(model.bridge))
-    raise WorkbenchError(f"cannot read text with a {type(model).__name__}; give a workbench run or a Hugging Face model")
+    """Any model of the workbench's surface (``workbench.load``): texts start with its document-start token."""
+    if model.tokenizer is None:
+        raise WorkbenchError("this model has no tokenizer; the Ranker needs one to read text")
+    tok = model.tokenizer
+    return TextModel(getattr(model, "name", "gpt"), model.cfg.n_layers, min(max_tokens or 1024, model.cfg.n_ctx),
+                     model.bos_token_id, lambda s: tok.encode(s, add_special_tokens=False).ids, _hooked_run(model))
 
 
 def _hooked_run(hooked) -> Callable:

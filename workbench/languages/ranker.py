@@ -89,7 +89,7 @@ def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str
                    pairing: str = "aligned", center: str = "language", batch_tokens: int = 4096, max_tokens: int | None = None,
                    progress: bool = False, model_name: str | None = None) -> dict:
     """Rank languages by how close the model's representation of their text is to that of the English
-    original. ``model``: a loaded workbench ``GPT`` / ``BridgedModel`` or a spec for ``workbench.load``."""
+    original. ``model``: a loaded model (``workbench.load``) or a spec for ``workbench.load``."""
     import workbench
 
     if pairing not in PAIRINGS:

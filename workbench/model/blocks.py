@@ -26,7 +26,10 @@ class _Block(nn.Module):
 
 
 class PreNormBlock(_Block):
-    """x ← x + attn(ln1(x));  x ← x + mlp(ln2(x))."""
+    """x ← x + attn(ln1(x));  x ← x + mlp(ln2(x)).
+
+    Parallel (GPT-NeoX): x ← x + attn(ln1(x)) + mlp(ln2(x)), both reading the block's input;
+    ``hook_resid_mid`` is then x + attn_out, so resid_post = resid_mid + mlp_out still holds."""
 
     placement = "pre"
 
@@ -34,13 +37,15 @@ class PreNormBlock(_Block):
         super().__init__(cfg, layer)
         # ln1 on the V path: a separate module only once LayerNorm removal splits it from Q/K.
         self.ln1_v = cfg.scheme.make(cfg, layer, "ln1") if cfg.split_ln1_v else None
+        self.parallel = cfg.parallel
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_resid_pre(x)
         qk_in = self.ln1(x)
         v_in = qk_in if self.ln1_v is None else self.ln1_v(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(qk_in, v_in)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        mid = self.hook_resid_mid(x + self.hook_attn_out(self.attn(qk_in, v_in)))
+        mlp_in = self.ln2(x if self.parallel else mid)
+        return self.hook_resid_post(mid + self.hook_mlp_out(self.mlp(mlp_in)))
 
 
 class PostNormBlock(_Block):

@@ -35,34 +35,78 @@ class PosEmbed(nn.Module):
         return self.W_pos[: tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
+def add_bias(module: nn.Module, name: str, shape: tuple[int, ...], trainable: bool) -> None:
+    """A zero-initialised bias: a parameter, or — for families that have none — a zero buffer that
+    keeps every reader's algebra (folding, DLA, export) the same but is never trained or saved."""
+    if trainable:
+        module.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+    else:
+        module.register_buffer(name, torch.zeros(shape), persistent=False)
+
+
 class Unembed(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        add_bias(self, "b_U", (cfg.d_vocab,), cfg.unembed_bias)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return torch.addmm(self.b_U, x.reshape(-1, x.shape[-1]), self.W_U).reshape(*x.shape[:-1], -1)
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding on the first ``rotary_dim`` dims of each head, in the rotate-half
+    layout of GPT-NeoX and Llama: (x₁, x₂) ↦ (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
+
+    def __init__(self, rotary_dim: int, base: float):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def _cos_sin(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cache is None or self._cache[0] < n or self._cache[1] != device:
+            freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+            emb = torch.cat([freqs, freqs], -1)
+            self._cache = (n, device, emb.cos(), emb.sin())
+        return self._cache[2][:n], self._cache[3][:n]
+
+    def forward(self, x: Float[Tensor, "batch pos head_index d_head"]) -> Float[Tensor, "batch pos head_index d_head"]:
+        cos, sin = self._cos_sin(x.shape[1], x.device)
+        cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+        r = self.rotary_dim
+        rot, rest = x[..., :r], x[..., r:]
+        half = r // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+        out = rot * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat([out, rest], -1)
+
+
 class Attention(nn.Module):
-    """Multi-head causal self-attention; Q/K read one input and V another (they may differ)."""
+    """Causal self-attention; Q/K read one input and V another (they may differ). Grouped-query
+    attention keeps ``n_key_value_heads`` K/V heads, each shared by n_heads / n_key_value_heads query
+    heads (``hook_k``/``hook_v`` show the K/V heads, ``hook_z`` every query head)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
-        self.n_heads, self.d_head = h, dh
+        h, kv, d, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head
+        self.n_heads, self.n_kv, self.d_head = h, kv, dh
         self.W_Q = nn.Parameter(torch.empty(h, d, dh))
-        self.W_K = nn.Parameter(torch.empty(h, d, dh))
-        self.W_V = nn.Parameter(torch.empty(h, d, dh))
+        self.W_K = nn.Parameter(torch.empty(kv, d, dh))
+        self.W_V = nn.Parameter(torch.empty(kv, d, dh))
         self.W_O = nn.Parameter(torch.empty(h, dh, d))
-        self.b_Q = nn.Parameter(torch.zeros(h, dh))
-        self.b_K = nn.Parameter(torch.zeros(h, dh))
-        self.b_V = nn.Parameter(torch.zeros(h, dh))
-        self.b_O = nn.Parameter(torch.zeros(d))
+        add_bias(self, "b_Q", (h, dh), cfg.qkv_bias)
+        add_bias(self, "b_K", (kv, dh), cfg.qkv_bias)
+        add_bias(self, "b_V", (kv, dh), cfg.qkv_bias)
+        add_bias(self, "b_O", (d,), cfg.o_bias)
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.pos == "rope" else None
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
-        self.hook_k = HookPoint()  # [batch, key_pos, head_index, d_head]
-        self.hook_v = HookPoint()  # [batch, key_pos, head_index, d_head]
+        self.hook_k = HookPoint()  # [batch, key_pos, kv_head_index, d_head]
+        self.hook_v = HookPoint()  # [batch, key_pos, kv_head_index, d_head]
+        if self.rotary is not None:
+            self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head], after the rotation
+            self.hook_rot_k = HookPoint()  # [batch, key_pos, kv_head_index, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head_index, pos, key_pos]
         self.hook_pattern = HookPoint()  # [batch, head_index, pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
@@ -70,16 +114,16 @@ class Attention(nn.Module):
     def _project(self, x: Tensor, W: Tensor, b: Tensor) -> Float[Tensor, "batch pos head_index d_head"]:
         # One (d_model × heads·d_head) matmul instead of a per-head einsum: same numbers, faster.
         W2 = W.permute(1, 0, 2).reshape(W.shape[1], -1)
-        return torch.addmm(b.reshape(-1), x.reshape(-1, x.shape[-1]), W2).reshape(
-            *x.shape[:-1], self.n_heads, self.d_head
-        )
+        return torch.addmm(b.reshape(-1), x.reshape(-1, x.shape[-1]), W2).reshape(*x.shape[:-1], W.shape[0], self.d_head)
 
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # Q, K and V read the same input: one matmul over the stacked weights.
         W = torch.cat([W.permute(1, 0, 2).reshape(W.shape[1], -1) for W in (self.W_Q, self.W_K, self.W_V)], 1)
         b = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V.reshape(-1)])
         qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), W)
-        return tuple(t.reshape(*x.shape[:-1], self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1))
+        q, k, v = qkv.split([self.n_heads * self.d_head, self.n_kv * self.d_head, self.n_kv * self.d_head], -1)
+        return (q.reshape(*x.shape[:-1], self.n_heads, self.d_head), k.reshape(*x.shape[:-1], self.n_kv, self.d_head),
+                v.reshape(*x.shape[:-1], self.n_kv, self.d_head))
 
     def forward(
         self,
@@ -93,16 +137,23 @@ class Attention(nn.Module):
             k = self._project(qk_input, self.W_K, self.b_K)
             v = self._project(v_input, self.W_V, self.b_V)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.rotary is not None:
+            q, k = self.hook_rot_q(self.rotary(q)), self.hook_rot_k(self.rotary(k))
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
-            z = self._explicit_attention(q, k, v)
+            z = self._explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v))
         else:
             # Nobody looks at the pattern: let PyTorch's fused kernel skip materializing it.
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=self.n_kv != self.n_heads,
             ).transpose(1, 2)
         z = self.hook_z(z)
         W_O = self.W_O.reshape(-1, self.W_O.shape[-1])
         return torch.addmm(self.b_O, z.reshape(-1, W_O.shape[0]), W_O).reshape(*z.shape[:2], -1)
+
+    def _repeat_kv(self, x: Tensor) -> Tensor:
+        """K/V heads expanded to one per query head (query head i reads K/V head i // group)."""
+        return x if self.n_kv == self.n_heads else x.repeat_interleave(self.n_heads // self.n_kv, dim=2)
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch pos head_index d_head"]:
         scores = einsum(q, k, "batch pos head d_head, batch key_pos head d_head -> batch head pos key_pos")
@@ -114,19 +165,43 @@ class Attention(nn.Module):
         return einsum(pattern, v, "batch head pos key_pos, batch key_pos head d_head -> batch pos head d_head")
 
 
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": lambda x: F.gelu(x),
+    "silu": F.silu,
+}
+
+
 class MLP(nn.Module):
+    """GELU MLP (``mlp="gelu"``) or gated (``mlp="swiglu"``). ``hook_pre`` is the activation's input
+    (the gate's pre-activation when gated); ``hook_pre_linear`` the gated MLP's up path W_in x."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+            add_bias(self, "b_gate", (cfg.d_mlp,), cfg.mlp_bias)
+            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        add_bias(self, "b_in", (cfg.d_mlp,), cfg.mlp_bias)
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
-        self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
+        add_bias(self, "b_out", (cfg.d_model,), cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.act_fn]
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
+    def readers(self) -> list[tuple[str, str]]:
+        """(weight, bias) names of the matrices that read the MLP's input, for folding a norm into them."""
+        return [("W_gate", "b_gate"), ("W_in", "b_in")] if self.gated else [("W_in", "b_in")]
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         flat = x.reshape(-1, x.shape[-1])
-        pre = self.hook_pre(torch.addmm(self.b_in, flat, self.W_in).reshape(*x.shape[:-1], -1))
-        post = self.hook_post(F.gelu(pre, approximate=self.approximate))
+        if self.gated:
+            gate = self.hook_pre(torch.addmm(self.b_gate, flat, self.W_gate).reshape(*x.shape[:-1], -1))
+            up = self.hook_pre_linear(torch.addmm(self.b_in, flat, self.W_in).reshape(*x.shape[:-1], -1))
+            post = self.hook_post(self.act(gate) * up)
+        else:
+            pre = self.hook_pre(torch.addmm(self.b_in, flat, self.W_in).reshape(*x.shape[:-1], -1))
+            post = self.hook_post(self.act(pre))
         return torch.addmm(self.b_out, post.reshape(-1, post.shape[-1]), self.W_out).reshape(x.shape)

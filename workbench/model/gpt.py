@@ -19,7 +19,6 @@ from transformer_lens.hook_points import HookPoint
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
-from ..tokenizer import eot_id
 from .blocks import BLOCKS
 from .cache import NormAwareCache
 from .components import Embed, PosEmbed, Unembed
@@ -34,8 +33,9 @@ class GPT(HookedRootModule):
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.pos_embed = PosEmbed(cfg)
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.pos == "learned":  # rotary models carry position in Q and K instead
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(
             BLOCKS[cfg.scheme.placement(cfg, layer)](cfg, layer) for layer in range(cfg.n_layers)
         )
@@ -70,7 +70,9 @@ class GPT(HookedRootModule):
                 f"input has {tokens.shape[-1]} tokens but the model's context is {self.cfg.n_ctx}; "
                 "shorten the text or truncate the tokens"
             )
-        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
+        residual = self.hook_embed(self.embed(tokens))
+        if self.cfg.pos == "learned":
+            residual = residual + self.hook_pos_embed(self.pos_embed(tokens))
         for block in self.blocks:
             residual = block(residual)
         logits = self.unembed(self.ln_final(residual))
@@ -101,6 +103,8 @@ class GPT(HookedRootModule):
 
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        if self.cfg.pos != "learned":
+            raise WorkbenchError(f"a model with {self.cfg.pos} positions has no W_pos")
         return self.pos_embed.W_pos
 
     def tokens_to_residual_directions(
@@ -135,13 +139,14 @@ class GPT(HookedRootModule):
         return self.tokenizer
 
     def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
-        """Tokenize; position 0 holds <|endoftext|> as BOS, as during training. Pads right with it."""
+        """Tokenize; position 0 holds the document-start token (``cfg.bos_token``: <|endoftext|> for
+        workbench and GPT-2 models, as during training). Pads right with it."""
         tok = self._tok()
         texts = [text] if isinstance(text, str) else list(text)
-        bos = [eot_id(tok)] if prepend_bos else []
-        ids = [bos + e.ids for e in tok.encode_batch(texts)]
+        bos = [self.bos_token_id] if prepend_bos else []
+        ids = [bos + e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         width = max(len(i) for i in ids)
-        out = torch.full((len(ids), width), eot_id(tok), dtype=torch.long)
+        out = torch.full((len(ids), width), self.bos_token_id, dtype=torch.long)
         for row, i in enumerate(ids):
             out[row, : len(i)] = torch.tensor(i, dtype=torch.long)
         return out
@@ -156,8 +161,15 @@ class GPT(HookedRootModule):
         ids = self.to_tokens(text, prepend_bos)[0] if isinstance(text, str) else text.flatten()
         return [self._tok().decode([int(i)], skip_special_tokens=False) for i in ids]
 
+    @property
+    def bos_token_id(self) -> int:
+        i = self._tok().token_to_id(self.cfg.bos_token)
+        if i is None:
+            raise WorkbenchError(f"the tokenizer has no {self.cfg.bos_token} token (the model's document start)")
+        return i
+
     def to_single_token(self, string: str) -> int:
-        ids = self._tok().encode(string).ids
+        ids = self._tok().encode(string, add_special_tokens=False).ids
         if len(ids) != 1:
             raise WorkbenchError(f"{string!r} is {len(ids)} tokens, not one; pick a string that is a single token")
         return ids[0]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from .. import io
 from ..data import TokenData, load_token_data
 from ..errors import WorkbenchError
+from ..io import check_out_dir
 from ..model import GPT
 from ..norms.frozen import SpecialPositions
 from ..train import __version__
@@ -21,24 +20,10 @@ from .finetune import RemovalConfig, config_record, control_copy, evaluate, fine
 from .gpt_sites import GPTRemoval, check_removable
 
 
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise WorkbenchError(f"--out {out} is not empty; choose a new directory")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished result directory into place in one rename."""
-    if out.is_dir():
-        out.rmdir()  # empty (checked before the work started)
-    tmp.rename(out)
-
-
 def _device(device: str | None) -> torch.device:
-    from ..train import _init_distributed, resolve_device
+    from ..train import init_distributed, resolve_device
 
-    return resolve_device(device, _init_distributed())
+    return resolve_device(device, init_distributed())
 
 
 def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
@@ -56,34 +41,29 @@ def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
     return rec
 
 
-def load_gpt_source(spec: str | Path | GPT, device: torch.device) -> GPT:
-    from ..hf import resolve_gpt2
-    from .gpt2 import load_gpt2
+def load_source(spec: str | Path | GPT, device: torch.device) -> GPT:
+    """The model to transform: already loaded, or any spec ``workbench.load`` takes."""
+    from ..loader import load
 
-    if isinstance(spec, GPT):
-        return spec.to(device)
-    gpt2 = resolve_gpt2(spec)
-    if gpt2 is not None:
-        return load_gpt2(gpt2).to(device)
-    if not Path(spec).exists():
-        raise WorkbenchError(f"model {str(spec)!r} not found: give a run directory or a GPT-2 Hugging Face directory")
-    from ..io import load_run
-
-    return load_run(spec, device=device)
+    return spec.to(device) if isinstance(spec, GPT) else load(spec, device=device)
 
 
 def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None = None, corpus: str | None = None,
               device: str | None = None, progress: bool = True, data: TokenData | None = None) -> dict[str, Any]:
     """Remove every norm of a Pre-norm model by fine-tuning; write the LN-free model, a control run and
     ``summary.json`` to ``out``. Returns the summary."""
-    from ..train import _init_distributed
+    from ..train import init_distributed
+
+    from ..loader import family_named
 
     rc = rc or RemovalConfig()
     out = Path(out)
     check_out_dir(out)
-    ddp = _init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
+    ddp = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
     dev = _device(device)
-    model = load_gpt_source(spec, dev)
+    model = load_source(spec, dev)
+    family = family_named(model.cfg.family)  # None: the workbench's own models
+    defaults = family.removal_defaults if family is not None else {}
     check_removable(model.cfg)
     if model.tokenizer is None:
         raise WorkbenchError("the model has no tokenizer; remove-ln needs one to read the fine-tuning corpus")
@@ -91,17 +71,18 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     corpus = corpus or source.get("corpus") or "english"
     if data is None:
         data = load_token_data(corpus, model.cfg.d_vocab, tokenizer=model.tokenizer)
-    data.check_context(model.cfg.n_ctx)
-    lr = rc.lr or 0.4 * (source.get("lr") or 6e-4)
+    n_ctx = min(model.cfg.n_ctx, defaults.get("n_ctx", model.cfg.n_ctx))
+    data.check_context(n_ctx)
+    lr = rc.lr or defaults.get("lr") or 0.4 * (source.get("lr") or 6e-4)
     t0 = time.perf_counter()
 
-    adapter = GPTRemoval(model)
+    adapter = GPTRemoval(model, n_ctx)
     control = control_copy(adapter) if rc.control else None
     # FSDP shards the modules in place; unsharded twins (on the CPU) receive the trained weights.
     twin = _cpu_copy(adapter) if rc.fsdp else None
     control_twin = _cpu_copy(control) if rc.fsdp and control is not None else None
     positions = SpecialPositions(adapter.eot_id, rc.special_positions)
-    val = data.val_batches(rc.eval_batches, rc.eval_batch_size, model.cfg.n_ctx)
+    val = data.val_batches(rc.eval_batches, rc.eval_batch_size, n_ctx)
     ce_original = evaluate(model, val, None, dev)
     run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln", val=val)
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
@@ -119,6 +100,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     summary: dict[str, Any] = {
         "source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>",
         "norm": model.cfg.norm,
+        "family": model.cfg.family,
+        "n_ctx": n_ctx,
         "ce_original": ce_original,
         "ce_control": None,
         "ce_ln_free": ce_ln_free,
@@ -155,7 +138,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     summary["world_size"] = ddp.world
     summary["device"] = str(dev)
     if ddp.main:
-        _write_result(out, ln_free, control, summary, metrics, rc)
+        export = family.export if family is not None and family.removal_output == "export" else None
+        _write_result(out, ln_free, control, summary, metrics, rc, export)
     if ddp.world > 1:
         torch.distributed.barrier()
     return summary
@@ -174,11 +158,12 @@ def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:
     io.save_weights(model, d / io.MODEL_FILE)
 
 
-def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
+def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export=None) -> None:
+    with io.atomic_dir(out) as tmp:
+        if export is not None:  # a stock directory of the model's family (e.g. a Llama for SmolLM2)
+            summary["export"] = export(ln_free.cpu(), tmp)
+        else:
+            _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
         if control is not None:
             net = control.net.cpu()
             import dataclasses
@@ -187,10 +172,6 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc) -> Non
             _save_run(tmp / "control", net, {"train": None, "control_of_removal": config_record(rc)})
         io.atomic_write_text(tmp / io.METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def validation_windows(model: GPT, corpus: str = "english", n: int = 32, seed: int = 0) -> tuple[list[torch.Tensor], str]:
@@ -214,26 +195,19 @@ def convert_to_dir(spec: str | Path | GPT, to: str, out: str | Path, corpus: str
 
     out = Path(out)
     check_out_dir(out)
-    model = load_gpt_source(spec, torch.device("cpu"))
+    model = load_source(spec, torch.device("cpu"))
     converted = convert(model, to)
     batches, what = validation_windows(model, corpus)
     summary = {"source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>", "from": model.cfg.norm,
                "to": to, "norm": converted.cfg.norm, "d_model": converted.cfg.d_model,
                "max_abs_logit_diff": max_abs_logit_diff(model, converted, batches),
                "eval": what, "eval_tokens": sum(b.numel() for b in batches)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with io.atomic_dir(out) as tmp:
         record = {"train": None, "converted_from": summary["source"], "conversion": to}
         if converted.tokenizer is not None:
             _save_run(tmp, converted, record)
         else:
-            tmp.mkdir(exist_ok=True)
             io.atomic_write_json(tmp / io.CONFIG_FILE, {"model": converted.cfg.to_dict(), **record, "workbench_version": __version__})
             io.save_weights(converted, tmp / io.MODEL_FILE)
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..model import GPT
-from .fold import AffineMap, fold_heads, fold_reader, set_
+from ..model.fold import AffineMap, fold_heads, fold_reader, set_
 
 TARGETS = ("folded", "pre-rms", "pre-crms")
 SOURCES = ("pre-ln", "lns")
@@ -67,7 +67,8 @@ def convert(model: GPT, to: str) -> GPT:
     write: Callable[[Tensor], Tensor] = (lambda W: W[..., :-1]) if to == "pre-crms" else (lambda W: W)
     read: Callable[[Tensor, int], Tensor] = _compress_reader if to == "pre-crms" else (lambda W, dim: W)
     set_(out.embed.W_E, write(_center(model.W_E)))
-    set_(out.pos_embed.W_pos, write(_center(model.W_pos)))
+    if cfg.pos == "learned":
+        set_(out.pos_embed.W_pos, write(_center(model.W_pos)))
     for bs, bo in zip(model.blocks, out.blocks):
         a, ao = bs.attn, bo.attn
         set_(ao.W_O, write(_center(a.W_O)))
@@ -79,9 +80,10 @@ def convert(model: GPT, to: str) -> GPT:
             Wf, bf = fold_heads(ln1, getattr(a, W), getattr(a, b))
             set_(getattr(ao, W), read(Wf, 1))
             set_(getattr(ao, b), bf)
-        Wf, bf = fold_reader(ln2, bs.mlp.W_in, bs.mlp.b_in)
-        set_(bo.mlp.W_in, read(Wf, 0))
-        set_(bo.mlp.b_in, bf)
+        for W, b in bs.mlp.readers():
+            Wf, bf = fold_reader(ln2, getattr(bs.mlp, W), getattr(bs.mlp, b))
+            set_(getattr(bo.mlp, W), read(Wf, 0))
+            set_(getattr(bo.mlp, b), bf)
     Wf, bf = fold_reader(_affine_only(model.ln_final, d), model.W_U, model.b_U)
     set_(out.unembed.W_U, read(Wf, 0))
     set_(out.unembed.b_U, bf)

@@ -169,7 +169,7 @@ def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
     return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
 
 
-def _log_scale(x: Tensor, centers: bool) -> Tensor:
+def log_scale(x: Tensor, centers: bool) -> Tensor:
     """log of each position's norm scale: log sqrt(mean (x − mean x)²) (or of mean x² without centering)."""
     x = x.float()
     xc = x - x.mean(-1, keepdim=True) if centers else x
@@ -255,7 +255,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         hook = adapter.final_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
     scales: list[Tensor] = []
     scale_hooks = [site.norm.register_forward_pre_hook(
-        lambda mod, args: scales.append(_log_scale(args[0], mod.standardize.centers)))
+        lambda mod, args: scales.append(log_scale(args[0], mod.standardize.centers)))
         for site in adapter.sites] if rc.scale_loss > 0 else []
     frozen: list[FrozenStandardize] = []
     schedule, metrics = [], []

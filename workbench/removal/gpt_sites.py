@@ -12,9 +12,8 @@ from ..config import ModelConfig
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Norm
-from ..norms.mix_ln import MIX_LN
+from ..model.fold import fold_norms
 from ..tokenizer import EOT
-from .fold import fold_heads, fold_reader, norm_as_affine, set_
 from .schedule import NormSite, standard_schedule
 
 SUPPORTED = "pre-ln, lns, pre-rms, pre-crms, srms and the Pre-LN blocks of mix-ln"
@@ -40,7 +39,7 @@ def check_removable(cfg: ModelConfig) -> None:
 class GPTRemoval:
     """The sites of a GPT, in the removal order, on a copy whose ln1 is split into Q/K and V paths."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, n_ctx: int | None = None):
         check_removable(model.cfg)
         self.original_cfg = model.cfg
         net = copy.deepcopy(model)
@@ -52,7 +51,7 @@ class GPTRemoval:
         self.net = net
         self.tokenizer = model.tokenizer
         self.eot_id = model.tokenizer.token_to_id(EOT) if model.tokenizer is not None else None
-        self.n_ctx = model.cfg.n_ctx
+        self.n_ctx = n_ctx or model.cfg.n_ctx  # the fine-tuning window
         pre = [b for b in net.blocks if b.placement == "pre"]
         self.sites = standard_schedule(
             ln2=[NormSite(f"blocks.{b.layer}.ln2", b.ln2) for b in pre],
@@ -71,42 +70,4 @@ class GPTRemoval:
     @torch.no_grad()
     def fold(self) -> GPT:
         """The LN-free GPT: every frozen norm folded into its readers, no norm module left."""
-        src, cfg = self.net, self.original_cfg
-        if cfg.norm == MIX_LN.name:
-            new_cfg = dataclasses.replace(cfg, norm_kwargs={**cfg.norm_kwargs, "pre_ln_free": True}, split_ln1_v=False)
-        else:
-            new_cfg = dataclasses.replace(cfg, norm="none", norm_kwargs={}, split_ln1_v=False)
-        out = GPT(new_cfg, self.tokenizer).to(src.W_U.device)
-        own = {k: v for k, v in src.state_dict().items() if ".ln" not in k and not k.startswith("ln_final")}
-        post_norms = {k: v for k, v in src.state_dict().items()
-                      if any(k.startswith(f"blocks.{b.layer}.ln") for b in src.blocks if b.placement == "post")}
-        missing, unexpected = out.load_state_dict({**own, **post_norms}, strict=False)
-        if unexpected or any(".ln" not in k and not k.startswith("ln_final") for k in missing):
-            raise RuntimeError(f"fold lost weights: missing {missing}, unexpected {unexpected}")
-        d = cfg.d_model
-        for b_src, b_out in zip(src.blocks, out.blocks):
-            if b_src.placement != "pre":
-                continue
-            qk, v, mlp = (norm_as_affine(n, d) for n in (b_src.ln1, b_src.ln1_v, b_src.ln2))
-            a_src, a_out = b_src.attn, b_out.attn
-            for W, bias, m in (("W_Q", "b_Q", qk), ("W_K", "b_K", qk), ("W_V", "b_V", v)):
-                Wf, bf = fold_heads(m, getattr(a_src, W), getattr(a_src, bias))
-                set_(getattr(a_out, W), Wf)
-                set_(getattr(a_out, bias), bf)
-            Wf, bf = fold_reader(mlp, b_src.mlp.W_in, b_src.mlp.b_in)
-            set_(b_out.mlp.W_in, Wf)
-            set_(b_out.mlp.b_in, bf)
-        Wf, bf = fold_reader(norm_as_affine(src.ln_final, d), src.W_U, src.b_U)
-        set_(out.unembed.W_U, Wf)
-        set_(out.unembed.b_U, bf)
-        return out.eval()
-
-
-def is_norm_free(model: nn.Module) -> bool:
-    """True when no module of ``model`` computes a statistic or holds a norm parameter."""
-    from ..norms import IdentityStandardize
-
-    for m in model.modules():
-        if isinstance(m, Norm) and (not isinstance(m.standardize, IdentityStandardize) or any(True for _ in m.parameters())):
-            return False
-    return True
+        return fold_norms(self.net)

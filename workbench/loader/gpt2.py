@@ -1,7 +1,7 @@
 """GPT-2 checkpoints ↔ the workbench's GPT family, both ways, exactly.
 
-Loading: a Hugging Face GPT-2 directory (``config.json`` with ``model_type: gpt2`` + safetensors or
-``pytorch_model.bin``) becomes a Pre-LN ``GPT`` whose logits equal ``GPT2LMHeadModel``'s.
+Loading: a Hugging Face GPT-2 checkpoint (``config.json`` with ``model_type: gpt2``) becomes a Pre-LN
+``GPT`` whose logits equal ``GPT2LMHeadModel``'s.
 
 Exporting: a ``GPT`` (Pre-LN, or LN-free) becomes a directory stock ``transformers`` loads as a
 ``GPT2LMHeadModel`` without custom code. An LN-free model keeps GPT-2's LayerNorm modules but makes
@@ -15,96 +15,42 @@ residual sums to zero. Reading such a directory back gives the LN-free ``GPT`` a
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
 from ..model import GPT
+from ..model.fold import as_norm_free
 from ..norms import Affine
-from ..norms.frozen import FrozenStandardize
 from ..tokenizer import EOT
+from .family import Family
 
 LN_FREE_EPS = 1e15
 MARKER = "workbench_ln_free"
 
 
-def _config(path: str | Path) -> dict | None:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def is_gpt2_dir(path: str | Path) -> bool:
-    cfg = _config(path)
-    return bool(cfg) and cfg.get("model_type") == "gpt2"
-
-
-def _state_dict(d: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if (d / "model.safetensors").is_file():
-        sd = load_file(str(d / "model.safetensors"))
-    elif (d / "model.safetensors.index.json").is_file():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
-        sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(d / shard)))
-    elif (d / "pytorch_model.bin").is_file():
-        sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise WorkbenchError(f"{d} has no model.safetensors or pytorch_model.bin; it is not a complete checkpoint")
-    return {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
-
-
-def _tokenizer(d: Path) -> Tokenizer | None:
-    if (d / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(d / "tokenizer.json"))
-    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        return tok
-    return None
-
-
-def _check_supported(cfg: dict, d: Path) -> None:
+def config(cfg: dict) -> dict:
     act = cfg.get("activation_function", "gelu_new")
     problems = []
     if act != "gelu_new":
-        problems.append(f"activation_function={act!r} (the workbench's GPT uses gelu_new)")
+        problems.append(f"activation_function={act!r} (the workbench's GPT-2 uses gelu_new)")
     if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
         problems.append("non-standard attention scaling")
     if cfg.get("add_cross_attention", False):
         problems.append("cross-attention")
     if problems:
-        raise WorkbenchError(f"GPT-2 checkpoint {d} is not supported: {'; '.join(problems)}")
+        raise WorkbenchError(f"this GPT-2 checkpoint is not supported: {'; '.join(problems)}")
+    n_embd = cfg.get("n_embd", 768)
+    return dict(n_layers=cfg.get("n_layer", 12), d_model=n_embd, n_heads=cfg.get("n_head", 12),
+                d_vocab=cfg.get("vocab_size", 50257), n_ctx=cfg.get("n_positions", 1024), norm="pre-ln",
+                d_mlp=cfg.get("n_inner") or 4 * n_embd, eps=cfg.get("layer_norm_epsilon", 1e-5), act_fn="gelu_new")
 
 
-def load_gpt2(path: str | Path) -> GPT:
-    """A GPT-2 Hugging Face directory as a workbench ``GPT`` (Pre-LN; LN-free if exported by us)."""
-    d = Path(path)
-    cfg = _config(d)
-    if not cfg or cfg.get("model_type") != "gpt2":
-        raise WorkbenchError(f"{d} is not a GPT-2 Hugging Face directory (config.json with model_type gpt2)")
-    _check_supported(cfg, d)
-    n_embd, n_head = cfg.get("n_embd", 768), cfg.get("n_head", 12)
-    mc = ModelConfig(n_layers=cfg.get("n_layer", 12), d_model=n_embd, n_heads=n_head, d_vocab=cfg.get("vocab_size", 50257),
-                     n_ctx=cfg.get("n_positions", 1024), norm="pre-ln", d_mlp=cfg.get("n_inner") or 4 * n_embd,
-                     eps=cfg.get("layer_norm_epsilon", 1e-5), act_fn="gelu_new")
-    sd = _state_dict(d)
-    model = GPT(mc, _tokenizer(d))
+def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tensor]:
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     h, dh = mc.n_heads, mc.d_head
 
     def heads_in(W: Tensor) -> Tensor:  # [d_model, h*dh] → [h, d_model, dh]
@@ -113,7 +59,7 @@ def load_gpt2(path: str | Path) -> GPT:
     new = {"embed.W_E": sd["wte.weight"], "pos_embed.W_pos": sd["wpe.weight"],
            "ln_final.affine.w": sd["ln_f.weight"], "ln_final.affine.b": sd["ln_f.bias"]}
     W_U = sd.get("lm_head.weight", sd["wte.weight"]) if not cfg.get("tie_word_embeddings", True) else sd["wte.weight"]
-    new["unembed.W_U"] = W_U.T.contiguous()
+    new["unembed.W_U"] = W_U.T
     new["unembed.b_U"] = torch.zeros(mc.d_vocab)
     for layer in range(mc.n_layers):
         p, q = f"h.{layer}.", f"blocks.{layer}."
@@ -128,21 +74,16 @@ def load_gpt2(path: str | Path) -> GPT:
             q + "mlp.W_in": sd[p + "mlp.c_fc.weight"], q + "mlp.b_in": sd[p + "mlp.c_fc.bias"],
             q + "mlp.W_out": sd[p + "mlp.c_proj.weight"], q + "mlp.b_out": sd[p + "mlp.c_proj.bias"],
         })
-    model.load_state_dict({k: v.contiguous() for k, v in new.items()}, strict=True)
-    if cfg.get(MARKER):
-        return _as_ln_free(model)
-    return model.eval()
+    return new
+
+
+def finish(model: GPT, cfg: dict) -> GPT:
+    return _as_ln_free(model) if cfg.get(MARKER) else model
 
 
 def _as_ln_free(model: GPT) -> GPT:
     """Our own export read back: every huge-ε LayerNorm is the affine map it computes; fold them."""
-    from .gpt_sites import GPTRemoval
-
-    sigma = math.sqrt(torch.tensor(model.cfg.eps, dtype=torch.float32).item())
-    adapter = GPTRemoval(model)
-    for site in adapter.sites:
-        site.norm.standardize = FrozenStandardize(sigma, centers=True)
-    return adapter.fold()
+    return as_norm_free(model, model.cfg.eps)
 
 
 def _readers_centered(model: GPT) -> float:
@@ -160,7 +101,7 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     """Write ``model`` as a stock ``GPT2LMHeadModel`` directory; returns ``{"max_abs_logit_diff", ...}``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .api import check_out_dir, publish
+    from ..io import atomic_dir, check_out_dir
 
     out = Path(out)
     check_out_dir(out)
@@ -229,14 +170,11 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     tokens = check_tokens if check_tokens is not None else torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)),
                                                                           generator=torch.Generator().manual_seed(0))
     diff = (hf(tokens).logits - model(tokens)).abs().max().item()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         if model.tokenizer is not None:
             model.tokenizer.save(str(tmp / "tokenizer.json"))
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
+
+
+GPT2 = Family(name="gpt2", model_types=("gpt2",), config=config, weights=weights, export=export_gpt2, finish=finish)

@@ -1,0 +1,175 @@
+"""The Llama family — Llama, SmolLM2 (a Llama), Qwen2 — as the workbench's GPT, and back.
+
+Pre-RMSNorm (gain, no bias, no centering), SwiGLU MLP (gate_proj/up_proj/down_proj, SiLU), rotary
+positions on the whole head (rotate-half layout), grouped-query attention, untied or tied unembedding.
+Qwen2 adds biases to q/k/v (not o). Weights map one to one: q_proj [h·d_head, d] → W_Q [h, d, d_head],
+o_proj [d, h·d_head] → W_O [h, d_head, d], gate_proj/up_proj/down_proj → W_gate/W_in/W_out (transposed).
+
+Export writes a stock ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory. A norm-free model keeps the
+family's RMSNorm modules but makes them identities: ``rms_norm_eps`` = 1e15 swamps mean(x²) in float32
+(relative error mean(x²)/1e15) and the gain 1/rsqrt(1e15) cancels the division; reading such a directory
+back (``workbench_ln_free`` in its config) folds them away again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import WorkbenchError
+from ..model import GPT
+from ..model.fold import as_norm_free
+from ..norms import Affine
+from .family import Family
+from .gpt2 import LN_FREE_EPS, MARKER
+
+N_CTX = 1024  # the working context: rotary models take longer ones (workbench.load(spec, n_ctx=N))
+
+
+def rope_parameters(cfg: dict) -> tuple[float, float]:
+    """(θ, partial rotary factor) from a transformers 4 or 5 config; refuses scaled rope variants."""
+    rp = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise WorkbenchError(f"rope scaling {kind!r} is not supported (the workbench implements plain rotary positions)")
+    theta = rp.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
+    partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
+    return float(theta), float(partial)
+
+
+def _config(cfg: dict, qwen: bool) -> dict:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise WorkbenchError(f"hidden_act={act!r} is not supported in the Llama family (SwiGLU with silu)")
+    if qwen and cfg.get("use_sliding_window", False):
+        raise WorkbenchError("Qwen2 with sliding-window attention is not supported (full causal attention only)")
+    theta, partial = rope_parameters(cfg)
+    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    d_head = cfg.get("head_dim") or d // h
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        n_layers=cfg["num_hidden_layers"], d_model=d, n_heads=h, n_key_value_heads=cfg.get("num_key_value_heads") or h,
+        d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
+        n_ctx=min(cfg.get("max_position_embeddings", N_CTX), N_CTX), norm="pre-rms", eps=cfg.get("rms_norm_eps", 1e-6),
+        mlp="swiglu", act_fn="silu", pos="rope", rotary_base=theta, rotary_dim=int(d_head * partial),
+        qkv_bias=True if qwen else attn_bias, o_bias=False if qwen else attn_bias,
+        mlp_bias=False if qwen else bool(cfg.get("mlp_bias", False)), unembed_bias=False, family="qwen2" if qwen else "llama",
+    )
+
+
+def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tensor]:
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    h, kv, dh, d = mc.n_heads, mc.n_key_value_heads, mc.d_head, mc.d_model
+
+    def heads_in(W: Tensor, n: int) -> Tensor:  # [n·d_head, d] → [n, d, d_head]
+        return W.reshape(n, dh, d).permute(0, 2, 1)
+
+    W_U = sd.get("lm_head.weight", sd["embed_tokens.weight"]) if not cfg.get("tie_word_embeddings", False) \
+        else sd["embed_tokens.weight"]
+    new = {"embed.W_E": sd["embed_tokens.weight"], "ln_final.affine.w": sd["norm.weight"], "unembed.W_U": W_U.T}
+    for l in range(mc.n_layers):
+        p, q = f"layers.{l}.", f"blocks.{l}."
+        a = p + "self_attn."
+        new.update({
+            q + "ln1.affine.w": sd[p + "input_layernorm.weight"], q + "ln2.affine.w": sd[p + "post_attention_layernorm.weight"],
+            q + "attn.W_Q": heads_in(sd[a + "q_proj.weight"], h), q + "attn.W_K": heads_in(sd[a + "k_proj.weight"], kv),
+            q + "attn.W_V": heads_in(sd[a + "v_proj.weight"], kv),
+            q + "attn.W_O": sd[a + "o_proj.weight"].T.reshape(h, dh, d),
+            q + "mlp.W_gate": sd[p + "mlp.gate_proj.weight"].T, q + "mlp.W_in": sd[p + "mlp.up_proj.weight"].T,
+            q + "mlp.W_out": sd[p + "mlp.down_proj.weight"].T,
+        })
+        if mc.qkv_bias:
+            for x, n in (("q", h), ("k", kv), ("v", kv)):
+                new[q + f"attn.b_{x.upper()}"] = sd[a + f"{x}_proj.bias"].reshape(n, dh)
+        if mc.o_bias:
+            new[q + "attn.b_O"] = sd[a + "o_proj.bias"]
+        if mc.mlp_bias:
+            new.update({q + "mlp.b_gate": sd[p + "mlp.gate_proj.bias"], q + "mlp.b_in": sd[p + "mlp.up_proj.bias"],
+                        q + "mlp.b_out": sd[p + "mlp.down_proj.bias"]})
+    return new
+
+
+def finish(model: GPT, cfg: dict) -> GPT:
+    return as_norm_free(model, model.cfg.eps) if cfg.get(MARKER) else model
+
+
+@torch.no_grad()
+def export_llama(model: GPT, out: Path) -> dict:
+    """Write ``model`` as a stock Llama (or Qwen2) directory; returns ``{"max_abs_logit_diff", ...}``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from ..io import atomic_dir
+
+    cfg = model.cfg
+    qwen = cfg.family == "qwen2"
+    ln_free = cfg.norm == "none"
+    ok = (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
+          and not cfg.parallel and not cfg.split_ln1_v and cfg.norm in ("pre-rms", "none") and not cfg.unembed_bias
+          and (cfg.qkv_bias, cfg.o_bias) in (((True, False),) if qwen else ((False, False), (True, True))))
+    if not ok:
+        raise WorkbenchError(f"this model is not of the {'Qwen2' if qwen else 'Llama'} family's shape (pre-rms or "
+                             "norm-free, SwiGLU, full rotary, its biases); it cannot be exported as one")
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    eps = LN_FREE_EPS if ln_free else cfg.eps
+    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+
+    def norm_weight(norm) -> Tensor:
+        return torch.full((d,), gain) if ln_free else norm.affine.w.detach() if isinstance(norm.affine, Affine) else torch.ones(d)
+
+    def heads_out(W: Tensor) -> Tensor:  # [n, d, d_head] → [n·d_head, d]
+        return W.permute(0, 2, 1).reshape(-1, d)
+
+    sd = {"model.embed_tokens.weight": model.W_E, "model.norm.weight": norm_weight(model.ln_final),
+          "lm_head.weight": model.W_U.T}
+    for l, b in enumerate(model.blocks):
+        p, a = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
+        sd.update({p + "input_layernorm.weight": norm_weight(b.ln1), p + "post_attention_layernorm.weight": norm_weight(b.ln2),
+                   a + "q_proj.weight": heads_out(b.attn.W_Q), a + "k_proj.weight": heads_out(b.attn.W_K),
+                   a + "v_proj.weight": heads_out(b.attn.W_V), a + "o_proj.weight": b.attn.W_O.reshape(h * dh, d).T,
+                   p + "mlp.gate_proj.weight": b.mlp.W_gate.T, p + "mlp.up_proj.weight": b.mlp.W_in.T,
+                   p + "mlp.down_proj.weight": b.mlp.W_out.T})
+        if cfg.qkv_bias:
+            sd.update({a + "q_proj.bias": b.attn.b_Q.reshape(-1), a + "k_proj.bias": b.attn.b_K.reshape(-1),
+                       a + "v_proj.bias": b.attn.b_V.reshape(-1)})
+        if cfg.o_bias:
+            sd[a + "o_proj.bias"] = b.attn.b_O
+        if cfg.mlp_bias:
+            sd.update({p + "mlp.gate_proj.bias": b.mlp.b_gate, p + "mlp.up_proj.bias": b.mlp.b_in,
+                       p + "mlp.down_proj.bias": b.mlp.b_out})
+    tok = model.tokenizer
+    bos = tok.token_to_id(cfg.bos_token) if tok is not None else None
+    common = dict(vocab_size=cfg.d_vocab, hidden_size=d, intermediate_size=cfg.d_mlp, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=h, num_key_value_heads=kv, head_dim=dh, max_position_embeddings=cfg.n_ctx,
+                  rms_norm_eps=eps, rope_theta=cfg.rotary_base, tie_word_embeddings=False, bos_token_id=bos,
+                  eos_token_id=bos, hidden_act="silu")
+    if qwen:
+        hf_cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    else:
+        hf_cfg, cls = LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias), LlamaForCausalLM
+    if ln_free:
+        setattr(hf_cfg, MARKER, True)
+    hf = cls(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{cls.__name__} export mismatch: missing {missing}, unexpected {unexpected}")
+    tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=torch.Generator().manual_seed(0))
+    diff = (hf(input_ids=tokens).logits - model.cpu()(tokens)).abs().max().item()
+    with atomic_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        if tok is not None:
+            PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=cfg.bos_token, eos_token=cfg.bos_token).save_pretrained(tmp)
+    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "rms_norm_eps": eps, "architecture": cls.__name__}
+
+
+# Removal on these models: fine-tuning at 128-token windows with a small learning rate (pretrained models
+# fine-tune at a fraction of their peak rate); the LN-free model is written as a stock directory.
+_REMOVAL = {"lr": 2e-5, "n_ctx": 128}
+
+LLAMA = Family(name="llama", model_types=("llama",), config=lambda c: _config(c, qwen=False), weights=weights,
+               export=export_llama, finish=finish, removal_defaults=_REMOVAL, removal_output="export")
+QWEN2 = Family(name="qwen2", model_types=("qwen2",), config=lambda c: _config(c, qwen=True), weights=weights,
+               export=export_llama, finish=finish, removal_defaults=_REMOVAL, removal_output="export")

@@ -1,0 +1,140 @@
+"""Folding a norm whose statistics are fixed into the linear layers that read it.
+
+A norm with a frozen scale is affine:  y = (C x) ⊙ a + c,  with C the centering projection when the
+norm centers (I − 11ᵀ/d), a = γ·depth_scale/σ and c = β·depth_scale. A reader z = y W + b then
+equals  x (C diag(a) W) + (c W + b):  the norm disappears into the reader's weights and bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from typing import TYPE_CHECKING
+
+from ..errors import WorkbenchError
+from ..norms import Affine, IdentityStandardize, Norm
+from ..norms.frozen import FrozenStandardize
+
+if TYPE_CHECKING:
+    from .gpt import GPT
+
+
+@dataclass
+class AffineMap:
+    """y = (C x) ⊙ scale + shift, C = centering when ``centers``."""
+
+    centers: bool
+    scale: Float[Tensor, "d_model"]
+    shift: Float[Tensor, "d_model"]
+
+
+def norm_as_affine(norm: Norm, d_model: int) -> AffineMap:
+    """The affine map of a norm whose scale is one frozen scalar (or that has no scale at all)."""
+    st = norm.standardize
+    if isinstance(st, FrozenStandardize):
+        if st.special:
+            raise WorkbenchError("a norm still keeps its own BOS/EOT scale; switch the special positions off first")
+        if st.blend < 1.0:
+            raise WorkbenchError("a norm is still being handed over from its live scale (--ramp); give the cool-down "
+                                 "at least as many steps as the ramp")
+        inv_sigma, centers = 1.0 / st.sigma.detach().double(), st.centers
+    elif isinstance(st, IdentityStandardize):
+        inv_sigma, centers = torch.tensor(1.0, dtype=torch.float64), False
+    else:
+        raise WorkbenchError(f"{type(st).__name__} has a live statistic; it is not an affine map to fold")
+    aff = norm.affine
+    w = aff.w.detach().double() if isinstance(aff, Affine) else torch.ones(d_model, dtype=torch.float64)
+    b = aff.b.detach().double() if isinstance(aff, Affine) and aff.b is not None else torch.zeros(d_model, dtype=torch.float64)
+    ds = float(norm.depth_scale)
+    return AffineMap(centers, w * inv_sigma * ds, b * ds)
+
+
+def fold_reader(m: AffineMap, W: Float[Tensor, "d_model n"], b: Float[Tensor, "n"] | None) -> tuple[Tensor, Tensor]:
+    """(W', b') with  x W' + b' = m(x) W + b  for every x; computed in float64."""
+    W64 = W.detach().double()
+    Wf = m.scale[:, None] * W64
+    if m.centers:
+        Wf = Wf - Wf.mean(0, keepdim=True)
+    bf = m.shift @ W64 + (b.detach().double() if b is not None else 0.0)
+    return Wf.to(W.dtype), bf.to(W.dtype)
+
+
+def fold_heads(m: AffineMap, W: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]) -> tuple[Tensor, Tensor]:
+    h, d, dh = W.shape
+    W2, b2 = fold_reader(m, W.permute(1, 0, 2).reshape(d, h * dh), b.reshape(-1))
+    return W2.reshape(d, h, dh).permute(1, 0, 2).contiguous(), b2.reshape(h, dh)
+
+
+def identity_norm() -> Norm:
+    return Norm(IdentityStandardize(), None)
+
+
+@torch.no_grad()
+def set_(param: nn.Parameter, value: Tensor) -> None:
+    param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
+def fold_norms(src: "GPT") -> "GPT":
+    """The norm-free GPT computing what ``src`` computes once every Pre-norm of ``src`` is affine (a
+    frozen scale, or no scale): each norm folded into the weights that read it, no norm left. Post-norm
+    blocks (Mix-LN) keep their live norms; the result then says ``pre_ln_free`` in its norm kwargs."""
+    from .gpt import GPT
+
+    cfg = src.cfg
+    if all(b.placement == "pre" for b in src.blocks):
+        new_cfg = dataclasses.replace(cfg, norm="none", norm_kwargs={}, split_ln1_v=False)
+    else:
+        new_cfg = dataclasses.replace(cfg, norm_kwargs={**cfg.norm_kwargs, "pre_ln_free": True}, split_ln1_v=False)
+    out = GPT(new_cfg, src.tokenizer).to(src.W_U.device)
+    own = {k: v for k, v in src.state_dict().items() if ".ln" not in k and not k.startswith("ln_final")}
+    post_norms = {k: v for k, v in src.state_dict().items()
+                  if any(k.startswith(f"blocks.{b.layer}.ln") for b in src.blocks if b.placement == "post")}
+    missing, unexpected = out.load_state_dict({**own, **post_norms}, strict=False)
+    if unexpected or any(".ln" not in k and not k.startswith("ln_final") for k in missing):
+        raise RuntimeError(f"fold lost weights: missing {missing}, unexpected {unexpected}")
+    d = cfg.d_model
+    for b_src, b_out in zip(src.blocks, out.blocks):
+        if b_src.placement != "pre":
+            continue
+        v_norm = b_src.ln1_v if b_src.ln1_v is not None else b_src.ln1
+        qk, v, mlp = (norm_as_affine(n, d) for n in (b_src.ln1, v_norm, b_src.ln2))
+        a_src, a_out = b_src.attn, b_out.attn
+        for W, bias, m in (("W_Q", "b_Q", qk), ("W_K", "b_K", qk), ("W_V", "b_V", v)):
+            Wf, bf = fold_heads(m, getattr(a_src, W), getattr(a_src, bias))
+            set_(getattr(a_out, W), Wf)
+            set_(getattr(a_out, bias), bf)
+        for W, bias in b_src.mlp.readers():
+            Wf, bf = fold_reader(mlp, getattr(b_src.mlp, W), getattr(b_src.mlp, bias))
+            set_(getattr(b_out.mlp, W), Wf)
+            set_(getattr(b_out.mlp, bias), bf)
+    Wf, bf = fold_reader(norm_as_affine(src.ln_final, d), src.W_U, src.b_U)
+    set_(out.unembed.W_U, Wf)
+    set_(out.unembed.b_U, bf)
+    return out.eval()
+
+
+def as_norm_free(model: "GPT", eps: float) -> "GPT":
+    """A model whose every norm is an identity made of a huge ε (our exports of norm-free models to
+    stock formats, see ``workbench.loader``): each is the affine map it computes, x·γ/√ε; fold them."""
+    from ..norms.frozen import FrozenStandardize
+
+    sigma = math.sqrt(torch.tensor(eps, dtype=torch.float32).item())
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.standardize = FrozenStandardize(sigma, centers=m.standardize.centers)
+    return fold_norms(model)
+
+
+def is_norm_free(model: nn.Module) -> bool:
+    """True when no module of ``model`` computes a statistic or holds a norm parameter."""
+    for m in model.modules():
+        if isinstance(m, Norm) and (not isinstance(m.standardize, IdentityStandardize) or any(True for _ in m.parameters())):
+            return False
+    return True
