@@ -38,23 +38,56 @@ TINY_MODEL = dict(n_layers=2, d_model=32, n_heads=4, n_ctx=32, d_vocab=320)
 TINY_TRAIN = dict(batch_size=4, eval_every=4, eval_batches=2, ckpt_every=4, warmup_steps=2)
 
 
+def scale_weights(hf, seed: int = 0) -> None:
+    """Weights large enough that attention, MLPs and norms are far from linear: every matrix
+    N(0, 0.35²) (2/√d_model for the tiny models' d_model = 32), norm gains U(0.5, 1.5), biases N(0, 0.2²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.35)
+            elif ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _hf_config(family: str, vocab: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64)
+    return {
+        "gpt2": lambda: GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                   eos_token_id=0),
+        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True),
+        "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False),
+        "gpt_neox": lambda: GPTNeoXConfig(**common, rotary_pct=0.5, use_parallel_residual=True,
+                                          tie_word_embeddings=False),
+    }[family]()
+
+
 @pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory, tiny_corpus):
-    """A tiny random Llama with a workbench tokenizer, saved as a Hugging Face directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def hf_dirs(tmp_path_factory, tiny_corpus):
+    """One tiny random Hugging Face directory per supported family (weights far from linear, a workbench
+    tokenizer whose <|endoftext|> is BOS and EOS), as transformers saves them."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from workbench.tokenizer import train_tokenizer
 
-    d = tmp_path_factory.mktemp("llama")
     tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # gains that must be folded
-    hf.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
-    return d
+    dirs = {}
+    for i, family in enumerate(("gpt2", "llama", "qwen2", "gpt_neox")):
+        d = tmp_path_factory.mktemp(family)
+        torch.manual_seed(i)
+        hf = AutoModelForCausalLM.from_config(_hf_config(family, tok.get_vocab_size()))
+        scale_weights(hf, seed=i)
+        hf.save_pretrained(d)
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
+        dirs[family] = d
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def llama_dir(hf_dirs):
+    return hf_dirs["llama"]

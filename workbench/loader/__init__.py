@@ -25,7 +25,7 @@ from ..model import GPT
 from .family import Family
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
-from .hub import fetch_smollm2, is_hf_spec, read_checkpoint, smollm2_cached
+from .hub import fetch_smollm2, is_hf_spec, locate, read_checkpoint, read_config, smollm2_cached
 from .llama import LLAMA, QWEN2
 
 FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, QWEN2, GPT_NEOX)
@@ -60,6 +60,9 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
             raise WorkbenchError(f"unknown model spec {s!r} (not found): give a run directory, a Hugging Face "
                                  "directory, smollm2 or hf:NAME")
         return load_run(s, device=device)
+    config = read_config(locate(s)[0])
+    if config is not None:
+        family_of(config)  # an unsupported family is refused before its weights are read
     ckpt = read_checkpoint(s)
     family = family_of(ckpt.config)
     kwargs = family.config(ckpt.config)

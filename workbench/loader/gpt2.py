@@ -46,7 +46,8 @@ def config(cfg: dict) -> dict:
     n_embd = cfg.get("n_embd", 768)
     return dict(n_layers=cfg.get("n_layer", 12), d_model=n_embd, n_heads=cfg.get("n_head", 12),
                 d_vocab=cfg.get("vocab_size", 50257), n_ctx=cfg.get("n_positions", 1024), norm="pre-ln",
-                d_mlp=cfg.get("n_inner") or 4 * n_embd, eps=cfg.get("layer_norm_epsilon", 1e-5), act_fn="gelu_new")
+                d_mlp=cfg.get("n_inner") or 4 * n_embd, eps=cfg.get("layer_norm_epsilon", 1e-5), act_fn="gelu_new",
+                family="gpt2")
 
 
 def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tensor]:

@@ -1,0 +1,192 @@
+"""One surface for every family: a tiny random Hugging Face model of each supported family (weights far
+from linear) loads into the workbench's hooked GPT with transformers' logits, the TransformerLens hook
+invariants, exact DLA sums, and every analysis running on it from Python as from the CLI."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import workbench
+from workbench.analysis.dla import direct_logit_attribution
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.surface import HookedModel
+
+FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox"]
+PROMPT = "And God said unto the"
+
+
+def text_tokens(m):
+    return m.to_tokens(["And God said unto Moses, Go in unto Pharaoh", "In the beginning God created the heaven"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers(hf_dirs, family):
+    m = workbench.load(hf_dirs[family])
+    assert isinstance(m, HookedModel) and m.cfg.family == family
+    hf = AutoModelForCausalLM.from_pretrained(hf_dirs[family]).eval()
+    t = torch.randint(0, m.cfg.d_vocab, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ours = hf(input_ids=t).logits, m(t)
+    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert ref.abs().max().item() > 1.0  # not a degenerate near-zero model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_invariants(hf_dirs, family):
+    m = workbench.load(hf_dirs[family])
+    t = text_tokens(m)
+    _, cache = m.run_with_cache(t)
+    cfg = m.cfg
+    assert cache["blocks.0.attn.hook_z"].shape[-2:] == (cfg.n_heads, cfg.d_head)
+    assert cache["blocks.0.attn.hook_k"].shape[-2] == cfg.n_key_value_heads
+    emb = cache["hook_embed"] + (cache["hook_pos_embed"] if cfg.pos == "learned" else 0)
+    assert torch.allclose(cache["blocks.0.hook_resid_pre"], emb)
+    for l, block in enumerate(m.blocks):
+        pre, mid, post = (cache[f"blocks.{l}.hook_resid_{k}"] for k in ("pre", "mid", "post"))
+        attn_out, mlp_out = cache[f"blocks.{l}.hook_attn_out"], cache[f"blocks.{l}.hook_mlp_out"]
+        tol = 1e-5 * post.abs().max().item()
+        assert (mid - pre - attn_out).abs().max() <= tol and (post - mid - mlp_out).abs().max() <= tol
+        heads = torch.einsum("bphd,hdm->bpm", cache[f"blocks.{l}.attn.hook_z"], block.attn.W_O) + block.attn.b_O
+        assert (heads - attn_out).abs().max() <= tol
+        # ln2 reads the block input in parallel blocks (GPT-NeoX), resid_mid otherwise; its scale is the
+        # per-token std (LayerNorm) or root mean square (RMSNorm) of that input.
+        x = pre if cfg.parallel else mid
+        x = x - x.mean(-1, keepdim=True) if block.ln2.standardize.centers else x
+        scale = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+        assert torch.allclose(cache[f"blocks.{l}.ln2.hook_scale"], scale, rtol=1e-5)
+        # far from linear: MLP pre-activations well outside the activation's linear range
+        assert cache[f"blocks.{l}.mlp.hook_pre"].std() > 1.0
+    if l + 1 < cfg.n_layers:
+        raise AssertionError("not every block checked")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_scale_can_be_replaced_and_frozen(hf_dirs, family):
+    """The final norm's scale is a hook point: doubling it halves the normalized residual exactly."""
+    m = workbench.load(hf_dirs[family])
+    t = text_tokens(m)
+    _, clean = m.run_with_cache(t, names_filter="ln_final.hook_normalized")
+    seen = {}
+    with m.hooks(fwd_hooks=[("ln_final.hook_scale", lambda s, hook: s * 2),
+                            ("ln_final.hook_normalized", lambda x, hook: seen.setdefault("x", x))]):
+        m(t)
+    assert torch.allclose(seen["x"], clean["ln_final.hook_normalized"] / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dla_sums_to_the_logit_and_the_cli_agrees(hf_dirs, family, capsys):
+    m = workbench.load(hf_dirs[family])
+    r = direct_logit_attribution(m, PROMPT, " the", " and")
+    assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit))
+    assert r.nmae > 1e-4  # a live norm: DLA approximates the direct effect
+    names = r.table.name.tolist()
+    assert ("pos_embed" in names) == (family == "gpt2") and f"L1H{m.cfg.n_heads - 1}" in names
+    assert main(["dla", str(hf_dirs[family]), "--prompt", PROMPT, "--answer", " the", "--contrast", " and", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["logit"] == pytest.approx(r.logit, abs=1e-6) and cli["nmae"] == pytest.approx(r.nmae, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_every_analysis_runs_on_the_surface(hf_dirs, family, capsys):
+    from workbench.analysis.confidence import confidence_neurons
+    from workbench.analysis.depth import diagnose
+    from workbench.analysis.patching import patching
+    from workbench.languages.ranker import rank_languages
+
+    m = workbench.load(hf_dirs[family])
+    clean = m.to_tokens(PROMPT)
+    changed = 3
+    corrupt = clean.clone()
+    corrupt[0, changed] = (clean[0, changed] + 7) % m.cfg.d_vocab
+    r = patching(m, clean, corrupt, " the", " and")
+    resid0 = r.table[(r.table.kind == "resid") & (r.table.layer == 0)]
+    # Patching the first layer's input at the one changed position restores the clean run exactly.
+    assert resid0[resid0.pos == changed].activation.item() == pytest.approx(r.clean_metric - r.corrupt_metric, abs=1e-4)
+    assert resid0[resid0.pos != changed].activation.abs().max() <= 1e-4
+    c = confidence_neurons(m, torch.randint(0, m.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert len(c) == 10 and c.null_share.between(0, 1).all()
+    d = diagnose(m, corpus="english", tokens=256, grad_batches=1)
+    assert len(d["residual"]["layers"]) == m.cfg.n_layers + 1 and d["val_ce"] > 0
+    ranked = rank_languages(m, "udhr", ["fra", "spa"], max_units=3, progress=False)
+    assert {x["code"] for x in ranked["languages"]} == {"fra", "spa"}
+    text = PROMPT
+    assert main(["patch", str(hf_dirs[family]), "--clean", text, "--corrupt", text, "--answer", " the",
+                 "--contrast", " and", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    same = patching(m, text, text, " the", " and")
+    assert out["clean_metric"] == pytest.approx(same.clean_metric, abs=1e-5)
+
+
+def test_unsupported_family_is_refused_in_one_line(tmp_path, hf_dirs, capsys):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(WorkbenchError, match="supported families: gpt2, llama, qwen2, gpt_neox"):
+        workbench.load(d)
+    assert main(["dla", str(d), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("workbench: error: model family 'bert' is not supported") and "\n" not in err
+
+
+def test_llama_removal_writes_a_stock_llama_with_exact_dla(hf_dirs, tmp_path, tiny_corpus):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from workbench.data import load_token_data
+    from workbench.loader.gpt2 import LN_FREE_EPS
+    from workbench.model.gpt import lm_cross_entropy
+    from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
+    s = remove_ln(hf_dirs["llama"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    assert s["family"] == "llama" and s["n_ctx"] == 64 and s["fold_max_abs_logit_diff"] <= 1e-4
+    assert s["export"]["max_abs_logit_diff"] <= 1e-4
+    assert [e["norm"] for e in s["schedule"]][-2:] == ["ln_final", "special positions"]
+    free = LlamaForCausalLM.from_pretrained(tmp_path / "free").eval()  # stock transformers, no custom code
+    assert free.config.rms_norm_eps == LN_FREE_EPS and not free.config.tie_word_embeddings
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "free").backend_tokenizer
+    data = load_token_data(str(tiny_corpus), tok.get_vocab_size(), tokenizer=tok)
+    with torch.no_grad():
+        ce = [lm_cross_entropy(free(input_ids=b).logits, b).item() for b in data.val_batches(2, 4, 64)]
+    assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4)
+    # Read back through the surface, the stock directory is norm-free again: DLA exact.
+    back = workbench.load(tmp_path / "free")
+    assert is_norm_free(back) and back.cfg.norm == "none"
+    before = direct_logit_attribution(workbench.load(hf_dirs["llama"]), PROMPT, " the")
+    after = direct_logit_attribution(back, PROMPT, " the")
+    for r in (before, after):
+        assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit))
+    assert after.nmae <= 1e-5 < 1e-3 < before.nmae
+    control = workbench.load(tmp_path / "free" / "control")  # a workbench run of the Llama family
+    assert control.cfg.family == "llama" and control.cfg.norm == "pre-rms"
+
+
+def test_qwen2_export_round_trip(hf_dirs, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from workbench.loader import export
+
+    m = workbench.load(hf_dirs["qwen2"])
+    report = export(m, tmp_path / "out")
+    stock = Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    t = torch.randint(0, m.cfg.d_vocab, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (stock(input_ids=t).logits - m(t)).abs().max().item() <= 1e-4 * m(t).abs().max().item()
+    assert report["architecture"] == "Qwen2ForCausalLM"
+
+
+def test_gpt_neox_removal_writes_a_workbench_run(hf_dirs, tmp_path, tiny_corpus):
+    from workbench.loader import export
+    from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       control=False)
+    s = remove_ln(hf_dirs["gpt_neox"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    free = workbench.load(tmp_path / "free")
+    assert is_norm_free(free) and free.cfg.parallel and free.cfg.family == "gpt_neox" and s["fold_max_abs_logit_diff"] <= 1e-4
+    r = direct_logit_attribution(free, PROMPT, " the")
+    assert r.nmae <= 1e-5
+    with pytest.raises(WorkbenchError, match="gpt_neox family has no exporter"):
+        export(free, tmp_path / "hf")
