@@ -72,6 +72,14 @@ def load_model(spec: str):
     return workbench.load(spec)
 
 
+@st.cache_data(show_spinner="Diagnosing…")
+def diagnose_spec(spec: str, tokens: int) -> dict:
+    """Depth diagnostics of any model spec on ``tokens`` validation tokens (one window per batch)."""
+    from workbench.analysis.depth import diagnose
+
+    return diagnose(load_model(spec), tokens=tokens, batch_size=1, grad_batches=1, model_id=spec)
+
+
 def missing(what: str, command: str) -> None:
     """Tell the user which command produces the results this page needs, and stop the page."""
     d = st.session_state.get("results_dir", DEFAULT_RESULTS)

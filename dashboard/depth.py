@@ -5,8 +5,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.common import load_json, manifest, missing
+from dashboard.common import diagnose_spec, load_json, manifest, missing
 from workbench.analysis.compare import DIAGNOSE_FILE, METRICS, compare_figure, compare_table, depth_summary
+from workbench.errors import WorkbenchError
 from workbench.zoo import collect_existing
 
 st.title("Depth diagnostics")
@@ -16,6 +17,9 @@ extra = st.text_input("More diagnose results (LABEL=FILE.json, comma-separated)"
                       value=",".join(f"{k}={v}" for k, v in m.get("diagnostics", {}).items()),
                       help="e.g. smollm2=results/smollm2_diagnose.json from `workbench diagnose smollm2 --out …`")
 
+spec = st.text_input("Or diagnose any model (run directory, Hugging Face directory, smollm2 or hf:NAME)", value="")
+spec_tokens = st.number_input("Tokens for that model", min_value=64, max_value=65536, value=1024, step=64)
+
 available = {n: zoo_dir / n / DIAGNOSE_FILE for n in collect_existing(zoo_dir) if (zoo_dir / n / DIAGNOSE_FILE).is_file()}
 for item in filter(None, (s.strip() for s in extra.split(","))):
     label, _, path = item.rpartition("=")
@@ -23,13 +27,19 @@ for item in filter(None, (s.strip() for s in extra.split(","))):
         available[label or Path(path).stem] = Path(path)
     else:
         st.warning(f"`{path}` not found; make it with `workbench diagnose MODEL --out {path}`")
-if not available:
+computed = {}
+if spec:
+    try:
+        computed[spec] = diagnose_spec(spec, int(spec_tokens))
+    except WorkbenchError as e:
+        st.error(str(e))
+if not available and not computed:
     missing(f"No depth diagnostics for the models in `{zoo_dir}`.", f"workbench compare {zoo_dir} --metric resid_var")
 
 metric = st.selectbox("Metric", list(METRICS), format_func=lambda k: METRICS[k][1])
-chosen = st.multiselect("Models", list(available), default=list(available))
+chosen = st.multiselect("Models", [*available, *computed], default=[*available, *computed])
 relative = st.checkbox("Relative depth (layer / number of layers): overlay models of different depth")
-results = {n: load_json(available[n]) for n in chosen}
+results = {n: computed[n] if n in computed else load_json(available[n]) for n in chosen}
 if not results:
     st.stop()
 table = compare_table(results, metric)

@@ -18,8 +18,14 @@ def _seed():
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Tests never read or write the user's tokenizer cache."""
-    os.environ["WORKBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    """Tests never read or write the user's tokenizer cache; a SmolLM2 GGUF already fetched there is
+    linked in (read-only use), so the tests that take ``smollm2`` when it is cached see it."""
+    user = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+    cache = tmp_path_factory.mktemp("cache")
+    if (user / "models" / "smollm2").is_dir():
+        (cache / "models").mkdir()
+        (cache / "models" / "smollm2").symlink_to(user / "models" / "smollm2", target_is_directory=True)
+    os.environ["WORKBENCH_CACHE"] = str(cache)
 
 
 @pytest.fixture(scope="session")

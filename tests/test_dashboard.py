@@ -1,6 +1,7 @@
 """The dashboard: every page under AppTest (renders, key widgets, an interaction changes the figure)
 and every page in headless Chromium against a served app (no error element; screenshots saved)."""
 
+import json
 import os
 import shutil
 import socket
@@ -92,6 +93,43 @@ def test_languages_page(results):
     before = charts(at)
     at.selectbox[0].set_value("pre-ln LN-free").run()
     assert not at.exception and charts(at) != before
+
+
+def _specs(llama_dir) -> list[str]:
+    from workbench.loader import smollm2_cached
+
+    return [str(llama_dir), "no-such-model"] + (["smollm2"] if smollm2_cached() else [])
+
+
+def test_pages_take_any_model_spec(results, llama_dir):
+    """A Hugging Face directory (and SmolLM2 when cached) typed into the Attribution, Depth and
+    LayerNorm-removal pages: the page works or says in one line why not; never an exception."""
+    for spec in _specs(llama_dir):
+        at = page("attribution", results)
+        at.text_input[0].set_value(spec).run()
+        at.selectbox[0].set_value(spec).run()
+        assert not at.exception, (spec, at.exception)
+        if spec == "no-such-model":
+            assert at.error and "unknown model spec" in at.error[0].value and "\n" not in at.error[0].value
+        else:
+            nmae = float(next(mm for mm in at.metric if "NMAE" in mm.label).value)
+            assert 0 < nmae < 1 and len(at.get("plotly_chart")) == 2  # a live RMSNorm: DLA approximate
+
+        at = page("depth", results)
+        at.text_input[2].set_value(spec).run()
+        at.number_input[0].set_value(128).run()
+        assert not at.exception, (spec, at.exception)
+        if spec == "no-such-model":
+            assert at.error and "unknown model spec" in at.error[0].value
+        else:
+            names = [t["name"] for t in json.loads(charts(at)[0])["data"]]
+            assert spec in at.multiselect[0].value and spec in names
+
+        at = page("removal", results)
+        at.text_input[0].set_value(spec).run()
+        at.selectbox[0].set_value(Path(spec).name).run()
+        assert not at.exception, (spec, at.exception)
+        assert at.error and "not a finished `workbench remove-ln` directory" in at.error[0].value
 
 
 def test_pages_name_the_command_when_results_are_missing(tmp_path, monkeypatch):
