@@ -15,7 +15,7 @@ import sys
 import torch
 
 from workbench.data import TokenData, tokenize_works
-from workbench.corpus import load_corpus
+from workbench.corpora import load_corpus
 import workbench
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
 from workbench.removal.finetune import calibrate, evaluate

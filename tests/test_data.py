@@ -5,7 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from workbench.corpus import bundled_path, load_corpus, read_jsonl_xz
+from workbench.corpora import load_corpus
+from workbench.corpus import bundled_path, read_jsonl_xz
 from workbench.data import load_token_data
 from workbench.errors import WorkbenchError
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import workbench
 from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.cli import main
-from workbench.corpus import load_corpus
+from workbench.corpora import load_corpus
 from workbench.errors import WorkbenchError
 from workbench.languages.encode import _windows, encode_texts, text_model
 from workbench.languages.mixture import heldout_parallel, mixture_corpus, parse_mixture

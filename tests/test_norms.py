@@ -15,7 +15,7 @@ EPS = 1e-5
 
 def make(norm, layer=0, site="ln1", **kwargs):
     cfg = ModelConfig(norm=norm, d_model=D, n_heads=2, n_layers=4, norm_kwargs=kwargs)
-    return get_scheme(norm).make(cfg, layer, site)
+    return get_scheme(norm).make(cfg.norm_context, layer, site)
 
 
 def randomize_affine(m):

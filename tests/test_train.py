@@ -160,3 +160,21 @@ def test_learning_rate_is_linear_warmup_then_cosine_to_min():
     assert c.lr_at(55) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert c.lr_at(100) == pytest.approx(1e-4)
     assert all(c.lr_at(s) >= c.lr_at(s + 1) for s in range(10, 100))
+
+
+def test_one_weight_decay_rule_for_training_and_fine_tuning():
+    """Matrices (W_*) decay; biases — attention's [heads, d_head] ones included — and norm gains do not,
+    in the trainer and in the removal fine-tune alike."""
+    from workbench.config import ModelConfig
+    from workbench.model import GPT
+    from workbench.optim import param_groups
+    from workbench.removal.finetune import RemovalConfig, _optimizer
+
+    m = GPT(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=64, n_ctx=8))
+    names = {id(p): n for n, p in m.named_parameters()}
+    for groups in (param_groups(m, 0.1), _optimizer(m, RemovalConfig(), 1e-3).param_groups):
+        decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        kept = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert "blocks.0.attn.W_Q" in decayed and "embed.W_E" in decayed and "unembed.W_U" in decayed
+        assert {"blocks.0.attn.b_Q", "blocks.0.ln1.affine.w", "unembed.b_U"} <= kept
+        assert all(n.split(".")[-1].startswith("W_") for n in decayed)

@@ -83,9 +83,16 @@ class ModelConfig:
         from .norms import get_scheme  # late import: norms register themselves on import
 
         self.scheme = get_scheme(self.norm)
-        self.scheme.check(self)
-        if self.parallel and not self.scheme.residual_is_sum(self):
+        self.scheme.check(self.norm_context)
+        if self.parallel and not self.scheme.residual_is_sum(self.norm_context):
             raise WorkbenchError(f"parallel attention + MLP needs Pre-norm blocks; norm {self.norm!r} has Post-norm ones")
+
+    @property
+    def norm_context(self):
+        """The part of the config a norm may read."""
+        from .norms.registry import NormContext
+
+        return NormContext(self.d_model, self.eps, self.n_layers, self.norm_kwargs)
 
     # --- attributes TransformerLens' ActivationCache reads -------------------------------------
     @property

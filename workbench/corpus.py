@@ -88,13 +88,9 @@ def _split(name: str, works: list[Work]) -> Corpus:
     return Corpus(name, train, val)
 
 
-def load_corpus(spec: str = "english") -> Corpus:
-    """``english`` (bundled), a ``.txt`` file, a folder whose ``*.txt`` files are the works, or a language
-    mixture ``mix:eng=0.4,cyrl=0.3,…`` (``workbench.languages.mixture``)."""
-    if spec.startswith("mix:"):
-        from .languages.mixture import mixture_corpus
-
-        return mixture_corpus(spec)
+def load_text_corpus(spec: str = "english") -> Corpus:
+    """``english`` (bundled), a ``.txt`` file, or a folder whose ``*.txt`` files are the works. Every
+    corpus spec — mixtures included — goes through ``workbench.corpora.load_corpus``."""
     if spec in BUNDLED:
         rows = read_jsonl_xz(bundled_path(BUNDLED[spec]))
         return _split(spec, [Work(f"{r['source']}/{r['title']}", r["text"], r["source"]) for r in rows])

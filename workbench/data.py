@@ -20,7 +20,8 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer
 
-from .corpus import Corpus, load_corpus
+from .corpora import load_corpus
+from .corpus import Corpus
 from .errors import WorkbenchError
 from .tokenizer import eot_id, load_tokenizer, train_tokenizer
 

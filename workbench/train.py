@@ -27,6 +27,7 @@ from . import io
 from .config import ModelConfig
 from .data import TokenData, load_token_data
 from .errors import WorkbenchError
+from .optim import param_groups
 from .model import GPT
 from .presets import get_preset
 
@@ -121,14 +122,6 @@ def build_configs(
         return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
     except TypeError as e:
         raise WorkbenchError(f"bad configuration override: {e}") from None
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay the matrices only: biases, norm gains and DyT's alpha are not regularized toward zero.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if name.split(".")[-1].startswith("W_") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -244,7 +237,7 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg, data.tokenizer).to(dev)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2)
+        param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2)
     )
     start, metrics, seconds = 0, [], 0.0
     if state is not None:

@@ -195,7 +195,7 @@ def depth_table(result: dict) -> pd.DataFrame:
 
 def corpus_batches(model: GPT, corpus: str, n_tokens: int, batch_size: int = 8) -> list[Tensor]:
     """Context-length windows spread over the corpus' validation works, in the model's tokenizer."""
-    from ..corpus import load_corpus
+    from ..corpora import load_corpus
     from ..data import TokenData, tokenize_works
 
     val = tokenize_works(model.tokenizer, load_corpus(corpus).val)

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import Corpus, Work, load_corpus
+from ..corpus import Corpus, Work, load_text_corpus
 from ..errors import WorkbenchError
 from .parallel import ENGLISH, Language, ParallelCorpus
 from .synthetic import SyntheticLanguage, is_synthetic
@@ -124,7 +124,7 @@ def _take(works: list[Work], chars: int, name: str, what: str) -> list[Work]:
 
 def mixture_corpus(spec: str) -> Corpus:
     comps = parse_mixture(spec)
-    english = load_corpus(split_base(spec)[1])
+    english = load_text_corpus(split_base(spec)[1])
     train = _assign(english.train, comps, "train")
     val = _assign(english.val, comps, "val")
     n_train = sum(len(w.text) for w in english.train)
@@ -133,7 +133,7 @@ def mixture_corpus(spec: str) -> Corpus:
     va = [w for ws in val.values() for w in ws]
     for c in comps:
         if not c.built:
-            user = load_corpus(str(c.path))
+            user = load_text_corpus(str(c.path))
             tr += _take(user.train, round(c.share * n_train), c.name, "training")
             va += _take(user.val, max(1, round(c.share * n_val)), c.name, "validation")
     return Corpus(spec, tr, va)
@@ -144,7 +144,7 @@ def heldout_parallel(spec: str, n_units: int = HELDOUT_UNITS) -> ParallelCorpus:
     mixture — text no model trained on the mixture has seen. User corpora have no parallel text and are
     left out."""
     comps = parse_mixture(spec)
-    english = load_corpus(split_base(spec)[1])
+    english = load_text_corpus(split_base(spec)[1])
     lo, hi = HELDOUT_CHARS
     paras = [p for w in sorted(english.val, key=lambda w: w.title) for p in w.text.split("\n\n")
              if lo <= len(p) <= hi]

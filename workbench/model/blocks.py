@@ -14,8 +14,8 @@ class _Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.ln1 = cfg.scheme.make(cfg, layer, "ln1")
-        self.ln2 = cfg.scheme.make(cfg, layer, "ln2")
+        self.ln1 = cfg.scheme.make(cfg.norm_context, layer, "ln1")
+        self.ln2 = cfg.scheme.make(cfg.norm_context, layer, "ln2")
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
@@ -36,7 +36,7 @@ class PreNormBlock(_Block):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg, layer)
         # ln1 on the V path: a separate module only once LayerNorm removal splits it from Q/K.
-        self.ln1_v = cfg.scheme.make(cfg, layer, "ln1") if cfg.split_ln1_v else None
+        self.ln1_v = cfg.scheme.make(cfg.norm_context, layer, "ln1") if cfg.split_ln1_v else None
         self.parallel = cfg.parallel
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:

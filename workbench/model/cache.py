@@ -18,7 +18,7 @@ class NormAwareCache(ActivationCache):
 
     def _require_sum(self, what: str) -> None:
         cfg = self.model.cfg
-        if not cfg.scheme.residual_is_sum(cfg):
+        if not cfg.scheme.residual_is_sum(cfg.norm_context):
             raise WorkbenchError(
                 f"{what} is undefined for norm {cfg.norm!r}: its Post-LN blocks normalize the residual "
                 "stream, so it is not a sum of component outputs; use a Pre-norm or norm-free model"

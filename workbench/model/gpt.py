@@ -37,9 +37,9 @@ class GPT(HookedRootModule):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(
-            BLOCKS[cfg.scheme.placement(cfg, layer)](cfg, layer) for layer in range(cfg.n_layers)
+            BLOCKS[cfg.scheme.placement(cfg.norm_context, layer)](cfg, layer) for layer in range(cfg.n_layers)
         )
-        self.ln_final = cfg.scheme.make(cfg, None, "ln_final")
+        self.ln_final = cfg.scheme.make(cfg.norm_context, None, "ln_final")
         self.unembed = Unembed(cfg)
         self.init_weights()
         self.setup()

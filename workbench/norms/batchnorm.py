@@ -45,7 +45,7 @@ BATCHNORM = register(
         name="batchnorm",
         description="Naive BatchNorm over batch x position (failure baseline: leaks across positions)",
         reference="Ioffe & Szegedy 2015; Shen et al. 2020 on why it fails in Transformers",
-        make=lambda cfg, layer, site: Norm(BatchStandardize(cfg.d_model, cfg.eps), Affine(cfg.d_model)),
+        make=lambda ctx, layer, site: Norm(BatchStandardize(ctx.d_model, ctx.eps), Affine(ctx.d_model)),
         tl_normalization_type="BN",
         scale_is_per_token=False,
     )

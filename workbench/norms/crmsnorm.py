@@ -35,7 +35,7 @@ PRE_CRMS = register(
         name="pre-crms",
         description="Pre-CRMSNorm: compressed RMSNorm (implicit zero-mean coordinate) before each sub-layer",
         reference="Jiang et al. 2023, Pre-RMSNorm and Pre-CRMSNorm Transformers",
-        make=lambda cfg, layer, site: Norm(CRMSStandardize(cfg.eps), Affine(cfg.d_model)),
+        make=lambda ctx, layer, site: Norm(CRMSStandardize(ctx.eps), Affine(ctx.d_model)),
         tl_normalization_type="RMS",
     )
 )

@@ -36,8 +36,8 @@ DYT = register(
         name="dyt",
         description="Dynamic Tanh: gamma*tanh(alpha*x)+beta in place of every norm (alpha0=0.5)",
         reference="Zhu et al. 2025, Transformers without Normalization",
-        make=lambda cfg, layer, site: Norm(
-            TanhStandardize(cfg.norm_kwargs.get("alpha0", DEFAULT_ALPHA0)), Affine(cfg.d_model)
+        make=lambda ctx, layer, site: Norm(
+            TanhStandardize(ctx.kwargs.get("alpha0", DEFAULT_ALPHA0)), Affine(ctx.d_model)
         ),
         tl_normalization_type="DyT",
         scale_is_per_token=False,

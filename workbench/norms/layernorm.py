@@ -43,10 +43,10 @@ class LayerStandardize(Standardize):
         return F.layer_norm(x, x.shape[-1:], w, b, self.eps)
 
 
-def layer_norm(cfg, layer=None, site="ln1", depth_scale: float = 1.0) -> Norm:
+def layer_norm(ctx, layer=None, site="ln1", depth_scale: float = 1.0) -> Norm:
     # affine=False: the gain and bias were folded into the following weights (`workbench convert`).
-    affine = Affine(cfg.d_model) if cfg.norm_kwargs.get("affine", True) else None
-    return Norm(LayerStandardize(cfg.eps), affine, depth_scale)
+    affine = Affine(ctx.d_model) if ctx.kwargs.get("affine", True) else None
+    return Norm(LayerStandardize(ctx.eps), affine, depth_scale)
 
 
 PRE_LN = register(

@@ -12,9 +12,9 @@ from .layernorm import layer_norm
 from .registry import NormScheme, register
 
 
-def _make(cfg, layer, site):
+def _make(ctx, layer, site):
     depth_scale = 1.0 if layer is None else 1.0 / math.sqrt(layer + 1)
-    return layer_norm(cfg, depth_scale=depth_scale)
+    return layer_norm(ctx, depth_scale=depth_scale)
 
 
 LNS = register(

@@ -12,22 +12,22 @@ from .registry import NormScheme, register
 DEFAULT_ALPHA = 0.25
 
 
-def n_post_blocks(cfg) -> int:
-    return math.floor(cfg.norm_kwargs.get("alpha", DEFAULT_ALPHA) * cfg.n_layers)
+def n_post_blocks(ctx) -> int:
+    return math.floor(ctx.kwargs.get("alpha", DEFAULT_ALPHA) * ctx.n_layers)
 
 
-def _validate(cfg) -> None:
-    alpha = cfg.norm_kwargs.get("alpha", DEFAULT_ALPHA)
+def _validate(ctx) -> None:
+    alpha = ctx.kwargs.get("alpha", DEFAULT_ALPHA)
     if not 0.0 <= alpha <= 1.0:
         raise WorkbenchError(f"mix-ln alpha must lie in [0, 1], got {alpha}")
 
 
-def _make(cfg, layer, site):
+def _make(ctx, layer, site):
     # After LayerNorm removal (``pre_ln_free``) the Pre-LN blocks and the final norm are identities;
     # the Post-LN blocks keep their live LayerNorm, which normalizes the residual stream itself.
-    if cfg.norm_kwargs.get("pre_ln_free") and (layer is None or layer >= n_post_blocks(cfg)):
+    if ctx.kwargs.get("pre_ln_free") and (layer is None or layer >= n_post_blocks(ctx)):
         return Norm(IdentityStandardize(), None)
-    return layer_norm(cfg)
+    return layer_norm(ctx)
 
 
 MIX_LN = register(
@@ -36,7 +36,7 @@ MIX_LN = register(
         description="Mix-LN: Post-LN in the first floor(alpha*L) blocks (alpha=0.25), Pre-LN after",
         reference="Li et al. 2024, Mix-LN",
         make=_make,
-        placement=lambda cfg, layer: "post" if layer < n_post_blocks(cfg) else "pre",
+        placement=lambda ctx, layer: "post" if layer < n_post_blocks(ctx) else "pre",
         validate=_validate,
         accepts=("alpha", "pre_ln_free"),
     )

@@ -10,7 +10,7 @@ NONE = register(
         name="none",
         description="No normalization at all (identity at every norm site), trained from scratch",
         reference="baseline",
-        make=lambda cfg, layer, site: Norm(IdentityStandardize(), None),
+        make=lambda ctx, layer, site: Norm(IdentityStandardize(), None),
         tl_normalization_type=None,
     )
 )

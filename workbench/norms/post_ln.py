@@ -7,10 +7,10 @@ from .layernorm import layer_norm
 from .registry import NormScheme, register
 
 
-def _make(cfg, layer, site):
+def _make(ctx, layer, site):
     if site == "ln_final":
         return Norm(IdentityStandardize(), None)
-    return layer_norm(cfg)
+    return layer_norm(ctx)
 
 
 POST_LN = register(
@@ -19,6 +19,6 @@ POST_LN = register(
         description="Post-LN (original Transformer): LayerNorm after each residual addition",
         reference="Vaswani et al. 2017",
         make=_make,
-        placement=lambda cfg, layer: "post",
+        placement=lambda ctx, layer: "post",
     )
 )

@@ -76,9 +76,9 @@ class PowerStandardize(Standardize):
         return _PowerNormFn.apply(x, scale, self.nu, self.alpha_bkw)
 
 
-def _validate(cfg) -> None:
+def _validate(ctx) -> None:
     for k in ("alpha_fwd", "alpha_bkw"):
-        if not 0.0 <= cfg.norm_kwargs.get(k, DEFAULTS[k]) < 1.0:
+        if not 0.0 <= ctx.kwargs.get(k, DEFAULTS[k]) < 1.0:
             raise WorkbenchError(f"powernorm {k} must lie in [0, 1)")
 
 
@@ -87,8 +87,8 @@ POWERNORM = register(
         name="powernorm",
         description="PowerNorm: running quadratic mean, no centering, approximate backward (alpha=0.9)",
         reference="Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers",
-        make=lambda cfg, layer, site: Norm(
-            PowerStandardize(cfg.d_model, cfg.eps, **{**DEFAULTS, **cfg.norm_kwargs}), Affine(cfg.d_model)
+        make=lambda ctx, layer, site: Norm(
+            PowerStandardize(ctx.d_model, ctx.eps, **{**DEFAULTS, **ctx.kwargs}), Affine(ctx.d_model)
         ),
         tl_normalization_type="PN",
         scale_is_per_token=False,

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from torch import nn
 
 from ..errors import WorkbenchError
 
-if TYPE_CHECKING:
-    from ..config import ModelConfig
+
+@dataclass(frozen=True)
+class NormContext:
+    """What a norm may know about the model it sits in (``ModelConfig.norm_context``)."""
+
+    d_model: int
+    eps: float
+    n_layers: int
+    kwargs: dict[str, Any] = field(default_factory=dict)  # ModelConfig.norm_kwargs
 
 Site = Literal["ln1", "ln2", "ln_final"]
 Placement = Literal["pre", "post"]
 
 
-def _always_pre(cfg: "ModelConfig", layer: int) -> Placement:
+def _always_pre(ctx: "NormContext", layer: int) -> Placement:
     return "pre"
 
 
-def _no_validation(cfg: "ModelConfig") -> None:
+def _no_validation(ctx: "NormContext") -> None:
     return None
 
 
@@ -28,35 +35,35 @@ def _no_validation(cfg: "ModelConfig") -> None:
 class NormScheme:
     """Where the norms sit in the network and what each one is.
 
-    ``make(cfg, layer, site)`` builds the norm module for ``blocks.{layer}.{site}`` (``layer`` is
-    ``None`` for ``ln_final``). ``placement(cfg, layer)`` says whether block ``layer`` normalizes its
+    ``make(ctx, layer, site)`` builds the norm module for ``blocks.{layer}.{site}`` (``layer`` is
+    ``None`` for ``ln_final``). ``placement(ctx, layer)`` says whether block ``layer`` normalizes its
     sub-layer inputs (Pre-norm) or the residual stream after each addition (Post-norm).
     """
 
     name: str
     description: str
     reference: str
-    make: Callable[["ModelConfig", int | None, Site], nn.Module]
-    placement: Callable[["ModelConfig", int], Placement] = _always_pre
+    make: Callable[["NormContext", int | None, Site], nn.Module]
+    placement: Callable[["NormContext", int], Placement] = _always_pre
     # What TransformerLens' ActivationCache should assume when it applies the cached final-norm
     # scale. None = no norm; any other string TL does not know = "not a per-token scale".
     tl_normalization_type: str | None = "LN"
     # False when the norm is not a per-token scalar division TL can replay from ``hook_scale``.
     scale_is_per_token: bool = True
-    validate: Callable[["ModelConfig"], None] = _no_validation
+    validate: Callable[["NormContext"], None] = _no_validation
     # Names this scheme reads from ``ModelConfig.norm_kwargs``; anything else is a user error.
     accepts: tuple[str, ...] = ()
 
-    def check(self, cfg: "ModelConfig") -> None:
-        unknown = sorted(set(cfg.norm_kwargs) - set(self.accepts))
+    def check(self, ctx: "NormContext") -> None:
+        unknown = sorted(set(ctx.kwargs) - set(self.accepts))
         if unknown:
             takes = f"only {', '.join(self.accepts)}" if self.accepts else "none"
             raise WorkbenchError(f"norm {self.name!r} does not take {unknown}; it takes {takes}")
-        self.validate(cfg)
+        self.validate(ctx)
 
-    def residual_is_sum(self, cfg: "ModelConfig") -> bool:
+    def residual_is_sum(self, ctx: "NormContext") -> bool:
         """True when resid_post of the last block is embed + pos_embed + every sub-layer output."""
-        return all(self.placement(cfg, layer) == "pre" for layer in range(cfg.n_layers))
+        return all(self.placement(ctx, layer) == "pre" for layer in range(ctx.n_layers))
 
 
 _REGISTRY: dict[str, NormScheme] = {}

@@ -37,7 +37,7 @@ PRE_RMS = register(
         name="pre-rms",
         description="Pre-RMSNorm: RMSNorm (gain, no bias, no centering) before each sub-layer",
         reference="Zhang & Sennrich 2019; Jiang et al. 2023",
-        make=lambda cfg, layer, site: Norm(RMSStandardize(cfg.eps), Affine(cfg.d_model, bias=False)),
+        make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False)),
         tl_normalization_type="RMS",
     )
 )

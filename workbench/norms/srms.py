@@ -11,7 +11,7 @@ SRMS = register(
         name="srms",
         description="SimpleRMSNorm (TransNormerLLM): x/||x|| * sqrt(d), no learned parameters",
         reference="Qin et al. 2023, TransNormerLLM",
-        make=lambda cfg, layer, site: Norm(RMSStandardize(cfg.eps), None),
+        make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), None),
         tl_normalization_type="RMSPre",
     )
 )

@@ -87,8 +87,8 @@ class UnifiedStandardize(Standardize):
         return _UnifiedNormFn.apply(x, scale, self, use_window, (t - 1) % self.window)
 
 
-def _validate(cfg) -> None:
-    if int(cfg.norm_kwargs.get("window", DEFAULTS["window"])) < 1:
+def _validate(ctx) -> None:
+    if int(ctx.kwargs.get("window", DEFAULTS["window"])) < 1:
         raise WorkbenchError("unified window must be >= 1")
 
 
@@ -97,8 +97,8 @@ UNIFIED = register(
         name="unified",
         description="Unified Normalization: windowed (geometric-mean) statistics with gradient compensation",
         reference="Yang et al. 2022, Unified Normalization for Accelerating and Stabilizing Transformers",
-        make=lambda cfg, layer, site: Norm(
-            UnifiedStandardize(cfg.d_model, cfg.eps, **{**DEFAULTS, **cfg.norm_kwargs}), Affine(cfg.d_model)
+        make=lambda ctx, layer, site: Norm(
+            UnifiedStandardize(ctx.d_model, ctx.eps, **{**DEFAULTS, **ctx.kwargs}), Affine(ctx.d_model)
         ),
         tl_normalization_type="UN",
         scale_is_per_token=False,

@@ -176,7 +176,7 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export
 
 def validation_windows(model: GPT, corpus: str = "english", n: int = 32, seed: int = 0) -> tuple[list[torch.Tensor], str]:
     """Up to ``n`` windows of validation text in the model's own tokenizer (random tokens without one)."""
-    from ..corpus import load_corpus
+    from ..corpora import load_corpus
     from ..data import tokenize_works
 
     n_ctx = min(model.cfg.n_ctx, 128)

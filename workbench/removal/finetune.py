@@ -23,6 +23,7 @@ from ..data import TokenData
 from ..errors import WorkbenchError
 from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
+from ..optim import adamw
 from .schedule import SPECIAL_OFF
 
 
@@ -213,10 +214,7 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
 
 
 def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": rc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    return adamw(module, lr, rc.weight_decay, betas=(0.9, 0.95))
 
 
 def _lr_at(step: int, removal_steps: int, final_steps: int, rc: RemovalConfig, lr: float) -> float:

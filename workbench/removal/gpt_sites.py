@@ -23,7 +23,7 @@ def check_removable(cfg: ModelConfig) -> None:
     """Refuse, in one line, every model whose norms remove-ln cannot freeze."""
     if cfg.norm == "none" or cfg.norm_kwargs.get("pre_ln_free"):
         raise WorkbenchError(f"the model is already LayerNorm-free (norm {cfg.norm!r}); there is nothing to remove")
-    pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg, layer) == "pre"]
+    pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) == "pre"]
     if not pre:
         raise WorkbenchError(
             f"remove-ln needs a Pre-norm model; {cfg.norm!r} normalizes the residual stream itself, so a "
