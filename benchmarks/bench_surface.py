@@ -105,11 +105,14 @@ def main() -> None:
     base = rows[0]["forward_s"]
     for r in rows:
         r["forward_vs_bridge"] = base / r["forward_s"]
+    print(json.dumps(rows, indent=1), flush=True)
     diag = None
     if args.before:
-        before = [diagnose_cli(args.before, args.diagnose_tokens) for _ in range(2)]
-        same = [diagnose_cli(None, args.diagnose_tokens, n_ctx=256) for _ in range(2)]
-        default = [diagnose_cli(None, args.diagnose_tokens) for _ in range(2)]
+        before, same, default = [], [], []
+        for _ in range(2):  # interleaved, so drift in machine load hits all three alike
+            before.append(diagnose_cli(args.before, args.diagnose_tokens))
+            same.append(diagnose_cli(None, args.diagnose_tokens, n_ctx=256))
+            default.append(diagnose_cli(None, args.diagnose_tokens))
         diag = {"tokens": args.diagnose_tokens, "before_s (bridge, 256-token windows)": before,
                 "after_s (surface, 256-token windows)": same, "after_s (surface, default 1024-token windows)": default,
                 "speedup_same_windows": min(before) / min(same), "speedup_default": min(before) / min(default)}

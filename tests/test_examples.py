@@ -41,6 +41,15 @@ def test_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypatch):
     assert r == {"norm": "pre-ln", "rms": TINY_MODEL["n_layers"] + 1}
 
 
+def test_first_look_notebook_takes_any_model_spec(tmp_path, monkeypatch, hf_dirs):
+    """The same cells on a Hugging Face Llama (rotary, GQA, SwiGLU): TransformerLens' decomposition of the
+    final residual holds (the notebook asserts it) with no pos_embed component."""
+    r = run_notebook("01_first_look.ipynb", tmp_path, monkeypatch,
+                     '{"norm": model.cfg.norm, "rms": len(rms), "labels": list(labels)}',
+                     WORKBENCH_NOTEBOOK_MODEL_SPEC=str(hf_dirs["llama"]))
+    assert r["norm"] == "pre-rms" and r["rms"] == 3 and "pos_embed" not in r["labels"] and "embed" in r["labels"]
+
+
 def test_zoo_report_script(tmp_path, tiny_corpus):
     from workbench.zoo import train_zoo
 

@@ -89,7 +89,7 @@ def test_dla_sums_to_the_logit_and_the_cli_agrees(hf_dirs, family, capsys):
     assert cli["logit"] == pytest.approx(r.logit, abs=1e-6) and cli["nmae"] == pytest.approx(r.nmae, rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_analysis_runs_on_the_surface(hf_dirs, family, capsys):
     from workbench.analysis.confidence import confidence_neurons
     from workbench.analysis.depth import diagnose
@@ -118,6 +118,22 @@ def test_every_analysis_runs_on_the_surface(hf_dirs, family, capsys):
     out = json.loads(capsys.readouterr().out)
     same = patching(m, text, text, " the", " and")
     assert out["clean_metric"] == pytest.approx(same.clean_metric, abs=1e-5)
+
+
+def test_convert_folded_on_gpt_neox_and_refused_on_rmsnorm(hf_dirs, tmp_path):
+    """`convert --to folded` where the family allows it (LayerNorm: GPT-NeoX, parallel blocks and rotary
+    included): the written run, reloaded, has the original's logits on fresh tokens."""
+    from workbench.removal.api import convert_to_dir
+
+    convert_to_dir(str(hf_dirs["gpt_neox"]), "folded", tmp_path / "folded")
+    src, out = workbench.load(hf_dirs["gpt_neox"]), workbench.load(tmp_path / "folded")
+    t = torch.randint(0, src.cfg.d_vocab, (2, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (src(t) - out(t)).abs().max().item() <= 1e-4 * src(t).abs().max().item()
+    assert out.cfg.norm_kwargs == {"affine": False} and out.cfg.parallel
+    with pytest.raises(WorkbenchError, match="convert needs a Pre-LN model"):
+        convert_to_dir(str(hf_dirs["llama"]), "folded", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_unsupported_family_is_refused_in_one_line(tmp_path, hf_dirs, capsys):

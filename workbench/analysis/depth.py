@@ -218,7 +218,10 @@ def diagnose(model: GPT, corpus: str = "english", tokens: int = 32768, grad_batc
         raise WorkbenchError(f"angular distance offset n={far} must lie in 1..{model.cfg.n_layers} (the model's depth)")
     batches = corpus_batches(model, corpus, tokens, batch_size)
     residual = residual_statistics(model, batches, far)
-    base_ce, delta = skip_block_delta_ce(model, batches[: max(1, len(batches) // 4)])
+    # The 2L+1 forward passes of the layer-skip ΔCE read a quarter of the *sequences* (not of the batches:
+    # a long context makes few batches, and a quarter of one batch must not become all of it).
+    seqs = torch.cat(batches)
+    base_ce, delta = skip_block_delta_ce(model, list(seqs[: max(1, len(seqs) // 4)].split(batch_size)))
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {"id": model_id, "norm": model.cfg.norm, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model},

@@ -28,7 +28,7 @@ def _device(device: str | None) -> torch.device:
 
 def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
     """What the source run says about itself (corpus, pre-training tokens, learning rate)."""
-    if isinstance(spec, GPT) or not (Path(spec) / io.CONFIG_FILE).is_file():
+    if not isinstance(spec, (str, Path)) or not (Path(spec) / io.CONFIG_FILE).is_file():
         return {}
     d = Path(spec)
     rec: dict[str, Any] = {}
@@ -45,7 +45,7 @@ def load_source(spec: str | Path | GPT, device: torch.device) -> GPT:
     """The model to transform: already loaded, or any spec ``workbench.load`` takes."""
     from ..loader import load
 
-    return spec.to(device) if isinstance(spec, GPT) else load(spec, device=device)
+    return load(spec, device=device) if isinstance(spec, (str, Path)) else spec.to(device)
 
 
 def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None = None, corpus: str | None = None,
@@ -98,7 +98,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
             x = val[0].to(plain_dev)
             fold_diff = (ln_free(x) - plain.net(x)).abs().max().item()
     summary: dict[str, Any] = {
-        "source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>",
+        "source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>",
         "norm": model.cfg.norm,
         "family": model.cfg.family,
         "n_ctx": n_ctx,
@@ -198,7 +198,7 @@ def convert_to_dir(spec: str | Path | GPT, to: str, out: str | Path, corpus: str
     model = load_source(spec, torch.device("cpu"))
     converted = convert(model, to)
     batches, what = validation_windows(model, corpus)
-    summary = {"source": str(spec) if not isinstance(spec, GPT) else "<in-memory GPT>", "from": model.cfg.norm,
+    summary = {"source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>", "from": model.cfg.norm,
                "to": to, "norm": converted.cfg.norm, "d_model": converted.cfg.d_model,
                "max_abs_logit_diff": max_abs_logit_diff(model, converted, batches),
                "eval": what, "eval_tokens": sum(b.numel() for b in batches)}
