@@ -172,3 +172,40 @@ def test_loss_is_next_token_cross_entropy():
     logits = m(t)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, CFG["d_vocab"]), t[:, 1:].reshape(-1))
     torch.testing.assert_close(m(t, return_type="loss"), expected)
+
+
+def test_swiglu_rope_member_trains_and_attributes_exactly(tmp_path, tiny_corpus, capsys):
+    """`train --mlp swiglu --pos rope`: a gated MLP (hook_pre = gate, hook_pre_linear = up path) with rotary
+    positions; DLA sums to the logit, and LayerNorm removal folds into W_gate and W_in exactly."""
+    import workbench
+    from conftest import TINY_MODEL
+    from workbench.analysis.dla import direct_logit_attribution
+    from workbench.cli import main
+    from workbench.removal import RemovalConfig, remove_ln
+
+    run = tmp_path / "run"
+    assert main(["train", "--norm", "pre-rms", "--mlp", "swiglu", "--pos", "rope", "--steps", "4", "--corpus",
+                 str(tiny_corpus), "--n-ctx", "32", "--out", str(run), "--quiet"]) == 0
+    m = workbench.load(run)
+    assert (m.cfg.mlp, m.cfg.pos, m.cfg.act_fn) == ("swiglu", "rope", "silu") and not hasattr(m, "pos_embed")
+    t = m.to_tokens("And God said unto the")
+    _, cache = m.run_with_cache(t)
+    mlp = m.blocks[0].mlp
+    ln2 = cache["blocks.0.ln2.hook_normalized"] * m.blocks[0].ln2.affine.w
+    gate, up = ln2 @ mlp.W_gate + mlp.b_gate, ln2 @ mlp.W_in + mlp.b_in
+    assert torch.allclose(cache["blocks.0.mlp.hook_pre"], gate, atol=1e-5)
+    assert torch.allclose(cache["blocks.0.mlp.hook_pre_linear"], up, atol=1e-5)
+    assert torch.allclose(cache["blocks.0.mlp.hook_post"], torch.nn.functional.silu(gate) * up, atol=1e-5)
+    r = direct_logit_attribution(m, "And God said unto the", " the")
+    assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit))
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       control=False)
+    s = remove_ln(run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    assert s["fold_max_abs_logit_diff"] <= 1e-4
+    free = workbench.load(tmp_path / "free")
+    assert free.cfg.norm == "none" and free.cfg.mlp == "swiglu"
+    assert direct_logit_attribution(free, "And God said unto the", " the").nmae <= 1e-5
+    with pytest.raises(SystemExit) as e:  # argparse: one line, exit 2
+        main(["train", "--norm", "pre-rms", "--mlp", "relu", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "invalid choice: 'relu'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     t.add_argument("--n-ctx", type=int, help="context length (default: the preset's)")
     t.add_argument("--alpha", type=float, help="Mix-LN: fraction of Post-LN blocks (default 0.25)")
+    _architecture_args(t)
     t.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     t.add_argument("--out", required=True, help="run directory to create (or resume)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--steps", type=int)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--corpus", default="english")
+    _architecture_args(z)
     z.add_argument("--out", required=True)
     z.add_argument("--quiet", action="store_true")
 
@@ -110,6 +112,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _architecture_args(p) -> None:
+    p.add_argument("--mlp", choices=("gelu", "swiglu"), help="MLP: gelu (default) or swiglu (gated, SiLU, as Llama)")
+    p.add_argument("--pos", choices=("learned", "rope"), help="positions: learned (default) or rope (rotary on Q/K)")
+
+
+def _architecture(args) -> dict:
+    """Model overrides from --mlp / --pos (a gated MLP uses SiLU, as in Llama)."""
+    out: dict = {}
+    if args.mlp is not None:
+        out.update(mlp=args.mlp, act_fn="silu" if args.mlp == "swiglu" else "gelu_new")
+    if args.pos is not None:
+        out["pos"] = args.pos
+    return out
+
+
 def _cmd_norms(args) -> int:
     from . import norms
 
@@ -121,7 +138,7 @@ def _cmd_norms(args) -> int:
 def _cmd_train(args) -> int:
     from .train import train
 
-    model_overrides = {}
+    model_overrides = _architecture(args)
     if args.n_ctx is not None:
         model_overrides["n_ctx"] = args.n_ctx
     if args.alpha is not None:
@@ -145,7 +162,7 @@ def _cmd_zoo(args) -> int:
     from .zoo import FIGURE_FILE, ZOO_FILE, format_table, train_zoo
 
     results = train_zoo(args.out, preset=args.preset, norms=args.norms, steps=args.steps, seed=args.seed,
-                        corpus=args.corpus, progress=not args.quiet)
+                        corpus=args.corpus, progress=not args.quiet, model_overrides=_architecture(args) or None)
     print(format_table(results))
     print(f"wrote {args.out}/{ZOO_FILE} and {args.out}/{FIGURE_FILE}")
     return 0

@@ -111,8 +111,10 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     if cfg.norm not in ("pre-ln", "none") or cfg.split_ln1_v:
         raise WorkbenchError(f"only pre-ln and LN-free (none) models export to GPT-2, not {cfg.norm!r}; "
                              "use `workbench convert --to folded` or `remove-ln` first")
-    if cfg.d_head * cfg.n_heads != cfg.d_model or cfg.act_fn != "gelu_new":
-        raise WorkbenchError("GPT-2 needs d_head·n_heads = d_model and gelu_new")
+    if (cfg.d_head * cfg.n_heads != cfg.d_model or cfg.act_fn != "gelu_new" or cfg.mlp != "gelu" or cfg.pos != "learned"
+            or cfg.parallel or cfg.n_key_value_heads != cfg.n_heads):
+        raise WorkbenchError("GPT-2 needs d_head·n_heads = d_model, a gelu_new MLP, learned positions, sequential "
+                             "blocks and one K/V head per head; this model has another architecture")
     if ln_free and _readers_centered(model) > 1e-4:
         raise WorkbenchError("this LN-free model's readers are not mean-centered (it did not come from a centered "
                              "LayerNorm), so GPT-2's LayerNorm cannot be made an identity on it; it cannot be exported")
