@@ -84,3 +84,24 @@ def test_example_study_file_parses():
 
     s = load_study(ROOT / "analyses" / "layer_ablation_study.toml")
     assert s.models and {a.kind for a in s.ablations} == {"skip", "zero", "mean"}
+
+
+def test_study_on_hugging_face_families(tmp_path, hf_dirs):
+    """The same study file runs over pretrained-family models (a Llama and a GPT-NeoX with parallel
+    blocks): every block's skip ablation is a finite, non-zero ΔCE."""
+    llama, neox = str(hf_dirs["llama"]), str(hf_dirs["gpt_neox"])
+    f = write(tmp_path, f"""
+[study]
+name = "hf"
+tokens = 256
+[[models]]
+spec = "{llama}"
+[[models]]
+spec = "{neox}"
+[[ablations]]
+kind = "skip"
+blocks = "all"
+""")
+    t = run_study(f, tmp_path / "out", progress=False)
+    d = t[t.metric == "delta_ce"]
+    assert set(d.model) == {llama, neox} and d.value.notna().all() and (d.value.abs() > 0).all()
