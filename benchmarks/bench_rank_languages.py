@@ -36,7 +36,7 @@ def main() -> int:
     runs = {}
     for name in a.dtypes.split(","):
         t0 = time.perf_counter()
-        model = workbench.load("smollm2")
+        model = workbench.load("smollm2", n_ctx=1024)  # the Ranker reads texts of up to 1024 tokens
         model.to(getattr(torch, name))
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()

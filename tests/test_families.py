@@ -202,6 +202,15 @@ def test_gpt_neox_removal_writes_a_workbench_run(hf_dirs, tmp_path, tiny_corpus)
     s = remove_ln(hf_dirs["gpt_neox"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     free = workbench.load(tmp_path / "free")
     assert is_norm_free(free) and free.cfg.parallel and free.cfg.family == "gpt_neox" and s["fold_max_abs_logit_diff"] <= 1e-4
+    # the saved run computes what was evaluated: LayerNorm's β folded into a bias GPT-NeoX lacks (b_U)
+    # must survive the save
+    from workbench.data import load_token_data
+    from workbench.model.gpt import lm_cross_entropy
+
+    data = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)
+    with torch.no_grad():
+        ce = [lm_cross_entropy(free(b), b).item() for b in data.val_batches(2, 4, s["n_ctx"])]
+    assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4) and free.b_U.abs().max() > 0
     r = direct_logit_attribution(free, PROMPT, " the")
     assert r.nmae <= 1e-5
     with pytest.raises(WorkbenchError, match="gpt_neox family has no exporter"):

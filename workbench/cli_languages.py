@@ -51,7 +51,7 @@ def cmd_rank_languages(args) -> int:
     corpus = load_parallel(args.corpus)  # bad corpus / languages fail before the model loads
     langs = [c.strip() for c in args.langs.split(",") if c.strip()] if args.langs else None
     corpus.resolve(langs, args.unit)
-    model = workbench.load(args.model)
+    model = workbench.load(args.model, n_ctx=args.max_tokens or 1024)  # rotary models: read texts this long
     if args.dtype != "float32":
         model.to(dtypes[args.dtype])
     result = rank_languages(model, corpus, langs, pooling=args.pooling, unit=args.unit, max_units=args.max_units,

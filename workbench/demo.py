@@ -136,7 +136,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
 
             from .languages.parallel import load_parallel
 
-            model = workbench.load("smollm2").to(torch.bfloat16)
+            model = workbench.load("smollm2", n_ctx=1024).to(torch.bfloat16)
             pc = load_parallel("udhr")
             codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
             r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")

@@ -103,7 +103,7 @@ def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str
     keys = _unit_keys(pc, unit, max_units)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model_name = model_name or str(model)
-        model = workbench.load(model)
+        model = workbench.load(model, n_ctx=max_tokens or 1024)  # rotary models: read texts this long
     tm = text_model(model, max_tokens)
     t0 = time.perf_counter()
 

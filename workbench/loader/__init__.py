@@ -51,7 +51,8 @@ def family_named(name: str) -> Family | None:
 def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None = None) -> GPT:
     """The model of ``spec`` (see the module docstring), in eval mode on ``device``.
 
-    ``n_ctx``: the working context of a rotary model (default ``min(its maximum, 1024)``)."""
+    ``n_ctx``: the working context of a rotary model (default ``min(its maximum, 256)``); ignored for
+    learned positions, whose table fixes it."""
     from ..io import load_run
 
     s = str(spec)

@@ -26,7 +26,10 @@ from ..norms import Affine
 from .family import Family
 from .gpt2 import LN_FREE_EPS, MARKER
 
-N_CTX = 1024  # the working context: rotary models take longer ones (workbench.load(spec, n_ctx=N))
+# The working context of a rotary model: the window every analysis cuts text into (diagnose, confidence,
+# studies). 256 keeps those analyses as fast and comparable as before; longer texts are one argument away
+# (workbench.load(spec, n_ctx=N); the Language Ranker asks for its --max-tokens, default 1024).
+N_CTX = 256
 
 
 def rope_parameters(cfg: dict) -> tuple[float, float]:

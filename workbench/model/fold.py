@@ -92,12 +92,14 @@ def fold_norms(src: "GPT") -> "GPT":
         new_cfg = dataclasses.replace(cfg, norm="none", norm_kwargs={}, split_ln1_v=False)
     else:
         new_cfg = dataclasses.replace(cfg, norm_kwargs={**cfg.norm_kwargs, "pre_ln_free": True}, split_ln1_v=False)
+    new_cfg = with_biases_for(src, new_cfg)
     out = GPT(new_cfg, src.tokenizer).to(src.W_U.device)
     own = {k: v for k, v in src.state_dict().items() if ".ln" not in k and not k.startswith("ln_final")}
     post_norms = {k: v for k, v in src.state_dict().items()
                   if any(k.startswith(f"blocks.{b.layer}.ln") for b in src.blocks if b.placement == "post")}
     missing, unexpected = out.load_state_dict({**own, **post_norms}, strict=False)
-    if unexpected or any(".ln" not in k and not k.startswith("ln_final") for k in missing):
+    absent = {n for n, _ in src.named_buffers()}  # biases the family lacks, now real parameters (set below)
+    if unexpected or any(".ln" not in k and not k.startswith("ln_final") and k not in absent for k in missing):
         raise RuntimeError(f"fold lost weights: missing {missing}, unexpected {unexpected}")
     d = cfg.d_model
     for b_src, b_out in zip(src.blocks, out.blocks):
@@ -118,6 +120,13 @@ def fold_norms(src: "GPT") -> "GPT":
     set_(out.unembed.W_U, Wf)
     set_(out.unembed.b_U, bf)
     return out.eval()
+
+
+def with_biases_for(src: nn.Module, cfg):
+    """A norm with a bias (LayerNorm's β) folds into biases of its readers: a family without those biases
+    (GPT-NeoX's unembedding, say) gets them as real parameters, or they would be zero buffers — never saved."""
+    has_shift = any(isinstance(m, Norm) and getattr(m.affine, "b", None) is not None for m in src.modules())
+    return dataclasses.replace(cfg, qkv_bias=True, mlp_bias=True, unembed_bias=True) if has_shift else cfg
 
 
 def as_norm_free(model: "GPT", eps: float) -> "GPT":

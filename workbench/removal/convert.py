@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..model import GPT
-from ..model.fold import AffineMap, fold_heads, fold_reader, set_
+from ..model.fold import AffineMap, fold_heads, fold_reader, set_, with_biases_for
 
 TARGETS = ("folded", "pre-rms", "pre-crms")
 SOURCES = ("pre-ln", "lns")
@@ -62,6 +62,7 @@ def convert(model: GPT, to: str) -> GPT:
         "pre-rms": dataclasses.replace(cfg, norm="pre-rms", norm_kwargs={}),
         "pre-crms": dataclasses.replace(cfg, norm="pre-crms", norm_kwargs={}, d_model=d - 1, d_head=cfg.d_head),
     }[to]
+    new_cfg = with_biases_for(model, new_cfg)
     out = GPT(new_cfg, model.tokenizer).to(model.W_U.device)
     # Writers centered (float64 for the mean), readers folded; crms then drops the last coordinate.
     write: Callable[[Tensor], Tensor] = (lambda W: W[..., :-1]) if to == "pre-crms" else (lambda W: W)
