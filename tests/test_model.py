@@ -178,7 +178,6 @@ def test_swiglu_rope_member_trains_and_attributes_exactly(tmp_path, tiny_corpus,
     """`train --mlp swiglu --pos rope`: a gated MLP (hook_pre = gate, hook_pre_linear = up path) with rotary
     positions; DLA sums to the logit, and LayerNorm removal folds into W_gate and W_in exactly."""
     import workbench
-    from conftest import TINY_MODEL
     from workbench.analysis.dla import direct_logit_attribution
     from workbench.cli import main
     from workbench.removal import RemovalConfig, remove_ln

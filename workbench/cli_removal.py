@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import WorkbenchError
 
 
 def add_parsers(sub) -> None:
