@@ -75,6 +75,17 @@ def test_ln_removal_notebook_runs_top_to_bottom(tmp_path, tiny_corpus, monkeypat
     assert r["max_diff"] <= 1e-4 and r["events"] == 3 * TINY_MODEL["n_layers"] + 2
 
 
+def test_ln_removal_notebook_takes_any_model_spec(tmp_path, tiny_corpus, monkeypatch, hf_dirs):
+    """The removal notebook on a Hugging Face Llama: RMSNorm removed through the same cells, DLA exact after."""
+    r = run_notebook("02_ln_removal.ipynb", tmp_path, monkeypatch,
+                     '{"gap": abs(after.dla_sum - after.logit), "nmae": after.nmae, "before": before.nmae, '
+                     '"max_diff": max_diff, "family": free.cfg.family}',
+                     WORKBENCH_NOTEBOOK_MODEL_SPEC=str(hf_dirs["llama"]), WORKBENCH_NOTEBOOK_CORPUS=str(tiny_corpus),
+                     WORKBENCH_NOTEBOOK_STEPS_PER_LN="1")
+    assert r["gap"] <= 1e-4 and r["nmae"] <= 1e-5 < 1e-3 < r["before"]
+    assert r["max_diff"] is None and r["family"] == "llama"
+
+
 def _tiny_zoo_env(tmp_path, tiny_corpus) -> dict:
     return dict(WORKBENCH_NOTEBOOK_ZOO=str(tmp_path / "zoo"), WORKBENCH_NOTEBOOK_CORPUS=str(tiny_corpus),
                 WORKBENCH_NOTEBOOK_STEPS="4", WORKBENCH_NOTEBOOK_TOKENS="512",
