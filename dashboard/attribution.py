@@ -13,7 +13,9 @@ from workbench.errors import WorkbenchError
 st.title("Direct logit attribution")
 m = manifest() or {}
 models = dict(m.get("models", {}))
-custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)", value="")
+# ?model=SPEC in the address opens the page on that model (a link to share, or a test to drive).
+custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
+                       value=st.query_params.get("model", ""))
 if custom:
     models[custom] = custom
 if m.get("attribution") and Path(m["attribution"]).is_file():
@@ -24,7 +26,7 @@ if not models:
             "`workbench demo`; or type a model above.")
     st.stop()
 
-name = st.selectbox("Model", list(models))
+name = st.selectbox("Model", list(models), index=list(models).index(custom) if custom else 0)
 try:
     model = load_model(models[name])
 except WorkbenchError as e:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def _settle(driver, title: str, timeout: float = 120) -> bool:
 
 
 def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, chromedriver: str, port: int,
-                     profile: Path, width: int = 1400, height: int = 1800) -> dict[str, dict]:
+                     profile: Path, width: int = 1400, height: int = 1800,
+                     model: str | None = None) -> dict[str, dict]:
+    """Load every page (and, with ``model``, the pages that take one — Attribution, Depth — opened on it
+    through ``?model=SPEC``, reported as ``NAME?model``); screenshot each; collect error elements."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -81,12 +85,16 @@ def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, 
     driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
     report = {}
     try:
-        for name in pages:
-            driver.get(f"http://127.0.0.1:{port}/{name}")
+        visits = [(name, name, "") for name in pages]
+        if model is not None:
+            query = "?" + urllib.parse.urlencode({"model": model})
+            visits += [(f"{name}?model", name, query) for name in ("attribution", "depth") if name in pages]
+        for key, name, query in visits:
+            driver.get(f"http://127.0.0.1:{port}/{name}{query}")
             found = _settle(driver, TITLES[name])
             errors = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, ERRORS)]
-            driver.save_screenshot(str(out / f"{name}.png"))
-            report[name] = {"title_found": found, "errors": errors}
+            driver.save_screenshot(str(out / f"{key.replace('?', '-')}.png"))
+            report[key] = {"title_found": found, "errors": errors}
     finally:
         driver.quit()
         server.terminate()

@@ -17,7 +17,8 @@ extra = st.text_input("More diagnose results (LABEL=FILE.json, comma-separated)"
                       value=",".join(f"{k}={v}" for k, v in m.get("diagnostics", {}).items()),
                       help="e.g. smollm2=results/smollm2_diagnose.json from `workbench diagnose smollm2 --out …`")
 
-spec = st.text_input("Or diagnose any model (run directory, Hugging Face directory, smollm2 or hf:NAME)", value="")
+spec = st.text_input("Or diagnose any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
+                     value=st.query_params.get("model", ""))  # ?model=SPEC in the address
 spec_tokens = st.number_input("Tokens for that model", min_value=64, max_value=65536, value=1024, step=64)
 
 available = {n: zoo_dir / n / DIAGNOSE_FILE for n in collect_existing(zoo_dir) if (zoo_dir / n / DIAGNOSE_FILE).is_file()}

@@ -156,15 +156,27 @@ def _chromium():
     return exe, driver
 
 
-def test_every_page_in_headless_chromium(results, tmp_path):
+def test_every_page_in_headless_chromium(results, tmp_path, llama_dir):
+    """Every page, plus Attribution and Depth opened on a Hugging Face Llama directory (?model=DIR)."""
     from dashboard.browser import screenshot_pages
 
     exe, driver = _chromium()
-    shots = screenshot_pages(results, ARTIFACTS, PAGES, exe, driver, port=_free_port(), profile=tmp_path / "profile")
-    for name in PAGES:
+    shots = screenshot_pages(results, ARTIFACTS, PAGES, exe, driver, port=_free_port(), profile=tmp_path / "profile",
+                             model=str(llama_dir))
+    assert set(shots) == set(PAGES) | {"attribution?model", "depth?model"}
+    for name in shots:
         assert shots[name]["errors"] == [], (name, shots[name]["errors"])
         assert shots[name]["title_found"], name
-        assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
+        assert (ARTIFACTS / f"{name.replace('?', '-')}.png").stat().st_size > 10_000
+
+
+def test_model_query_parameter_opens_the_page_on_that_model(results, llama_dir):
+    os.environ["WORKBENCH_RESULTS"] = str(results)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "attribution.py"), default_timeout=120)
+    at.query_params["model"] = str(llama_dir)
+    at.run()
+    assert not at.exception and at.selectbox[0].value == str(llama_dir)
+    assert any("NMAE" in mm.label for mm in at.metric)
 
 
 def test_demo_bad_input(tmp_path, capsys):
