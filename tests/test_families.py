@@ -145,13 +145,24 @@ def test_unsupported_family_is_refused_in_one_line(tmp_path, hf_dirs, capsys):
     assert main(["dla", str(d), "--prompt", PROMPT]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("workbench: error: model family 'bert' is not supported") and "\n" not in err
+    # a supported family whose config lacks a field it needs: one line naming the field
+    import shutil
+
+    broken = tmp_path / "llama-broken"
+    shutil.copytree(hf_dirs["llama"], broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    assert main(["dla", str(broken), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is incomplete: it has no 'hidden_size'") and "\n" not in err
 
 
 def test_llama_removal_writes_a_stock_llama_with_exact_dla(hf_dirs, tmp_path, tiny_corpus):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from workbench.data import load_token_data
-    from workbench.loader.gpt2 import LN_FREE_EPS
+    from workbench.loader.family import LN_FREE_EPS
     from workbench.model.gpt import lm_cross_entropy
     from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 

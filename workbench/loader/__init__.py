@@ -66,11 +66,14 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
         family_of(config)  # an unsupported family is refused before its weights are read
     ckpt = read_checkpoint(s)
     family = family_of(ckpt.config)
-    kwargs = family.config(ckpt.config)
-    if n_ctx is not None and kwargs.get("pos") == "rope":
-        kwargs["n_ctx"] = min(n_ctx, ckpt.config.get("max_position_embeddings", n_ctx))
-    cfg = ModelConfig(**kwargs, bos_token=ckpt.bos_token)
-    state = family.weights(ckpt.state_dict, cfg, ckpt.config)
+    try:
+        kwargs = family.config(ckpt.config)
+        if n_ctx is not None and kwargs.get("pos") == "rope":
+            kwargs["n_ctx"] = min(n_ctx, ckpt.config.get("max_position_embeddings", n_ctx))
+        cfg = ModelConfig(**kwargs, bos_token=ckpt.bos_token)
+        state = family.weights(ckpt.state_dict, cfg, ckpt.config)
+    except KeyError as e:  # a config field or a tensor the family needs is not in the checkpoint
+        raise WorkbenchError(f"the {family.name} checkpoint {s} is incomplete: it has no {e.args[0]!r}") from None
     model = GPT(cfg, ckpt.tokenizer)
     missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
     if missing or unexpected:

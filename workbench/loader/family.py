@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor
 
+# Our exports of norm-free models keep the family's norm modules as identities made of a huge ε
+# (gain 1/√ε) and say so in their config; reading such a directory back folds them away again.
+LN_FREE_EPS = 1e15
+MARKER = "workbench_ln_free"
+
 if TYPE_CHECKING:
     from ..config import ModelConfig
     from ..model import GPT
@@ -38,3 +43,10 @@ class Family:
     removal_output: str = "run"
     # Said in one line when removal is asked for and the family cannot take it (None: it can).
     removal_refusal: str | None = None
+
+
+def read_back_ln_free(model: "GPT", hf_config: dict) -> "GPT":
+    """``Family.finish`` of the families with an exporter: our own norm-free export becomes norm-free again."""
+    from ..model.fold import as_norm_free
+
+    return as_norm_free(model, model.cfg.eps) if hf_config.get(MARKER) else model

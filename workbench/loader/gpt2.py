@@ -23,14 +23,9 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import WorkbenchError
 from ..model import GPT
-from ..model.fold import as_norm_free
 from ..norms import Affine
 from ..tokenizer import EOT
-from .family import Family
-
-LN_FREE_EPS = 1e15
-MARKER = "workbench_ln_free"
-
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free
 
 def config(cfg: dict) -> dict:
     act = cfg.get("activation_function", "gelu_new")
@@ -76,15 +71,6 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
             q + "mlp.W_out": sd[p + "mlp.c_proj.weight"], q + "mlp.b_out": sd[p + "mlp.c_proj.bias"],
         })
     return new
-
-
-def finish(model: GPT, cfg: dict) -> GPT:
-    return _as_ln_free(model) if cfg.get(MARKER) else model
-
-
-def _as_ln_free(model: GPT) -> GPT:
-    """Our own export read back: every huge-ε LayerNorm is the affine map it computes; fold them."""
-    return as_norm_free(model, model.cfg.eps)
 
 
 def _readers_centered(model: GPT) -> float:
@@ -180,4 +166,5 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
 
 
-GPT2 = Family(name="gpt2", model_types=("gpt2",), config=config, weights=weights, export=export_gpt2, finish=finish)
+GPT2 = Family(name="gpt2", model_types=("gpt2",), config=config, weights=weights, export=export_gpt2,
+              finish=read_back_ln_free)

@@ -21,10 +21,8 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import WorkbenchError
 from ..model import GPT
-from ..model.fold import as_norm_free
 from ..norms import Affine
-from .family import Family
-from .gpt2 import LN_FREE_EPS, MARKER
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free
 
 # The working context of a rotary model: the window every analysis cuts text into (diagnose, confidence,
 # studies). 256 keeps those analyses as fast and comparable as before; longer texts are one argument away
@@ -94,10 +92,6 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
             new.update({q + "mlp.b_gate": sd[p + "mlp.gate_proj.bias"], q + "mlp.b_in": sd[p + "mlp.up_proj.bias"],
                         q + "mlp.b_out": sd[p + "mlp.down_proj.bias"]})
     return new
-
-
-def finish(model: GPT, cfg: dict) -> GPT:
-    return as_norm_free(model, model.cfg.eps) if cfg.get(MARKER) else model
 
 
 @torch.no_grad()
@@ -173,6 +167,6 @@ def export_llama(model: GPT, out: Path) -> dict:
 _REMOVAL = {"lr": 2e-5, "n_ctx": 128}
 
 LLAMA = Family(name="llama", model_types=("llama",), config=lambda c: _config(c, qwen=False), weights=weights,
-               export=export_llama, finish=finish, removal_defaults=_REMOVAL, removal_output="export")
+               export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")
 QWEN2 = Family(name="qwen2", model_types=("qwen2",), config=lambda c: _config(c, qwen=True), weights=weights,
-               export=export_llama, finish=finish, removal_defaults=_REMOVAL, removal_output="export")
+               export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")
