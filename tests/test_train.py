@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import workbench
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+from workbench import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -83,18 +84,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_corpus):
     # Same thread count as this process: bitwise equality holds for a fixed machine and thread count.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    ckpt = killed / "checkpoint.pt"
+    ckpt = killed / "checkpoint.safetensors"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 8:
+        if ckpt.exists() and checkpoint.load(ckpt)["step"] >= 8:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists(), "the process finished before it could be killed"
-    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    step_at_kill = checkpoint.load(ckpt)["step"]
     assert 0 < step_at_kill < steps
-    run_train(killed, tiny_corpus, steps=steps)
+    done = []
+    s = workbench.train("pre-ln", killed, steps=steps, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                        train_overrides=TINY_TRAIN, progress=False, on_step=lambda k, _: done.append(k))
+    # A resume, not a restart (which would reproduce the same weights bitwise): only the missing steps ran.
+    assert done == list(range(step_at_kill + 1, steps + 1)) and s["resumed_from_step"] == step_at_kill
     assert_bitwise_equal(weights(ref), weights(killed))
     a = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -178,3 +183,149 @@ def test_one_weight_decay_rule_for_training_and_fine_tuning():
         assert "blocks.0.attn.W_Q" in decayed and "embed.W_E" in decayed and "unembed.W_U" in decayed
         assert {"blocks.0.attn.b_Q", "blocks.0.ln1.affine.w", "unembed.b_U"} <= kept
         assert all(n.split(".")[-1].startswith("W_") for n in decayed)
+
+
+class _Stop(KeyboardInterrupt):
+    """Interrupts a run from its step callback, like Ctrl-C: the trainer keeps what it checkpointed."""
+
+
+def _interrupted_run(out, corpus, steps, stop_after):
+    def on_step(k, _):
+        if k > stop_after:
+            raise _Stop
+    with pytest.raises(_Stop):
+        workbench.train("pre-ln", out, steps=steps, corpus=str(corpus), model_overrides=TINY_MODEL,
+                        train_overrides=TINY_TRAIN, progress=False, on_step=on_step)
+    assert checkpoint.load(out / "checkpoint.safetensors")["step"] == stop_after
+
+
+def test_resume_reads_the_checkpoint_a_damaged_one_changes_the_result(tmp_path, tiny_corpus):
+    """If resuming ignored the checkpoint and restarted, the weights would still match the reference;
+    a checkpoint whose weights were changed (but which still loads) must change the final weights."""
+    ref = tmp_path / "ref"
+    run_train(ref, tiny_corpus, steps=12)
+    run = tmp_path / "run"
+    _interrupted_run(run, tiny_corpus, 12, stop_after=8)
+    state = checkpoint.load(run / "checkpoint.safetensors")
+    state["model"]["blocks.0.attn.W_Q"] = state["model"]["blocks.0.attn.W_Q"] * 1.5
+    checkpoint.save(run / "checkpoint.safetensors", state)
+    s = run_train(run, tiny_corpus, steps=12)
+    assert s["resumed_from_step"] == 8
+    a, b = weights(ref), weights(run)
+    assert not torch.equal(a["blocks.0.attn.W_Q"], b["blocks.0.attn.W_Q"])
+    assert s["final_val_loss"] != json.loads((ref / "summary.json").read_text())["final_val_loss"]
+
+
+def test_checkpoint_round_trips_a_training_state_exactly(tmp_path):
+    """Tensors bit for bit (0-dim, shared storage, bf16), int-keyed dicts, tuples and non-finite floats."""
+    w = torch.randn(3, 4)
+    state = {"model": {"a": w, "tied": w, "step0": torch.tensor(7.0), "half": torch.randn(5).bfloat16()},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2)}},
+                           "param_groups": [{"betas": (0.9, 0.95), "lr": 1 / 3, "foreach": None, "params": [0]}]},
+             "step": 12, "metrics": [{"loss": float("nan"), "big": float("inf"), "x": 0.1 + 0.2}], "seconds": 1e-300}
+    checkpoint.save(tmp_path / "c.safetensors", state)
+    back = checkpoint.load(tmp_path / "c.safetensors")
+    assert back["step"] == 12 and back["seconds"] == 1e-300
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert back["optimizer"]["param_groups"][0]["lr"] == 1 / 3 and back["optimizer"]["param_groups"][0]["foreach"] is None
+    assert list(back["optimizer"]["state"]) == [0] and torch.equal(back["optimizer"]["state"][0]["exp_avg"],
+                                                                    state["optimizer"]["state"][0]["exp_avg"])
+    m = back["metrics"][0]
+    assert math.isnan(m["loss"]) and m["big"] == float("inf") and m["x"] == 0.1 + 0.2
+    for k, v in state["model"].items():
+        assert back["model"][k].dtype == v.dtype and torch.equal(back["model"][k], v), k
+    with pytest.raises(TypeError, match="only tensors"):
+        checkpoint.save(tmp_path / "d.safetensors", {"f": print})
+    assert not (tmp_path / "d.safetensors").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch on a marker file: what a hostile checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_checkpoint_never_runs_code(tmp_path, tiny_corpus, capsys):
+    """A run directory whose checkpoint.pt would run code when unpickled: refused in one line without
+    --trust-pickle, and with it torch's weights-only unpickler refuses the callable. Nothing runs."""
+    from workbench.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--norm", "pre-ln", "--steps", "8", "--n-ctx", "32", "--corpus", str(tiny_corpus),
+            "--out", str(run), "--quiet"]
+    assert main(argv) == 0
+    (run / "summary.json").unlink()
+    (run / "checkpoint.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"model": _RunsCode(marker), "optimizer": {}, "step": 1}, run / "checkpoint.pt")
+    capsys.readouterr()
+    for extra, says in (([], "--trust-pickle"), (["--trust-pickle"], "not a plain-tensor checkpoint")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("workbench: error:") and says in err, err
+        assert not marker.exists(), "the pickle ran code"
+        assert not (run / "summary.json").exists() and (run / "checkpoint.pt").exists()
+
+
+def test_legacy_pickle_checkpoint_resumes_only_when_trusted(tmp_path, tiny_corpus):
+    """A workbench 0.1 run directory (pickled checkpoint.pt) resumes with trust_pickle to the weights of
+    an uninterrupted run, and from then on holds only the safe format."""
+    from workbench.errors import WorkbenchError
+
+    ref = tmp_path / "ref"
+    run_train(ref, tiny_corpus, steps=12)
+    run = tmp_path / "old"
+    _interrupted_run(run, tiny_corpus, 12, stop_after=8)
+    torch.save(checkpoint.load(run / "checkpoint.safetensors"), run / "checkpoint.pt")
+    (run / "checkpoint.safetensors").unlink()
+    with pytest.raises(WorkbenchError, match="trust-pickle"):
+        run_train(run, tiny_corpus, steps=12)
+    s = workbench.train("pre-ln", run, steps=12, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                        train_overrides=TINY_TRAIN, progress=False, trust_pickle=True)
+    assert s["resumed_from_step"] == 8
+    assert_bitwise_equal(weights(ref), weights(run))
+    assert not (run / "checkpoint.pt").exists() and (run / "checkpoint.safetensors").exists()
+
+
+def test_nothing_the_trainer_writes_is_a_pickle(tmp_path, tiny_corpus):
+    run_train(tmp_path / "r", tiny_corpus, steps=4)
+    for f in (tmp_path / "r").iterdir():
+        head = f.read_bytes()[:4]
+        assert head[:1] != b"\x80" and head != b"PK\x03\x04", f"{f.name} looks like a pickle / torch.save zip"
+
+
+def _snapshot(d: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
+
+
+def test_run_directories_that_are_never_written_over(tmp_path, tiny_corpus, capsys):
+    """A finished run, an unfinished run with another configuration, and a folder that is not a run:
+    each refused in one line with exit 2, not a byte changed."""
+    from workbench.cli import main
+
+    def argv(out, *extra):
+        return ["train", "--norm", "pre-ln", "--steps", "4", "--n-ctx", "32", "--corpus", str(tiny_corpus),
+                "--out", str(out), "--quiet", *extra]
+
+    finished = tmp_path / "finished"
+    assert main(argv(finished)) == 0
+    unfinished = tmp_path / "unfinished"
+    assert main(argv(unfinished)) == 0
+    (unfinished / "summary.json").unlink()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my notes")
+    capsys.readouterr()
+    for out, extra, says in ((finished, [], "already holds a finished run"),
+                             (unfinished, ["--lr", "1e-3"], "different configuration"),
+                             (unfinished, ["--seed", "3"], "different configuration"),
+                             (foreign, [], "is not a workbench run")):
+        before = _snapshot(out)
+        assert main(argv(out, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("workbench: error:") and says in err, err
+        assert _snapshot(out) == before, out

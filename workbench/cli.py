@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     t.add_argument("--out", required=True, help="run directory to create (or resume)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--trust-pickle", action="store_true", help="resume a workbench <= 0.1 run whose checkpoint.pt "
+                   "is a pickle (read with torch's weights-only unpickler); only for checkpoints you trust")
 
     z = sub.add_parser("zoo", help="train every norm with the same seed, data and budget")
     z.add_argument("--preset", default="tiny")
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     _architecture_args(z)
     z.add_argument("--out", required=True)
     z.add_argument("--quiet", action="store_true")
+    z.add_argument("--trust-pickle", action="store_true", help="resume members whose checkpoint.pt is a "
+                   "workbench <= 0.1 pickle; only for checkpoints you trust")
 
     d = sub.add_parser("dla", help="direct logit attribution with its error against each direct effect")
     d.add_argument("model", help="run directory")
@@ -146,7 +150,7 @@ def _cmd_train(args) -> int:
     train_overrides = {"lr": args.lr} if args.lr is not None else {}
     s = train(args.norm, args.out, preset=args.preset, steps=args.steps, seed=args.seed, corpus=args.corpus,
               model_overrides=model_overrides, train_overrides=train_overrides, device=args.device,
-              progress=not args.quiet)
+              progress=not args.quiet, trust_pickle=args.trust_pickle)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
     if s["diverged"]:
@@ -162,7 +166,8 @@ def _cmd_zoo(args) -> int:
     from .zoo import FIGURE_FILE, ZOO_FILE, format_table, train_zoo
 
     results = train_zoo(args.out, preset=args.preset, norms=args.norms, steps=args.steps, seed=args.seed,
-                        corpus=args.corpus, progress=not args.quiet, model_overrides=_architecture(args) or None)
+                        corpus=args.corpus, progress=not args.quiet, model_overrides=_architecture(args) or None,
+                        trust_pickle=args.trust_pickle)
     print(format_table(results))
     print(f"wrote {args.out}/{ZOO_FILE} and {args.out}/{FIGURE_FILE}")
     return 0

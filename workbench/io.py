@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"  # workbench.checkpoint: tensors + JSON, no pickle
+LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # workbench <= 0.1 wrote a pickle; read only with --trust-pickle
 
 
 def _umask() -> int:
@@ -61,11 +62,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
+def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` a file beside ``path``, then rename it over ``path`` with ordinary permissions
+    (libraries such as safetensors create their files private)."""
     fd, tmp = _temp_beside(Path(path))
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -75,15 +78,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = _temp_beside(Path(path))
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file privately
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(Path(path), lambda tmp: save_file(state, tmp))
 
 
 def check_out_dir(out: Path) -> None:

@@ -1,8 +1,9 @@
 """The trainer: AdamW, linear warm-up + cosine decay, gradient clipping, periodic validation.
 
 Reproducible: a fixed seed gives bitwise-identical weights on CPU, and a run resumed from its last
-checkpoint ends with the weights of an uninterrupted run (batches depend only on (seed, step); the
-checkpoint holds model, buffers, optimizer and metrics). Divergence — a non-finite loss or gradient
+checkpoint ends with the weights of an uninterrupted run (batches depend only on (seed, step) and the
+model has no dropout, so no RNG state is saved; the checkpoint holds model, buffers, optimizer and
+metrics as safetensors + JSON, never a pickle: ``workbench.checkpoint``). Divergence — a non-finite loss or gradient
 — stops the run at the step it happens and keeps the last good checkpoint. Under ``torchrun`` the
 global batch is split across ranks (DDP; gloo on CPU, nccl on GPU).
 """
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import io
+from . import checkpoint, io
 from .config import ModelConfig
 from .data import TokenData, load_token_data
 from .errors import WorkbenchError
@@ -147,16 +148,19 @@ def train(
     progress: bool = True,
     data: TokenData | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Train one model into the run directory ``out`` and return its summary.
 
     An existing unfinished run in ``out`` with the same configuration is resumed from its last
-    checkpoint; a finished one is an error (pick another directory).
+    checkpoint; a finished one is an error (pick another directory). A run directory of workbench ≤ 0.1
+    holds a pickled ``checkpoint.pt``: it is resumed only with ``trust_pickle`` (and even then read by
+    torch's weights-only unpickler); its next checkpoint is written in the safe format.
     """
     model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
     out = Path(out)
     ddp = init_distributed()
-    state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp)  # validates before anything is written
+    state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp, trust_pickle)  # validates before anything is written
     if data is None:
         data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)
     if data.tokenizer.get_vocab_size() != model_cfg.d_vocab:
@@ -189,13 +193,13 @@ def _config_record(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, 
     return {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg), "workbench_version": __version__}
 
 
-def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ddp: _Dist):
+def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ddp: _Dist, trust_pickle: bool):
     """Rank 0 inspects the run directory; every rank learns the verdict (an error or what to resume)."""
     verdict: list[Any] = [None, False]
     state = None
     if ddp.main:
         try:
-            state = _prepare_run_dir(out, model_cfg, train_cfg)
+            state = _prepare_run_dir(out, model_cfg, train_cfg, trust_pickle)
             verdict = [None, state is not None]
         except WorkbenchError as e:
             verdict = [str(e), False]
@@ -204,11 +208,12 @@ def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
     if verdict[0] is not None:
         raise WorkbenchError(verdict[0])
     if verdict[1] and not ddp.main:
-        state = torch.load(out / io.CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(out, trust_pickle)
     return state
 
 
-def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any] | None:
+def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                     trust_pickle: bool) -> dict[str, Any] | None:
     """Return the checkpoint to resume from, None for a fresh run; refuse anything else."""
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
@@ -224,13 +229,16 @@ def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) 
             f"{out} holds an unfinished run with a different configuration; resume it with the same "
             "arguments or choose a new --out directory"
         )
-    ckpt = out / io.CHECKPOINT_FILE
-    if not ckpt.exists():
-        return None
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise WorkbenchError(f"checkpoint {ckpt} is corrupt ({e.__class__.__name__}); delete {out} and re-train") from None
+    return _read_checkpoint(out, trust_pickle)
+
+
+def _read_checkpoint(out: Path, trust_pickle: bool) -> dict[str, Any] | None:
+    """The run's last checkpoint (None if it has none); a legacy pickle only when the user trusts it."""
+    if (out / io.CHECKPOINT_FILE).exists():
+        return checkpoint.load(out / io.CHECKPOINT_FILE)
+    if (out / io.LEGACY_CHECKPOINT_FILE).exists():
+        return checkpoint.load_legacy(out / io.LEGACY_CHECKPOINT_FILE, trust_pickle)
+    return None
 
 
 def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step) -> dict[str, Any]:
@@ -241,16 +249,22 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     )
     start, metrics, seconds = 0, [], 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, metrics, seconds = state["step"], state["metrics"], state["seconds"]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, metrics, seconds = int(state["step"]), list(state["metrics"]), float(state["seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise WorkbenchError(
+                f"checkpoint in {out} does not fit this run ({e.__class__.__name__}); delete {out} and re-train"
+            ) from None
+    resumed_from = start
     model.train()
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     val_batches = data.val_batches(train_cfg.eval_batches, train_cfg.batch_size, model_cfg.n_ctx)
     local = train_cfg.batch_size // ddp.world
 
-    if ddp.main and state is None:
-        _save_checkpoint(out, model, optimizer, 0, metrics, 0.0)  # there is always a last good checkpoint
+    if ddp.main and not (out / io.CHECKPOINT_FILE).exists():  # fresh, or resumed from a legacy pickle
+        _save_checkpoint(out, model, optimizer, start, metrics, seconds)  # there is always a last good checkpoint
     bar = tqdm(total=train_cfg.steps, initial=start, desc=f"train {model_cfg.norm}", disable=not (progress and ddp.main),
                dynamic_ncols=True, leave=False, mininterval=1.0)
     t0 = time.perf_counter()
@@ -291,15 +305,17 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     seconds += time.perf_counter() - t0
     if ddp.world > 1:
         dist.barrier()
-    return _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp)
+    return _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp, resumed_from)
 
 
 def _save_checkpoint(out, model, optimizer, step, metrics, seconds) -> None:
-    io.atomic_torch_save(
+    checkpoint.save(
         out / io.CHECKPOINT_FILE,
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
          "seconds": seconds},
     )
+    # A resumed legacy run now has a safe checkpoint; the pickle must not be what the next resume reads.
+    (out / io.LEGACY_CHECKPOINT_FILE).unlink(missing_ok=True)
     io.atomic_write_text(out / io.METRICS_FILE, "".join(_jsonl(m) for m in metrics))
 
 
@@ -307,7 +323,7 @@ def _jsonl(record: dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-def _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp) -> dict[str, Any]:
+def _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp, resumed_from) -> dict[str, Any]:
     model_cfg = model.cfg
     val = [m for m in metrics if "val_loss" in m]
     summary: dict[str, Any] = {
@@ -322,10 +338,11 @@ def _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp) -> dic
         "n_params": sum(p.numel() for p in model.parameters()),
         "unigram_val_loss": data.unigram_cross_entropy(),
         "world_size": ddp.world,
+        "resumed_from_step": resumed_from,
     }
     if diverged:
         ckpt = out / io.CHECKPOINT_FILE
-        good = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+        good = checkpoint.load(ckpt) if ckpt.exists() else None
         summary.update(diverged_at_step=diverged["step"], divergence=diverged["reason"],
                        weights_from_step=good["step"] if good else None,
                        last_val_loss=val[-1]["val_loss"] if val else None)

@@ -40,8 +40,10 @@ def train_zoo(
     log=print,
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Train the zoo into ``out/<norm>/``; finished members are kept, unfinished ones resumed."""
+    """Train the zoo into ``out/<norm>/``; finished members are kept, unfinished ones resumed
+    (a legacy pickled checkpoint only with ``trust_pickle``, as in :func:`workbench.train`)."""
     names = parse_norms(norms)
     p = get_preset(preset)
     out = Path(out)
@@ -56,7 +58,7 @@ def train_zoo(
             continue
         log(f"[{i}/{len(names)}] training {name}")
         summary = train(name, run, preset=preset, steps=steps, seed=seed, corpus=corpus, progress=progress, data=data,
-                        model_overrides=model_overrides, train_overrides=train_overrides)
+                        model_overrides=model_overrides, train_overrides=train_overrides, trust_pickle=trust_pickle)
         if summary["diverged"]:
             log(f"    {name} diverged at step {summary['diverged_at_step']} ({summary['divergence']})")
     results = collect(out, names)
