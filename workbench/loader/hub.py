@@ -140,16 +140,33 @@ def read_checkpoint(spec: str | Path) -> Checkpoint:
     return Checkpoint(str(spec), config, _state_dict(d), tok, _bos_token(d, config, tok))
 
 
-def _state_dict(d: Path) -> dict[str, Tensor]:
+def _safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WorkbenchError(f"{path} is corrupt or unreadable ({e.__class__.__name__}); re-save the checkpoint") from None
+
+
+def _state_dict(d: Path) -> dict[str, Tensor]:
     if (d / "model.safetensors").is_file():
-        sd = load_file(str(d / "model.safetensors"))
+        sd = _safetensors(d / "model.safetensors")
     elif (d / "model.safetensors.index.json").is_file():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
+        try:
+            index = json.loads((d / "model.safetensors.index.json").read_text())
+            shards = sorted(set(index["weight_map"].values()), key=str)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise WorkbenchError(f"{d / 'model.safetensors.index.json'} is corrupt; re-save the checkpoint") from None
+        # Shards are files of this directory: an index must not point the reader anywhere else.
+        outside = [x for x in shards if not isinstance(x, str) or Path(x).name != x or x in ("", ".", "..")]
+        if outside or not shards:
+            raise WorkbenchError(f"{d / 'model.safetensors.index.json'} names shards outside its directory or none "
+                                 f"({outside[:1] or 'empty weight_map'}); it was refused")
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(d / shard)))
+        for shard in shards:
+            sd.update(_safetensors(d / shard))
     elif (d / "pytorch_model.bin").is_file():
         # weights_only: a .bin is a pickle; only tensors are unpickled, nothing is executed.
         try:
@@ -157,6 +174,8 @@ def _state_dict(d: Path) -> dict[str, Tensor]:
         except Exception as e:  # UnpicklingError for anything that is not plain tensors
             raise WorkbenchError(f"{d / 'pytorch_model.bin'} is not a plain tensor checkpoint "
                                  f"({e.__class__.__name__}); it was refused") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise WorkbenchError(f"{d / 'pytorch_model.bin'} is not a state dict of tensors; it was refused")
     else:
         raise WorkbenchError(f"{d} has no model.safetensors or pytorch_model.bin; it is not a complete checkpoint")
     return {k: v.float() for k, v in sd.items()}
