@@ -58,6 +58,47 @@ def scale_weights(hf, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def rel_err(a, b) -> float:
+    """max |a − b| / max |b|: an error relative to the scale of the reference ``b`` (logits of models
+    this far from linear reach tens to thousands, so an absolute tolerance would mean nothing)."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def scale_gpt(model, seed: int = 0):
+    """``scale_weights`` for the workbench's own GPT, by its parameter names (its ``b_Q`` is 2-D but a
+    bias): every ``W_*`` matrix N(0, 0.35²), norm gains and DyT's α U(0.5, 1.5), every other parameter
+    N(0, 0.2²); batch-statistics norms get running means N(0, 0.5²) and variances U(0.5, 4) so that
+    at evaluation they are far from the identity too. Returns the model, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf.startswith("W_"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.35)
+            elif name.endswith("affine.w") or leaf == "alpha":
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in model.named_buffers():
+            leaf = name.split(".")[-1]
+            if leaf == "running_mean":
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+            elif leaf in ("running_var", "running_phi"):
+                b.copy_(torch.rand(b.shape, generator=g) * 3.5 + 0.5)
+    return model.eval()
+
+
+def save_run(model, d: Path) -> Path:
+    """Write ``model`` (with its tokenizer) as a run directory that ``workbench.load`` and the CLI read."""
+    from workbench import io
+
+    d.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_json(d / io.CONFIG_FILE, {"model": model.cfg.to_dict(), "train": None})
+    io.atomic_write_text(d / io.TOKENIZER_FILE, model.tokenizer.to_str())
+    io.save_weights(model, d / io.MODEL_FILE)
+    return d
+
+
 def _hf_config(family: str, vocab: int):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 

@@ -30,7 +30,8 @@ def test_logits_equal_transformers(hf_dirs, family):
     t = torch.randint(0, m.cfg.d_vocab, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, ours = hf(input_ids=t).logits, m(t)
-    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    # float32 round-off is ≤ 4e-7 of the logit scale here; exact GELU in place of tanh GELU (or back) ~2e-4
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert ref.abs().max().item() > 1.0  # not a degenerate near-zero model
 
 

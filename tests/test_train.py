@@ -329,3 +329,18 @@ def test_run_directories_that_are_never_written_over(tmp_path, tiny_corpus, caps
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("workbench: error:") and says in err, err
         assert _snapshot(out) == before, out
+
+
+@pytest.mark.parametrize("lr", ["1e38", "inf", "nan", "0"])
+def test_learning_rates_adam_cannot_take_are_one_line(tmp_path, capsys, lr):
+    """Above ~1e37 Adam's step size overflows float32 inside torch: refused before anything is written."""
+    from workbench.cli import main
+    from workbench.errors import WorkbenchError
+    from workbench.removal.finetune import RemovalConfig
+
+    assert main(["train", "--norm", "pre-ln", "--lr", lr, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no larger than 1e30" in err, err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(WorkbenchError, match="no larger than 1e30"):
+        RemovalConfig(lr=float(lr))

@@ -57,8 +57,9 @@ class TrainConfig:
             raise WorkbenchError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise WorkbenchError(f"batch size must be positive, got {self.batch_size}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise WorkbenchError(f"learning rate must be a positive number, got {self.lr}")
+        # Above ~1e37 Adam's step size overflows float32 inside the optimizer (a crash, not a divergence).
+        if not 0 < self.lr <= 1e30:
+            raise WorkbenchError(f"learning rate must be a positive number no larger than 1e30, got {self.lr}")
         for name in ("eval_every", "eval_batches", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise WorkbenchError(f"{name} must be positive, got {getattr(self, name)}")

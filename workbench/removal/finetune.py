@@ -64,8 +64,9 @@ class RemovalConfig:
             raise WorkbenchError(f"--steps-per-ln must be at least 1, got {self.steps_per_ln}")
         if self.tokens_per_step <= 0:
             raise WorkbenchError(f"--tokens-per-step must be positive, got {self.tokens_per_step}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        # Above ~1e37 Adam's step size overflows float32 inside the optimizer (a crash, not a divergence).
+        if self.lr is not None and not 0 < self.lr <= 1e30:
+            raise WorkbenchError(f"--lr must be a positive number no larger than 1e30, got {self.lr}")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise WorkbenchError("--fsdp shards the model across processes: run it under torchrun with at least 2")
         if self.ramp < 0:
