@@ -174,30 +174,6 @@ def test_out_dir_must_be_new(runs, tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
 
 
-def _torchrun_remove_ln(run, out, rc: dict, corpus, port: int) -> dict:
-    """``remove_ln`` under ``torchrun --nproc_per_node=2`` (gloo); returns its summary."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = out.parent / f"{out.name}.py"
-    script.write_text("from workbench.removal import remove_ln, RemovalConfig\n"
-                      f"remove_ln({str(run)!r}, {str(out)!r}, RemovalConfig(**{rc!r}), corpus={str(corpus)!r}, progress=False)\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads((out / "summary.json").read_text())
-
-
-def test_two_process_ddp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
-    rc = dict(RC, tokens_per_step=128, control=False)
-    single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
-    ddp = _torchrun_remove_ln(runs / "pre-ln", tmp_path / "ddp", rc, tiny_corpus, 29523)
-    assert ddp["world_size"] == 2
-    assert [e["sigma"] for e in ddp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
-    assert ddp["ce_ln_free"] == pytest.approx(single["ce_ln_free"], abs=1e-4)
-
-
 def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
     import math
 
@@ -256,18 +232,6 @@ def test_ema_and_aux_loss_follow_their_formulas():
     y[0, 2] = torch.tensor([3.0, -3.0, 3.0, -3.0])
     pos.update(torch.ones(1, 3, dtype=torch.long))
     assert _aux_std_loss(y, pos).item() == pytest.approx(0.25)
-
-
-def test_two_process_fsdp_removal_matches_single_process(runs, tmp_path, tiny_corpus):
-    rc = dict(RC, tokens_per_step=128)
-    single = remove_ln(runs / "pre-ln", tmp_path / "single", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
-    fsdp = _torchrun_remove_ln(runs / "pre-ln", tmp_path / "fsdp", {**rc, "fsdp": True}, tiny_corpus, 29527)
-    assert fsdp["world_size"] == 2 and fsdp["config"]["fsdp"]
-    assert [e["sigma"] for e in fsdp["schedule"][:-1]] == pytest.approx([e["sigma"] for e in single["schedule"][:-1]], rel=1e-4)
-    for key in ("ce_ln_free", "ce_control", "ce_ln_free_before_fold"):
-        assert fsdp[key] == pytest.approx(single[key], abs=1e-4), key
-    free, control = workbench.load(tmp_path / "fsdp"), workbench.load(tmp_path / "fsdp" / "control")
-    assert is_norm_free(free) and control.cfg.norm == "pre-ln"
 
 
 def test_fsdp_needs_several_processes():

@@ -78,6 +78,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
 
     adapter = GPTRemoval(model, n_ctx)
     control = control_copy(adapter) if rc.control else None
+    if control is not None:
+        control.net.cpu()  # the control waits on the CPU: the device holds one model while the removal runs
     # FSDP shards the modules in place; unsharded twins (on the CPU) receive the trained weights.
     twin = _cpu_copy(adapter) if rc.fsdp else None
     control_twin = _cpu_copy(control) if rc.fsdp and control is not None else None
@@ -122,6 +124,11 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     metrics = run["metrics"]
     if control is not None:
         cpos = SpecialPositions(adapter.eot_id, rc.special_positions)
+        if ln_free is not None:
+            ln_free.cpu()  # written from the CPU anyway; the device now holds only the control
+        if not rc.fsdp:
+            adapter.net.cpu()
+        control.net.to(dev)
         crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control")
         summary["ce_control"] = evaluate(control.net, val, None, dev)
         if ce_ln_free is not None:
