@@ -67,9 +67,11 @@ def load_csv(path: str | Path):
 
 @st.cache_resource(show_spinner="Loading model…")
 def load_model(spec: str):
+    """A spec typed into a page, read only: nothing is downloaded or written (``hf:NAME`` must be cached,
+    ``smollm2`` fetched with ``workbench fetch smollm2``)."""
     import workbench
 
-    return workbench.load(spec)
+    return workbench.load(spec, download=False)
 
 
 @st.cache_data(show_spinner="Diagnosing…")

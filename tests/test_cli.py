@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from workbench.cli import main
 from workbench.norms import scheme_names

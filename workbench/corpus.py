@@ -1,7 +1,9 @@
 """Corpora: the bundled English works, a local text file or a folder of them.
 
 Train/validation split by work (a whole book or play goes to one side), never by line, so the
-validation loss measures generalization to unseen text, not memorized neighbouring lines.
+validation loss measures generalization to unseen text, not memorized neighbouring lines. A validation
+paragraph that also occurs in the training text (the Bible's parallel passages, a play's stage directions)
+is dropped from validation: no training paragraph is ever scored as held out.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _split(name: str, works: list[Work]) -> Corpus:
             )
         cut = max(1, int(len(paras) * (1 - VAL_FRACTION)))
         t = works[0].title
-        return Corpus(name, [Work(t, "\n\n".join(paras[:cut]))], [Work(t + " (held out)", "\n\n".join(paras[cut:]))])
+        return _corpus(name, [Work(t, "\n\n".join(paras[:cut]))], [Work(t + " (held out)", "\n\n".join(paras[cut:]))])
     # Stratified by source, so every author or collection is represented in validation.
     train: list[Work] = []
     val: list[Work] = []
@@ -85,6 +87,32 @@ def _split(name: str, works: list[Work]) -> Corpus:
         train += [w for w in group if w not in held]
     if not val:
         val, train = train[-1:], train[:-1]
+    return _corpus(name, train, val)
+
+
+def normalized(paragraph: str) -> str:
+    """A paragraph's content for comparison: whitespace runs as one space, case folded."""
+    return " ".join(paragraph.split()).casefold()
+
+
+def unseen(train: list[Work], val: list[Work]) -> list[Work]:
+    """``val`` without the paragraphs whose content (``normalized``) also occurs in ``train``; a work
+    left without text is dropped."""
+    seen = {normalized(p) for w in train for p in w.text.split("\n\n")}
+    out = []
+    for w in val:
+        kept = [p for p in w.text.split("\n\n") if normalized(p) not in seen or not p.strip()]
+        text = "\n\n".join(kept)
+        if text.strip():
+            out.append(Work(w.title, text, w.source))
+    return out
+
+
+def _corpus(name: str, train: list[Work], val: list[Work]) -> Corpus:
+    val = unseen(train, val)
+    if not val:
+        raise WorkbenchError(f"corpus {name!r} has no validation text that its training text lacks (every held-out "
+                             "paragraph also occurs in training); give more varied text or more files")
     return Corpus(name, train, val)
 
 

@@ -124,7 +124,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     d = Path(run_dir)
     if not d.is_dir():
         raise WorkbenchError(f"model {str(run_dir)!r} not found: give a run directory made by `workbench train`")
-    cfg = ModelConfig.from_dict(read_json(d / CONFIG_FILE, "model config")["model"])
+    record = read_json(d / CONFIG_FILE, "model config")
+    if not isinstance(record, dict) or "model" not in record:
+        raise WorkbenchError(f"model config {d / CONFIG_FILE} has no \"model\" table; re-create the run")
+    cfg = ModelConfig.from_dict(record["model"])
     tokenizer = load_tokenizer(d / TOKENIZER_FILE)
     if not (d / MODEL_FILE).is_file():
         raise WorkbenchError(f"{d / MODEL_FILE} is missing; the run never saved weights (train it, or resume it)")
@@ -133,6 +136,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise WorkbenchError(f"checkpoint {d / MODEL_FILE} is corrupt ({e}); re-train the model") from None
     model = GPT(cfg, tokenizer).to(device)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise WorkbenchError(f"checkpoint {d / MODEL_FILE} does not match its config ({wrong[0]} is "
+                             f"{tuple(state[wrong[0]].shape)}, the config makes it {shapes[wrong[0]]}); re-train the model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WorkbenchError(

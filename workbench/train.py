@@ -98,6 +98,8 @@ def resolve_device(device: str | None, ddp: _Dist | None = None) -> torch.device
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and ddp is not None and ddp.world > 1:
@@ -162,6 +164,7 @@ def train(
     out = Path(out)
     ddp = init_distributed()
     state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp, trust_pickle)  # validates before anything is written
+    dev = resolve_device(device, ddp)  # before the corpus is tokenized: a bad device fails at once
     if data is None:
         data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)
     if data.tokenizer.get_vocab_size() != model_cfg.d_vocab:
@@ -171,7 +174,6 @@ def train(
     data.check_context(model_cfg.n_ctx)
     if train_cfg.batch_size % ddp.world:
         raise WorkbenchError(f"batch size {train_cfg.batch_size} is not divisible by {ddp.world} processes")
-    dev = resolve_device(device, ddp)
 
     created = False
     if ddp.main and state is None:

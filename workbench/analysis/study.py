@@ -58,30 +58,49 @@ class Study:
 def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WorkbenchError(f"study file {path} not found") from None
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"study file {path} is not UTF-8 text; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise WorkbenchError(f"study file {path} is not valid TOML: {e}") from None
+
+    def bad(what: str) -> WorkbenchError:
+        return WorkbenchError(f"study file {path}: {what}")
+
     head = raw.get("study", {})
-    models = [m.get("spec") for m in raw.get("models", [])]
+    if not isinstance(head, dict):
+        raise bad("study must be a [study] table")
+    entries = raw.get("models", [])
+    if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+        raise bad("models must be [[models]] tables with a spec = \"...\"")
+    models = [m.get("spec") for m in entries]
     if not models or not all(isinstance(m, str) for m in models):
         raise WorkbenchError(f"study file {path} needs [[models]] entries with a spec = \"...\"")
+    entries = raw.get("ablations", [])
+    if not isinstance(entries, list) or not all(isinstance(a, dict) for a in entries):
+        raise bad("ablations must be [[ablations]] tables with a kind = \"...\"")
     ablations = []
-    for a in raw.get("ablations", []):
+    for a in entries:
         if a.get("kind") not in KINDS:
             raise WorkbenchError(f"study file {path}: ablation kind {a.get('kind')!r} unknown; use one of {', '.join(KINDS)}")
         ablations.append(Ablation(a["kind"], a.get("blocks", "all")))
     if not ablations:
         raise WorkbenchError(f"study file {path} needs at least one [[ablations]] entry")
-    metrics = tuple(head.get("metrics", METRICS))
+    metrics = head.get("metrics", list(METRICS))
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise bad(f"metrics = {metrics!r} must be a non-empty list such as [\"delta_ce\", \"kl\"]")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise WorkbenchError(f"study file {path}: unknown metrics {unknown}; use {', '.join(METRICS)}")
-    tokens = int(head.get("tokens", 8192))
-    if tokens <= 0:
-        raise WorkbenchError(f"study file {path}: tokens must be positive")
-    return Study(head.get("name", path.stem), models, ablations, head.get("corpus", "english"), tokens, metrics)
+    tokens = head.get("tokens", 8192)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+        raise bad(f"tokens must be positive (a whole number), got {tokens!r}")
+    corpus = head.get("corpus", "english")
+    if not isinstance(corpus, str):
+        raise bad(f"corpus = {corpus!r} must be a string (english, a .txt file or folder, mix:…)")
+    return Study(str(head.get("name", path.stem)), models, ablations, corpus, tokens, tuple(metrics))
 
 
 def resolve_units(blocks: list | str, n_layers: int, model: str) -> list[tuple[str, list[int]]]:

@@ -4,12 +4,14 @@ Each language is English itself (``eng``), a synthetic language built from Engli
 ``perm3``, ``rev+perm12``, … — see ``languages.synthetic``) or a monolingual corpus the user brings (a
 ``.txt`` file or a folder of them). Shares are fractions of the mixture's characters and must sum to 1.
 
-The English training text is cut into paragraphs and every paragraph goes to exactly one language (a
-hash of its position decides, so the mixture is deterministic): languages never see the same content,
-as in a real multilingual corpus, and a share is realised to within sampling noise over ~100k
-paragraphs. ``…;base=CORPUS`` builds the languages from another English corpus (a .txt file or
-folder) instead of the bundled one. A user corpus contributes ``share × (English training characters)`` of its own training
-text. The validation split is mixed the same way. Held-out *parallel* text — the same validation
+The English training text is cut into paragraphs and every paragraph goes to exactly one language:
+languages never see the same content, as in a real multilingual corpus. The paragraphs are put in a
+fixed pseudo-random order (a hash of their position) and each language takes a run of consecutive
+paragraphs holding its share of the characters, so a share is realised to within about one paragraph
+(drawing each paragraph's language independently missed a 0.02 share by 9 %). ``…;base=CORPUS``
+builds the languages from another English corpus (a .txt file or folder) instead of the bundled one.
+A user corpus contributes ``share × (English training characters)`` of its own training text. The
+validation split is mixed the same way. Held-out *parallel* text — the same validation
 paragraphs in every built language — is what the Language Ranker evaluates on (``heldout_parallel``).
 """
 
@@ -20,7 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import Corpus, Work, load_text_corpus
+from ..corpus import Corpus, Work, load_text_corpus, unseen
 from ..errors import WorkbenchError
 from .parallel import ENGLISH, Language, ParallelCorpus
 from .synthetic import SyntheticLanguage, is_synthetic
@@ -90,21 +92,28 @@ def _u(key: str) -> float:
 
 
 def _assign(works: list[Work], comps: list[Component], split: str) -> dict[str, list[Work]]:
-    """Every paragraph of ``works`` to one component (user corpora's mass drops the paragraph)."""
+    """Every paragraph of ``works`` to one component (user corpora's run of paragraphs is dropped: their
+    own text stands in for it)."""
+    paras = [(n, i, p) for n, w in enumerate(works) for i, p in enumerate(w.text.split("\n\n"))]
+    order = sorted(range(len(paras)), key=lambda k: _u(f"{split}|{works[paras[k][0]].title}|{paras[k][1]}"))
+    size = [len(p) + 2 for _, _, p in paras]  # + the blank line that joins it to the next
+    total = sum(size)
     bounds, acc = [], 0.0
     for c in comps:
         acc += c.share
         bounds.append(acc)
+    which, done = {}, 0
+    for k in order:
+        middle = (done + size[k] / 2) / total  # the language whose stretch of characters holds its middle
+        done += size[k]
+        which[k] = comps[next((j for j, b in enumerate(bounds) if middle < b), len(comps) - 1)]
+    parts: dict[tuple[int, str], list[str]] = {}
+    for k, (n, _, para) in enumerate(paras):
+        if which[k].built:
+            parts.setdefault((n, which[k].name), []).append(which[k].transform(para))
     out: dict[str, list[Work]] = {c.name: [] for c in comps if c.built}
-    for w in works:
-        parts: dict[str, list[str]] = {}
-        for i, para in enumerate(w.text.split("\n\n")):
-            u = _u(f"{split}|{w.title}|{i}")
-            c = comps[next((j for j, b in enumerate(bounds) if u < b), len(comps) - 1)]
-            if c.built:
-                parts.setdefault(c.name, []).append(c.transform(para))
-        for name, paras in parts.items():
-            out[name].append(Work(f"{name}/{w.title}", "\n\n".join(paras), name))
+    for (n, name), texts in parts.items():
+        out[name].append(Work(f"{name}/{works[n].title}", "\n\n".join(texts), name))
     return out
 
 
@@ -136,7 +145,7 @@ def mixture_corpus(spec: str) -> Corpus:
             user = load_text_corpus(str(c.path))
             tr += _take(user.train, round(c.share * n_train), c.name, "training")
             va += _take(user.val, max(1, round(c.share * n_val)), c.name, "validation")
-    return Corpus(spec, tr, va)
+    return Corpus(spec, tr, unseen(tr, va))  # a user corpus may repeat what the others train on
 
 
 def heldout_parallel(spec: str, n_units: int = HELDOUT_UNITS) -> ParallelCorpus:

@@ -57,7 +57,13 @@ class ParallelCorpus:
         if unit not in UNITS:
             raise WorkbenchError(f"unknown unit {unit!r}; choose one of: {', '.join(UNITS)}")
         if codes is None:
-            return [lang for c, lang in self.languages.items() if c != ENGLISH and lang.units(unit)]
+            out = [lang for c, lang in self.languages.items() if c != ENGLISH and lang.units(unit)]
+            if not out:
+                raise WorkbenchError(f"corpus {self.name!r} has no language besides English with {unit} units "
+                                     "aligned to it; give a corpus with other languages")
+            return out
+        if not codes:
+            raise WorkbenchError("no language named; give --langs as comma-separated codes, e.g. fra,deu")
         by_iso: dict[str, list[str]] = {}
         for c, lang in self.languages.items():
             by_iso.setdefault(lang.iso639_3, []).append(c)

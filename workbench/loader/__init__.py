@@ -48,11 +48,14 @@ def family_named(name: str) -> Family | None:
     return next((f for f in FAMILIES if f.name == name), None)
 
 
-def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None = None) -> GPT:
+def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None = None,
+         download: bool = True) -> GPT:
     """The model of ``spec`` (see the module docstring), in eval mode on ``device``.
 
     ``n_ctx``: the working context of a rotary model (default ``min(its maximum, 256)``); ignored for
-    learned positions, whose table fixes it."""
+    learned positions, whose table fixes it. ``download=False`` (the dashboard): read only, never reach
+    the network — an ``hf:NAME`` not in the Hugging Face cache is refused in one line (``smollm2`` is
+    never fetched by ``load``: ``workbench fetch smollm2`` does that)."""
     from ..io import load_run
 
     s = str(spec)
@@ -61,10 +64,11 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
             raise WorkbenchError(f"unknown model spec {s!r} (not found): give a run directory, a Hugging Face "
                                  "directory, smollm2 or hf:NAME")
         return load_run(s, device=device)
-    config = read_config(locate(s)[0])
+    d, gguf = locate(s, download)
+    config = read_config(d) if gguf is None else None  # a GGUF holds its own config; nothing beside it is read
     if config is not None:
         family_of(config)  # an unsupported family is refused before its weights are read
-    ckpt = read_checkpoint(s)
+    ckpt = read_checkpoint(s, download)
     family = family_of(ckpt.config)
     try:
         kwargs = family.config(ckpt.config)
@@ -74,6 +78,9 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
         state = family.weights(ckpt.state_dict, cfg, ckpt.config)
     except KeyError as e:  # a config field or a tensor the family needs is not in the checkpoint
         raise WorkbenchError(f"the {family.name} checkpoint {s} is incomplete: it has no {e.args[0]!r}") from None
+    if ckpt.tokenizer is not None and ckpt.tokenizer.get_vocab_size() > cfg.d_vocab:
+        raise WorkbenchError(f"the tokenizer of {s} has {ckpt.tokenizer.get_vocab_size()} tokens but the model embeds "
+                             f"only {cfg.d_vocab}: it is not this model's tokenizer")
     model = GPT(cfg, ckpt.tokenizer)
     missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
     if missing or unexpected:

