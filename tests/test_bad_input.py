@@ -157,11 +157,16 @@ def test_device_torch_knows_but_the_workbench_does_not_run_on(device, command, r
     (["--unit", "sentence"], "unknown unit 'sentence'; choose one of: article, paragraph"),
     (["--dtype", "float16"], "unknown dtype 'float16'; choose float32 or bfloat16"),
     (["--langs", " , "], "no language named"),
+    (["--top", "0"], "--top must be a positive number of rows, got 0"),
 ])
 def test_rank_languages_bad_options(extra, message, run, tmp_path, capsys):
     out = tmp_path / "r.json"
     refused(["rank-languages", str(run), "--langs", "sco,ita", "--out", str(out), "--quiet", *extra], capsys, message)
     assert not out.exists() and not out.with_suffix(".html").exists()
+
+
+def test_dla_top_rows_must_be_positive(run, capsys):
+    refused(["dla", str(run), "--prompt", "The", "--top", "-1"], capsys, "--top must be a positive number of rows")
 
 
 def test_compare_unknown_metric(tmp_path, capsys):

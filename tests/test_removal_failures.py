@@ -109,12 +109,12 @@ def test_fold_refuses_norms_that_are_not_affine_yet(source):
     *frozen, last = adapter.sites
     for site in frozen:
         site.norm.standardize = _frozen(site)
-    refused(adapter, r"^LayerStandardize has a live statistic; it is not an affine map")  # ln_final still live
+    refused(adapter, r"^ln_final still normalizes by a live statistic \(LayerStandardize\).*freeze its scale first")
     last.norm.standardize = _frozen(last, positions=SpecialPositions(eot_id=0), sigma_bos=5.0)
-    refused(adapter, "keeps its own BOS/EOT scale; switch the special positions off first")
+    refused(adapter, "^ln_final still keeps its own BOS/EOT scale; switch the special positions off first")
     last.norm.standardize.special = False
     last.norm.standardize.blend = 0.5
-    refused(adapter, r"still being handed over from its live scale \(--ramp\)")
+    refused(adapter, r"^ln_final is still being handed over from its live scale \(--ramp\)")
     last.norm.standardize.blend = 1.0
     folded = adapter.fold()
     t = torch.randint(0, TINY_MODEL["d_vocab"], (2, 16), generator=torch.Generator().manual_seed(0))

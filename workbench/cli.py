@@ -177,6 +177,8 @@ def _cmd_dla(args) -> int:
     import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
 
+    if args.top < 1:
+        raise WorkbenchError(f"--top must be a positive number of rows, got {args.top}")
     model = workbench.load(args.model)
     answer = args.answer
     if answer is None:

@@ -41,6 +41,8 @@ def cmd_rank_languages(args) -> int:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise WorkbenchError(f"unknown dtype {args.dtype!r}; choose float32 or bfloat16")
+    if args.top < 1:
+        raise WorkbenchError(f"--top must be a positive number of rows, got {args.top}")
     if args.batch_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 2):
         raise WorkbenchError("--batch-tokens must be ≥ 1 and --max-tokens ≥ 2")
     out = Path(args.out) if args.out else None

@@ -34,20 +34,22 @@ class AffineMap:
     shift: Float[Tensor, "d_model"]
 
 
-def norm_as_affine(norm: Norm, d_model: int) -> AffineMap:
-    """The affine map of a norm whose scale is one frozen scalar (or that has no scale at all)."""
+def norm_as_affine(norm: Norm, d_model: int, site: str = "a norm") -> AffineMap:
+    """The affine map of a norm whose scale is one frozen scalar (or that has no scale at all);
+    ``site`` names the norm in the refusal."""
     st = norm.standardize
     if isinstance(st, FrozenStandardize):
         if st.special:
-            raise WorkbenchError("a norm still keeps its own BOS/EOT scale; switch the special positions off first")
+            raise WorkbenchError(f"{site} still keeps its own BOS/EOT scale; switch the special positions off first")
         if st.blend < 1.0:
-            raise WorkbenchError("a norm is still being handed over from its live scale (--ramp); give the cool-down "
+            raise WorkbenchError(f"{site} is still being handed over from its live scale (--ramp); give the cool-down "
                                  "at least as many steps as the ramp")
         inv_sigma, centers = 1.0 / st.sigma.detach().double(), st.centers
     elif isinstance(st, IdentityStandardize):
         inv_sigma, centers = torch.tensor(1.0, dtype=torch.float64), False
     else:
-        raise WorkbenchError(f"{type(st).__name__} has a live statistic; it is not an affine map to fold")
+        raise WorkbenchError(f"{site} still normalizes by a live statistic ({type(st).__name__}), so it is not an affine "
+                             "map to fold; freeze its scale first (workbench remove-ln)")
     aff = norm.affine
     w = aff.w.detach().double() if isinstance(aff, Affine) else torch.ones(d_model, dtype=torch.float64)
     b = aff.b.detach().double() if isinstance(aff, Affine) and aff.b is not None else torch.zeros(d_model, dtype=torch.float64)
@@ -106,7 +108,9 @@ def fold_norms(src: "GPT") -> "GPT":
         if b_src.placement != "pre":
             continue
         v_norm = b_src.ln1_v if b_src.ln1_v is not None else b_src.ln1
-        qk, v, mlp = (norm_as_affine(n, d) for n in (b_src.ln1, v_norm, b_src.ln2))
+        l = b_src.layer
+        qk, v, mlp = (norm_as_affine(n, d, f"blocks.{l}.{name}") for n, name in
+                      ((b_src.ln1, "ln1"), (v_norm, "ln1_v" if b_src.ln1_v is not None else "ln1"), (b_src.ln2, "ln2")))
         a_src, a_out = b_src.attn, b_out.attn
         for W, bias, m in (("W_Q", "b_Q", qk), ("W_K", "b_K", qk), ("W_V", "b_V", v)):
             Wf, bf = fold_heads(m, getattr(a_src, W), getattr(a_src, bias))
@@ -116,7 +120,7 @@ def fold_norms(src: "GPT") -> "GPT":
             Wf, bf = fold_reader(mlp, getattr(b_src.mlp, W), getattr(b_src.mlp, bias))
             set_(getattr(b_out.mlp, W), Wf)
             set_(getattr(b_out.mlp, bias), bf)
-    Wf, bf = fold_reader(norm_as_affine(src.ln_final, d), src.W_U, src.b_U)
+    Wf, bf = fold_reader(norm_as_affine(src.ln_final, d, "ln_final"), src.W_U, src.b_U)
     set_(out.unembed.W_U, Wf)
     set_(out.unembed.b_U, bf)
     return out.eval()
