@@ -13,7 +13,12 @@ def add_parsers(sub) -> None:
     r.add_argument("--corpus", default="udhr", help="udhr (bundled), mix:LANG=SHARE,… (held-out text of a "
                    "synthetic mixture) or a JSON Lines file of UDHR-shaped records with English (default udhr)")
     r.add_argument("--langs", help="comma-separated corpus codes or ISO 639-3 codes (default: every language)")
-    r.add_argument("--pooling", default="last", help="last | mean (over the text's tokens; default last)")
+    r.add_argument("--pooling", default="last", help="last | mean | weighted (position-weighted mean, as MEXA) "
+                   "over the text's tokens (default last)")
+    r.add_argument("--metric", default="both", help="cosine (Li et al.) | retrieval (MEXA: is the translation "
+                   "the nearest English unit?) | both (default)")
+    r.add_argument("--length-match", action="store_true", help="represent each unit and its English original by "
+                   "their common number of tokens (a control for text length)")
     r.add_argument("--unit", default="article", help="article | paragraph (default article)")
     r.add_argument("--center", default="language", help="language (subtract each language's mean "
                    "representation; default) | none (raw cosine, as in Li et al.)")
@@ -36,11 +41,12 @@ def cmd_rank_languages(args) -> int:
     from .io import atomic_write_json, atomic_write_text
     from .languages.figures import layer_heatmap, score_vs
     from .languages.parallel import load_parallel
-    from .languages.ranker import layer_table, rank_languages, ranking_table
+    from .languages.ranker import check_options, layer_table, rank_languages, ranking_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise WorkbenchError(f"unknown dtype {args.dtype!r}; choose float32 or bfloat16")
+    check_options(pairing=args.pairing, center=args.center, unit=args.unit, metric=args.metric, pooling=args.pooling)
     if args.top < 1:
         raise WorkbenchError(f"--top must be a positive number of rows, got {args.top}")
     if args.batch_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 2):
@@ -58,18 +64,26 @@ def cmd_rank_languages(args) -> int:
         model.to(dtypes[args.dtype])
     result = rank_languages(model, corpus, langs, pooling=args.pooling, unit=args.unit, max_units=args.max_units,
                             pairing=args.pairing, center=args.center, batch_tokens=args.batch_tokens,
-                            max_tokens=args.max_tokens, progress=not args.quiet, model_name=str(args.model))
+                            max_tokens=args.max_tokens, progress=not args.quiet, model_name=str(args.model),
+                            metric=args.metric, length_match=args.length_match)
     result["dtype"] = args.dtype
     table = ranking_table(result)
     print(table.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    rho = result["spearman_score_vs_bits_per_english_byte"]
-    print(f"{len(table)} languages, {result['tokens']} tokens in {result['seconds']:.1f} s; Spearman(score, bits per "
-          f"English byte) = {'n/a (fewer than 3 languages)' if rho is None else f'{rho:.3f}'}"
-          + (f"; Spearman(score, log share) = {result['spearman_score_vs_log_share']}"
-             if "spearman_score_vs_log_share" in result else ""))
+    said = []
+    for name in ("score", "retrieval"):
+        if f"spearman_{name}_vs_bits_per_english_byte" in result:
+            rho = result[f"spearman_{name}_vs_bits_per_english_byte"]
+            said.append(f"Spearman({name}, bits per English byte) = "
+                        + ("n/a (fewer than 3 languages)" if rho is None else f"{rho:.3f}"))
+            if f"spearman_{name}_vs_log_share" in result:
+                said.append(f"Spearman({name}, log share) = {result[f'spearman_{name}_vs_log_share']}")
+    print(f"{len(table)} languages, {result['tokens']} tokens in {result['seconds']:.1f} s; " + "; ".join(said))
     if out is not None:
-        heat = layer_heatmap(layer_table(result), title=f"{result['model']}: cosine similarity to English")
-        scatter = score_vs(table)
+        y = "retrieval" if args.metric == "retrieval" else "score"
+        heat = layer_heatmap(layer_table(result), title=f"{result['model']}: "
+                             + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English",
+                             value="retrieval" if y == "retrieval" else "cosine")
+        scatter = score_vs(table, y=y)
         # Self-contained (plotly.js inlined once): the page opens offline.
         html = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Language Ranker</title></head><body>"
                 + heat.to_html(full_html=False, include_plotlyjs=True)

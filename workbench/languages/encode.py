@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import WorkbenchError
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "weighted")  # weighted: position-weighted mean (weight ∝ position), as MEXA pools
 
 
 @dataclass
@@ -57,18 +57,32 @@ def _hooked_run(hooked) -> Callable:
 
 @dataclass
 class Encoded:
-    pooled: Float[Tensor, "text layer d_model"]  # from the text's first max_tokens tokens
+    pooled: Float[Tensor, "text layer d_model"]  # from the text's first max_tokens tokens (the first pooling)
     nll: Float[Tensor, " text"]  # nats, summed over every token of the text (long texts: strided windows)
     n_tokens: list[int]
     truncated: list[bool]  # the representation saw only the first max_tokens tokens
+    by_pooling: dict[str, Tensor] | None = None  # every pooling asked for, from the same pass
+    # (pooling, text, c) -> [layer, d_model]: the pooling over only the first c content tokens — what the
+    # text cut to c tokens would give, since attention is causal (the length-matched control)
+    at_cut: dict[tuple[str, int, int], Tensor] | None = None
+
+
+def _pool_at(x: Tensor, rows: Tensor, cuts: Tensor, pooling: str) -> Tensor:
+    """Pool row ``rows[k]`` of ``x`` over its content positions 1..cuts[k] (position 0 is the start token)."""
+    if pooling == "last":
+        return x[rows, cuts]
+    body = x[rows, 1:]  # content positions 1..T-1 → index 0..T-2
+    if pooling == "mean":
+        return body.cumsum(1)[torch.arange(len(rows)), cuts - 1] / cuts[:, None].to(x.dtype)
+    pos = torch.arange(1, x.shape[1], dtype=x.dtype)
+    total = (body * pos[None, :, None]).cumsum(1)[torch.arange(len(rows)), cuts - 1]
+    return total / (cuts * (cuts + 1) / 2)[:, None].to(x.dtype)
 
 
 def _pool(x: Tensor, lengths: Tensor, pooling: str) -> Tensor:
-    if pooling == "last":
+    if pooling == "last":  # an empty text pools its start token
         return x[torch.arange(len(lengths)), lengths - 1]
-    pos = torch.arange(x.shape[1])
-    keep = ((pos >= 1)[None, :] & (pos[None, :] < lengths[:, None])).to(x.dtype)  # skip the start token
-    return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+    return _pool_at(x, torch.arange(len(lengths)), (lengths - 1).clamp_min(1), pooling)
 
 
 def _windows(ids: list[int], width: int) -> list[tuple[int, int]]:
@@ -83,11 +97,16 @@ def _windows(ids: list[int], width: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def encode_texts(tm: TextModel, texts: list[str], pooling: str = "last", batch_tokens: int = 4096,
-                 progress: bool = False, desc: str = "encoding") -> Encoded:
-    """Pooled per-layer residual streams and summed NLL of every text, in the order given."""
-    if pooling not in POOLINGS:
-        raise WorkbenchError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+def encode_texts(tm: TextModel, texts: list[str], pooling: str | tuple[str, ...] = "last", batch_tokens: int = 4096,
+                 progress: bool = False, desc: str = "encoding", cuts: dict[int, set[int]] | None = None) -> Encoded:
+    """Pooled per-layer residual streams and summed NLL of every text, in the order given.
+
+    ``pooling``: one pooling or several (all from the same pass; ``pooled`` is the first).
+    ``cuts``: {text: content-token counts} — also pool each of those texts over only its first c tokens."""
+    poolings = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    for p in poolings:
+        if p not in POOLINGS:
+            raise WorkbenchError(f"unknown pooling {p!r}; choose one of: {', '.join(POOLINGS)}")
     width = tm.max_tokens - 1  # content tokens per window, after the start token
     body = [tm.tokenize(t) for t in texts]
     # segments: (text, tokens with the start token, first scored position, is the representation window)
@@ -104,7 +123,8 @@ def encode_texts(tm: TextModel, texts: list[str], pooling: str = "last", batch_t
         cur.append(s)
     if cur:
         batches.append(cur)
-    pooled: Tensor | None = None
+    pooled: dict[str, Tensor] = {}
+    at_cut: dict[tuple[str, int, int], Tensor] = {}
     nll = torch.zeros(len(texts), dtype=torch.float64)
     bar = tqdm(total=sum(len(s[1]) for s in segs), unit="tok", desc=desc, disable=not progress, leave=False)
     for batch in batches:
@@ -112,13 +132,32 @@ def encode_texts(tm: TextModel, texts: list[str], pooling: str = "last", batch_t
         tokens = torch.full((len(batch), int(lengths.max())), tm.bos, dtype=torch.long)
         for row, s in enumerate(batch):
             tokens[row, : lengths[row]] = torch.tensor(segs[s][1])
-        states: dict[int, Tensor] = {}
-        logits = tm.run(tokens, lambda layer, x: states.__setitem__(layer, _pool(x.float(), lengths, pooling)))
-        if pooled is None:
-            pooled = torch.zeros(len(texts), tm.n_layers, states[0].shape[-1])
         primary = [row for row, s in enumerate(batch) if segs[s][3]]
-        pooled[[segs[batch[r]][0] for r in primary]] = torch.stack(
-            [states[layer][primary] for layer in range(tm.n_layers)], dim=1)
+        # (row, c) for every cut asked of a text whose representation window is in this batch
+        wanted = [(row, c) for row in primary for c in sorted((cuts or {}).get(segs[batch[row]][0], ()))
+                  if 1 <= c < int(lengths[row])]
+        cut_rows = torch.tensor([r for r, _ in wanted], dtype=torch.long)
+        cut_at = torch.tensor([c for _, c in wanted], dtype=torch.long)
+        states: dict[tuple[str, int], Tensor] = {}
+        cut_states: dict[tuple[str, int], Tensor] = {}
+
+        def on_block(layer, x):
+            x = x.float()
+            for p in poolings:
+                states[p, layer] = _pool(x, lengths, p)
+                if wanted:
+                    cut_states[p, layer] = _pool_at(x, cut_rows, cut_at, p)
+
+        logits = tm.run(tokens, on_block)
+        d = states[poolings[0], 0].shape[-1]
+        for p in poolings:
+            out = pooled.setdefault(p, torch.zeros(len(texts), tm.n_layers, d))
+            out[[segs[batch[r]][0] for r in primary]] = torch.stack(
+                [states[p, layer][primary] for layer in range(tm.n_layers)], dim=1)
+            if wanted:
+                stacked = torch.stack([cut_states[p, layer] for layer in range(tm.n_layers)], dim=1)
+                for k, (row, c) in enumerate(wanted):
+                    at_cut[p, segs[batch[row]][0], c] = stacked[k]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
         pos = torch.arange(1, tokens.shape[1])[None, :]  # the position of each predicted token
         first = torch.tensor([segs[s][2] for s in batch])[:, None]
@@ -126,5 +165,5 @@ def encode_texts(tm: TextModel, texts: list[str], pooling: str = "last", batch_t
         nll.index_add_(0, torch.tensor([segs[s][0] for s in batch]), -(logp * scored).sum(1).double())
         bar.update(int(lengths.sum()))
     bar.close()
-    assert pooled is not None
-    return Encoded(pooled, nll, [len(b) for b in body], [len(b) > width for b in body])
+    return Encoded(pooled[poolings[0]], nll, [len(b) for b in body], [len(b) > width for b in body],
+                   by_pooling=pooled, at_cut=at_cut)

@@ -7,13 +7,14 @@ import pandas as pd
 import plotly.graph_objects as go
 
 
-def layer_heatmap(layers: pd.DataFrame, top: int | None = None, title: str = "Cosine similarity to English") -> go.Figure:
-    """Languages (best score at the top) × layers."""
+def layer_heatmap(layers: pd.DataFrame, top: int | None = None, title: str = "Cosine similarity to English",
+                  value: str = "cosine") -> go.Figure:
+    """Languages (best score at the top) × layers; ``value``: cosine or retrieval."""
     df = layers if top is None else layers[layers["rank"] <= top]
-    grid = df.pivot_table(index=["rank", "code", "name"], columns="layer", values="cosine").sort_index()
+    grid = df.pivot_table(index=["rank", "code", "name"], columns="layer", values=value).sort_index()
     labels = [f"{code} — {name}" for _, code, name in grid.index]
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=list(grid.columns), y=labels, colorscale="Viridis",
-                               colorbar={"title": "cos"}))
+                               colorbar={"title": "cos" if value == "cosine" else value}))
     fig.update_layout(title=title, xaxis_title="layer (residual stream after block)",
                       yaxis={"autorange": "reversed", "tickfont": {"size": 9}},
                       height=max(350, 14 * len(labels) + 120))
@@ -21,20 +22,21 @@ def layer_heatmap(layers: pd.DataFrame, top: int | None = None, title: str = "Co
 
 
 def score_vs(ranking: pd.DataFrame, x: str = "bits_per_english_byte", log_x: bool = False,
-             title: str | None = None) -> go.Figure:
-    """The Ranker score against an independent measure (bits per English byte, or training share)."""
-    df = ranking.dropna(subset=[x])
+             title: str | None = None, y: str = "score") -> go.Figure:
+    """A Ranker score (``y``: score = cosine, or retrieval) against an independent measure (bits per
+    English byte, or training share)."""
+    df = ranking.dropna(subset=[x, y])
     color = df["script"] if "script" in df and df["script"].astype(bool).any() else None
     fig = go.Figure()
     groups = [("", df)] if color is None else list(df.groupby("script"))
     for name, g in groups:
-        fig.add_trace(go.Scatter(x=g[x], y=g["score"], mode="markers", name=str(name) or "languages",
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=str(name) or "languages",
                                  text=[f"{c} — {n}" for c, n in zip(g["code"], g["name"])],
-                                 hovertemplate="%{text}<br>" + x + " %{x:.3g}<br>score %{y:.3f}<extra></extra>"))
-    fig.update_layout(title=title or f"Language Ranker score vs {x.replace('_', ' ')}", xaxis_title=x.replace("_", " "),
-                      yaxis_title="score", xaxis_type="log" if log_x else "linear")
+                                 hovertemplate="%{text}<br>" + x + " %{x:.3g}<br>" + y + " %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title or f"Language Ranker {y} vs {x.replace('_', ' ')}", xaxis_title=x.replace("_", " "),
+                      yaxis_title=y, xaxis_type="log" if log_x else "linear")
     if len(df) >= 2 and not log_x:
-        k, b = np.polyfit(df[x].astype(float), df["score"].astype(float), 1)
+        k, b = np.polyfit(df[x].astype(float), df[y].astype(float), 1)
         xs = np.linspace(df[x].min(), df[x].max(), 2)
         fig.add_trace(go.Scatter(x=xs, y=k * xs + b, mode="lines", name="least squares", line={"dash": "dot"}))
     return fig

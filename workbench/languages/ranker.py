@@ -15,37 +15,38 @@ representation comes from their first ``max_tokens`` tokens (``n_truncated`` cou
 
 ``score_ci95``: a 95 % percentile-bootstrap interval of the score over the units (200 resamples,
 centering redone for each), so that languages whose intervals overlap are not read as ranked.
+
+**Retrieval** (``metric="retrieval"|"both"``; MEXA): the share of units whose own translation is the
+strict maximum of its row and column of the similarity matrix, per layer (``retrieval_per_layer``),
+averaged over layers (``retrieval``; ``retrieval_max`` the best layer); its interval bootstraps the
+per-unit hit rates. See ``languages.alignment``. Confounds beside every score: ``token_ratio`` (the
+language's tokens over English tokens on the same units) and ``script``; the top level has each score's
+Spearman with bits per English byte and its partial Spearman controlling for the token ratio.
+``length_match``: every unit and its English original are represented by their first
+min(tokens of X, tokens of English) tokens (from the same pass: attention is causal), so text length
+cannot separate languages; bits per English byte still read the whole texts.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from ..errors import WorkbenchError
-from .encode import encode_texts, text_model
-from .parallel import UNITS, ParallelCorpus, load_parallel
+from .alignment import (cosine, cosine_interval, mean_interval, partial_spearman, retrieval_hits, spearman,
+                        spearman_interval)
+from .encode import POOLINGS, Encoded, TextModel, encode_texts, text_model
+from .parallel import UNITS, Language, ParallelCorpus, load_parallel
 
 PAIRINGS = ("aligned", "shuffled")
-BOOTSTRAP = 200  # resamples of the units for the score's 95 % interval
 CENTERINGS = ("language", "none")
-
-
-def spearman(x, y) -> float:
-    """Spearman's ρ: Pearson's r of the ranks (ties share their mean rank); NaN below 3 points."""
-    a, b = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
-    ok = a.notna() & b.notna()
-    if ok.sum() < 3:
-        return float("nan")
-    ra, rb = a[ok].rank(), b[ok].rank()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+METRICS = ("cosine", "retrieval", "both")
+__all__ = ["rank_languages", "encode_languages", "score_languages", "ranking_table", "layer_table", "spearman",
+           "partial_spearman", "check_options", "PAIRINGS", "CENTERINGS", "METRICS", "POOLINGS"]
 
 
 def _unit_keys(corpus: ParallelCorpus, unit: str, max_units: int | None) -> list[str]:
@@ -62,42 +63,47 @@ def _unit_keys(corpus: ParallelCorpus, unit: str, max_units: int | None) -> list
     return keys
 
 
-def _similarity(x: torch.Tensor, e: torch.Tensor, center: bool) -> torch.Tensor:
-    """Cosine per unit and layer, [unit, layer], after subtracting each side's mean over units."""
-    if center:
-        x, e = x - x.mean(0), e - e.mean(0)
-    return F.cosine_similarity(x, e, dim=-1)
-
-
-def _score_interval(x: torch.Tensor, e: torch.Tensor, center: bool, seed: int) -> list[float]:
-    """95 % percentile-bootstrap interval of the score over units (centering redone per resample)."""
-    n = x.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (BOOTSTRAP, n), generator=g)
-    scores = torch.stack([_similarity(x[i], e[i], center).mean() for i in idx])
-    lo, hi = torch.quantile(scores, torch.tensor([0.025, 0.975]))
-    return [float(lo), float(hi)]
-
-
 def _derangement(n: int) -> list[int]:
     """A fixed pairing of unit i with unit (i + ⌈n/2⌉) mod n: never itself, deterministic."""
     return [(i + (n + 1) // 2) % n for i in range(n)]
 
 
-def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str] | None = None,
-                   pooling: str = "last", unit: str = "article", max_units: int | None = None,
-                   pairing: str = "aligned", center: str = "language", batch_tokens: int = 4096, max_tokens: int | None = None,
-                   progress: bool = False, model_name: str | None = None) -> dict:
-    """Rank languages by how close the model's representation of their text is to that of the English
-    original. ``model``: a loaded model (``workbench.load``) or a spec for ``workbench.load``."""
+@dataclass
+class LanguageEncoding:
+    """One forward pass over English and every language's units: what every score is computed from."""
+
+    corpus: ParallelCorpus
+    unit: str
+    keys: list[str]  # the English units used
+    slots: list[tuple[Language, list[str], list[int]]]  # language, its unit keys, their text indices
+    texts: list[str]  # English units first (in ``keys`` order), then each language's
+    enc: Encoded
+    tm: TextModel
+    model_name: str
+    seconds: float
+    length_matched: bool
+
+
+def check_options(pairing: str | None = None, center: str | None = None, unit: str | None = None,
+                  metric: str | None = None, pooling: str | None = None) -> None:
+    """One line naming the first unknown option and the choices (before any model is loaded)."""
+    for value, allowed, what in ((pairing, PAIRINGS, "pairing"), (center, CENTERINGS, "centering"),
+                                 (unit, UNITS, "unit"), (metric, METRICS, "metric"), (pooling, POOLINGS, "pooling")):
+        if value is not None and value not in allowed:
+            raise WorkbenchError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def encode_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str] | None = None,
+                     unit: str = "article", max_units: int | None = None, poolings: tuple[str, ...] = ("last",),
+                     batch_tokens: int = 4096, max_tokens: int | None = None, length_match: bool = False,
+                     progress: bool = False, model_name: str | None = None) -> LanguageEncoding:
+    """Run English and every language's units once, pooling every way asked (and, with ``length_match``,
+    also over each pair's common token count)."""
     import workbench
 
-    if pairing not in PAIRINGS:
-        raise WorkbenchError(f"unknown pairing {pairing!r}; choose one of: {', '.join(PAIRINGS)}")
-    if center not in CENTERINGS:
-        raise WorkbenchError(f"unknown centering {center!r}; choose one of: {', '.join(CENTERINGS)}")
-    if unit not in UNITS:
-        raise WorkbenchError(f"unknown unit {unit!r}; choose one of: {', '.join(UNITS)}")
+    check_options(unit=unit)
+    for p in poolings:
+        check_options(pooling=p)
     pc = corpus if isinstance(corpus, ParallelCorpus) else load_parallel(corpus)
     languages = pc.resolve(langs, unit)
     keys = _unit_keys(pc, unit, max_units)
@@ -106,84 +112,171 @@ def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str
         model = workbench.load(model, n_ctx=max_tokens or 1024)  # rotary models: read texts this long
     tm = text_model(model, max_tokens)
     t0 = time.perf_counter()
-
     eng_units = pc.english.units(unit)
     texts = [eng_units[k] for k in keys]
-    slots: list[tuple[list[str], list[int]]] = []
+    slots = []
     for lang in languages:
         units = lang.units(unit)
         have = [k for k in keys if k in units]
-        slots.append((have, list(range(len(texts), len(texts) + len(have)))))
+        slots.append((lang, have, list(range(len(texts), len(texts) + len(have)))))
         texts += [units[k] for k in have]
-    enc = encode_texts(tm, texts, pooling, batch_tokens, progress, desc="languages")
-    eng_index = {k: i for i, k in enumerate(keys)}
+    cuts = None
+    if length_match:
+        width = tm.max_tokens - 1
+        n = [min(len(tm.tokenize(t)), width) for t in texts]
+        eng_index = {k: i for i, k in enumerate(keys)}
+        cuts = {}
+        for _, have, idx in slots:
+            for k, i in zip(have, idx):
+                c = min(n[i], n[eng_index[k]])
+                cuts.setdefault(i, set()).add(c)
+                cuts.setdefault(eng_index[k], set()).add(c)
+    enc = encode_texts(tm, texts, poolings, batch_tokens, progress, desc="languages", cuts=cuts)
+    return LanguageEncoding(pc, unit, keys, slots, texts, enc, tm, model_name or tm.name,
+                            time.perf_counter() - t0, length_match)
 
+
+def _pair(le: LanguageEncoding, pooling: str, have: list[str], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[unit, layer, d] of the language's units and of their English originals."""
+    eng_index = {k: i for i, k in enumerate(le.keys)}
+    e_idx = [eng_index[k] for k in have]
+    if not le.length_matched:
+        pooled = le.enc.by_pooling[pooling]
+        return pooled[idx], pooled[e_idx]
+    n = le.enc.n_tokens
+    width = le.tm.max_tokens - 1
+    cut = [min(n[i], n[j], width) for i, j in zip(idx, e_idx)]
+    full = le.enc.by_pooling[pooling]
+
+    def at(i: int, c: int) -> torch.Tensor:  # a text cut to its own length is the text itself
+        return le.enc.at_cut.get((pooling, i, c), full[i])
+    return (torch.stack([at(i, c) for i, c in zip(idx, cut)]), torch.stack([at(j, c) for j, c in zip(e_idx, cut)]))
+
+
+def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = "aligned", center: str = "language",
+                    metric: str = "both") -> dict:
+    """Every language's cosine and/or retrieval score from an encoding, with intervals and confounds."""
+    check_options(pairing=pairing, center=center, metric=metric, pooling=pooling)
+    if pooling not in le.enc.by_pooling:
+        raise WorkbenchError(f"pooling {pooling!r} was not computed in this encoding")
+    cos_on, ret_on = metric in ("cosine", "both"), metric in ("retrieval", "both")
+    eng_units = le.corpus.english.units(le.unit)
+    eng_tokens = dict(zip(le.keys, le.enc.n_tokens))
     rows = []
-    for lang, (have, idx) in zip(languages, slots):
+    for lang, have, idx in le.slots:
         if not have:
             continue
-        e_idx = [eng_index[k] for k in have]
+        x, e = _pair(le, pooling, have, idx)
         if pairing == "shuffled":
             if len(have) < 2:
                 raise WorkbenchError(f"{lang.code} has one unit; a shuffled pairing needs at least two")
-            e_idx = [e_idx[j] for j in _derangement(len(have))]
-        x, e = enc.pooled[idx], enc.pooled[e_idx]  # [unit, layer, d_model]
+            e = e[_derangement(len(have))]
         if center == "language" and len(have) < 2:
             raise WorkbenchError(f"{lang.code} has one unit: centering needs at least two; use --center none")
-        per_layer = _similarity(x, e, center == "language").mean(0)
-        interval = _score_interval(x, e, center == "language", seed=len(rows)) if len(have) >= 2 else None
-        bits = float(enc.nll[idx].sum()) / math.log(2)
-        own_bytes = sum(len(texts[i].encode()) for i in idx)
+        if ret_on and len(have) < 2:
+            raise WorkbenchError(f"{lang.code} has one unit: retrieval needs at least two to choose from; use "
+                                 "--metric cosine or more units")
+        bits = float(le.enc.nll[idx].sum()) / math.log(2)
+        own_bytes = sum(len(le.texts[i].encode()) for i in idx)
         eng_bytes = sum(len(eng_units[k].encode()) for k in have)
-        rows.append({
-            "code": lang.code, "name": lang.name, "script": lang.script, "family": lang.family or None,
-            "share": lang.share, "score": float(per_layer.mean()), "score_ci95": interval,
-            "per_layer": [float(v) for v in per_layer],
+        tokens = sum(le.enc.n_tokens[i] for i in idx)
+        row = {"code": lang.code, "name": lang.name, "script": lang.script, "family": lang.family or None,
+               "share": lang.share}
+        if cos_on:
+            per_layer = cosine(x, e, center == "language").mean(0)
+            row.update(score=float(per_layer.mean()), per_layer=[float(v) for v in per_layer],
+                       score_ci95=cosine_interval(x, e, center == "language", seed=len(rows)) if len(have) >= 2 else None)
+        if ret_on:
+            hits = retrieval_hits(x, e, center == "language").float()  # [unit, layer]
+            per_layer = hits.mean(0)
+            row.update(retrieval=float(per_layer.mean()), retrieval_max=float(per_layer.max()),
+                       retrieval_per_layer=[float(v) for v in per_layer],
+                       retrieval_ci95=mean_interval(hits.mean(1), seed=len(rows)),
+                       retrieval_chance=1 / (2 * len(have) - 1))
+        row.update({
             "bits_per_byte": bits / own_bytes if own_bytes else None,
             "bits_per_english_byte": bits / eng_bytes if eng_bytes else None,
-            "n_units": len(have), "n_truncated": sum(enc.truncated[i] for i in idx),
-            "tokens": sum(enc.n_tokens[i] for i in idx),
+            "token_ratio": tokens / max(1, sum(eng_tokens[k] for k in have)),
+            "n_units": len(have), "n_truncated": sum(le.enc.truncated[i] for i in idx), "tokens": tokens,
         })
-    rows.sort(key=lambda r: -r["score"])
+        rows.append(row)
+    primary = "retrieval" if metric == "retrieval" else "score"
+    rows.sort(key=lambda r: (-r[primary], -r.get("retrieval", 0.0)))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
-    eng_bits = float(enc.nll[: len(keys)].sum()) / math.log(2)
-    eng_bytes = sum(len(texts[i].encode()) for i in range(len(keys)))
+    n_eng = len(le.keys)
+    eng_bits = float(le.enc.nll[:n_eng].sum()) / math.log(2)
+    eng_bytes = sum(len(le.texts[i].encode()) for i in range(n_eng))
     result = {
-        "model": model_name or tm.name, "corpus": pc.name, "pooling": pooling, "unit": unit,
-        "pairing": pairing, "center": center, "n_layers": tm.n_layers, "units": keys, "max_tokens": tm.max_tokens,
-        "score_definition": "mean over layers of the cosine similarity between the pooled residual stream "
-                            "after each block for the text and for its English original, averaged over units",
-        "english": {"bits_per_byte": eng_bits / eng_bytes if eng_bytes else None, "tokens": sum(enc.n_tokens[:len(keys)])},
-        "languages": rows,
-        "spearman_score_vs_bits_per_english_byte": _finite(spearman([r["score"] for r in rows],
-                                                                    [r["bits_per_english_byte"] for r in rows])),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "tokens": int(sum(enc.n_tokens)),
+        "model": le.model_name, "corpus": le.corpus.name, "pooling": pooling, "unit": le.unit, "pairing": pairing,
+        "center": center, "metric": metric, "ranked_by": primary, "length_matched": le.length_matched,
+        "n_layers": le.tm.n_layers, "units": le.keys, "max_tokens": le.tm.max_tokens,
+        "english": {"bits_per_byte": eng_bits / eng_bytes if eng_bytes else None, "tokens": sum(le.enc.n_tokens[:n_eng])},
+        "languages": rows, "seconds": round(le.seconds, 2), "tokens": int(sum(le.enc.n_tokens)),
     }
-    if any(r["share"] for r in rows):
-        result["spearman_score_vs_log_share"] = _finite(spearman([r["score"] for r in rows],
-                                                                 [math.log(r["share"]) for r in rows]))
+    bits = [r["bits_per_english_byte"] for r in rows]
+    ratio = [r["token_ratio"] for r in rows]
+    for name, key in (("score", "score"), ("retrieval", "retrieval")):
+        if rows and key in rows[0]:
+            vals = [r[key] for r in rows]
+            result[f"spearman_{name}_vs_bits_per_english_byte"] = _finite(spearman(vals, bits))
+            result[f"spearman_{name}_vs_bits_per_english_byte_ci95"] = spearman_interval(vals, bits)
+            result[f"partial_spearman_{name}_vs_bits_per_english_byte_given_token_ratio"] = _finite(
+                partial_spearman(vals, bits, ratio))
+            if any(r["share"] for r in rows):
+                result[f"spearman_{name}_vs_log_share"] = _finite(
+                    spearman(vals, [math.log(r["share"]) if r["share"] else None for r in rows]))
+    result["spearman_token_ratio_vs_bits_per_english_byte"] = _finite(spearman(ratio, bits))
+    if cos_on:
+        result["score_definition"] = ("mean over layers of the cosine similarity between the pooled residual stream "
+                                      "after each block for the text and for its English original, averaged over units")
+    if ret_on:
+        result["retrieval_definition"] = ("mean over layers of the share of units whose English original is the strict "
+                                          "maximum of their row and column of the similarity matrix (MEXA)")
     return result
+
+
+def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str] | None = None,
+                   pooling: str = "last", unit: str = "article", max_units: int | None = None,
+                   pairing: str = "aligned", center: str = "language", batch_tokens: int = 4096, max_tokens: int | None = None,
+                   progress: bool = False, model_name: str | None = None, metric: str = "both",
+                   length_match: bool = False) -> dict:
+    """Rank languages by how close the model's representation of their text is to that of the English
+    original. ``model``: a loaded model (``workbench.load``) or a spec for ``workbench.load``."""
+    check_options(pairing=pairing, center=center, unit=unit, metric=metric, pooling=pooling)
+    le = encode_languages(model, corpus, langs, unit, max_units, (pooling,), batch_tokens, max_tokens, length_match,
+                          progress, model_name)
+    return score_languages(le, pooling, pairing, center, metric)
 
 
 def _finite(v: float) -> float | None:
     """JSON has no NaN: an undefined correlation (fewer than 3 languages) is null."""
-    return None if math.isnan(v) else v
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def ranking_table(result: dict) -> pd.DataFrame:
-    """One row per language: rank, code, name, score, bits per English byte, …"""
-    cols = ["rank", "code", "name", "script", "score", "score_lo", "score_hi", "bits_per_english_byte", "bits_per_byte", "n_units",
-            "n_truncated", "tokens", "share", "family"]
+    """One row per language: rank, code, name, scores with intervals, bits per English byte, confounds."""
+    cols = ["rank", "code", "name", "script", "retrieval", "retrieval_lo", "retrieval_hi", "score", "score_lo",
+            "score_hi", "bits_per_english_byte", "bits_per_byte", "token_ratio", "n_units", "n_truncated", "tokens",
+            "share", "family"]
     df = pd.DataFrame(result["languages"])
-    if "score_ci95" in df:
-        df["score_lo"] = [ci[0] if ci else None for ci in df["score_ci95"]]
-        df["score_hi"] = [ci[1] if ci else None for ci in df["score_ci95"]]
+    for key in ("score", "retrieval"):
+        if f"{key}_ci95" in df:
+            df[f"{key}_lo"] = [ci[0] if ci else None for ci in df[f"{key}_ci95"]]
+            df[f"{key}_hi"] = [ci[1] if ci else None for ci in df[f"{key}_ci95"]]
     return df[[c for c in cols if c in df.columns and not (c in ("share", "family") and df[c].isna().all())]]
 
 
 def layer_table(result: dict) -> pd.DataFrame:
-    """Tidy per-layer similarities: one row per (language, layer)."""
-    return pd.DataFrame([{"code": r["code"], "name": r["name"], "rank": r["rank"], "layer": layer, "cosine": v}
-                         for r in result["languages"] for layer, v in enumerate(r["per_layer"])])
+    """Tidy per-layer scores: one row per (language, layer), a column per metric computed."""
+    rows = []
+    for r in result["languages"]:
+        n = len(r.get("per_layer") or r.get("retrieval_per_layer") or [])
+        for layer in range(n):
+            row = {"code": r["code"], "name": r["name"], "rank": r["rank"], "layer": layer}
+            if "per_layer" in r:
+                row["cosine"] = r["per_layer"][layer]
+            if "retrieval_per_layer" in r:
+                row["retrieval"] = r["retrieval_per_layer"][layer]
+            rows.append(row)
+    return pd.DataFrame(rows)
