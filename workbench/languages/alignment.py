@@ -93,12 +93,17 @@ def mean_interval(values: Float[Tensor, " unit"], seed: int) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def cosine_interval(x: Tensor, e: Tensor, center: bool, seed: int) -> list[float]:
+def cosine_interval(x: Tensor, e: Tensor, center: bool, seed: int, chunk: int = 25) -> list[float]:
     """95 % percentile-bootstrap interval of the mean cosine over units, centering redone per resample
     (the centering mean is itself estimated from the units)."""
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (BOOTSTRAP, n), generator=g)
-    scores = torch.stack([cosine(x[i], e[i], center).mean() for i in idx])
-    lo, hi = torch.quantile(scores.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    scores = []
+    for part in idx.split(chunk):  # [chunk, unit] resamples at once, bounded memory
+        xs, es = x[part], e[part]  # [chunk, unit, layer, d]
+        if center:
+            xs, es = xs - xs.mean(1, keepdim=True), es - es.mean(1, keepdim=True)
+        scores.append(F.cosine_similarity(xs, es, dim=-1).mean((1, 2)))
+    lo, hi = torch.quantile(torch.cat(scores).double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
     return [float(lo), float(hi)]

@@ -136,11 +136,12 @@ def encode_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[s
                             time.perf_counter() - t0, length_match)
 
 
-def _pair(le: LanguageEncoding, pooling: str, have: list[str], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(le: LanguageEncoding, pooling: str, have: list[str], idx: list[int],
+          matched: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """[unit, layer, d] of the language's units and of their English originals."""
     eng_index = {k: i for i, k in enumerate(le.keys)}
     e_idx = [eng_index[k] for k in have]
-    if not le.length_matched:
+    if not matched:
         pooled = le.enc.by_pooling[pooling]
         return pooled[idx], pooled[e_idx]
     n = le.enc.n_tokens
@@ -154,9 +155,14 @@ def _pair(le: LanguageEncoding, pooling: str, have: list[str], idx: list[int]) -
 
 
 def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = "aligned", center: str = "language",
-                    metric: str = "both") -> dict:
-    """Every language's cosine and/or retrieval score from an encoding, with intervals and confounds."""
+                    metric: str = "both", matched: bool | None = None, intervals: bool = True) -> dict:
+    """Every language's cosine and/or retrieval score from an encoding, with intervals and confounds.
+    ``matched``: use the length-matched representations (default: when the encoding has them).
+    ``intervals=False``: skip the per-language bootstrap intervals (the Spearman intervals stay)."""
     check_options(pairing=pairing, center=center, metric=metric, pooling=pooling)
+    matched = le.length_matched if matched is None else matched
+    if matched and not le.length_matched:
+        raise WorkbenchError("this encoding was made without length_match; encode with length_match=True")
     if pooling not in le.enc.by_pooling:
         raise WorkbenchError(f"pooling {pooling!r} was not computed in this encoding")
     cos_on, ret_on = metric in ("cosine", "both"), metric in ("retrieval", "both")
@@ -166,7 +172,7 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
     for lang, have, idx in le.slots:
         if not have:
             continue
-        x, e = _pair(le, pooling, have, idx)
+        x, e = _pair(le, pooling, have, idx, matched)
         if pairing == "shuffled":
             if len(have) < 2:
                 raise WorkbenchError(f"{lang.code} has one unit; a shuffled pairing needs at least two")
@@ -185,13 +191,14 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
         if cos_on:
             per_layer = cosine(x, e, center == "language").mean(0)
             row.update(score=float(per_layer.mean()), per_layer=[float(v) for v in per_layer],
-                       score_ci95=cosine_interval(x, e, center == "language", seed=len(rows)) if len(have) >= 2 else None)
+                       score_ci95=cosine_interval(x, e, center == "language", seed=len(rows))
+                       if len(have) >= 2 and intervals else None)
         if ret_on:
             hits = retrieval_hits(x, e, center == "language").float()  # [unit, layer]
             per_layer = hits.mean(0)
             row.update(retrieval=float(per_layer.mean()), retrieval_max=float(per_layer.max()),
                        retrieval_per_layer=[float(v) for v in per_layer],
-                       retrieval_ci95=mean_interval(hits.mean(1), seed=len(rows)),
+                       retrieval_ci95=mean_interval(hits.mean(1), seed=len(rows)) if intervals else None,
                        retrieval_chance=1 / (2 * len(have) - 1))
         row.update({
             "bits_per_byte": bits / own_bytes if own_bytes else None,
@@ -209,7 +216,7 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
     eng_bytes = sum(len(le.texts[i].encode()) for i in range(n_eng))
     result = {
         "model": le.model_name, "corpus": le.corpus.name, "pooling": pooling, "unit": le.unit, "pairing": pairing,
-        "center": center, "metric": metric, "ranked_by": primary, "length_matched": le.length_matched,
+        "center": center, "metric": metric, "ranked_by": primary, "length_matched": matched,
         "n_layers": le.tm.n_layers, "units": le.keys, "max_tokens": le.tm.max_tokens,
         "english": {"bits_per_byte": eng_bits / eng_bytes if eng_bytes else None, "tokens": sum(le.enc.n_tokens[:n_eng])},
         "languages": rows, "seconds": round(le.seconds, 2), "tokens": int(sum(le.enc.n_tokens)),
