@@ -33,7 +33,7 @@ from workbench.languages.ranker import CENTERINGS, encode_languages, score_langu
 def _cells(le, independent: str) -> list[dict]:
     """Every (pooling, centering, length matching, pairing) × metric of one encoding."""
     rows = []
-    for pooling in POOLINGS:
+    for pooling in le.enc.by_pooling:
         for center in CENTERINGS:
             for matched in ((False, True) if le.length_matched else (False,)):
                 for pairing in ("aligned", "shuffled"):
@@ -61,12 +61,12 @@ def udhr(a) -> dict:
     model = workbench.load("smollm2", n_ctx=1024)  # the Ranker reads texts of up to 1024 tokens
     model.to(torch.bfloat16)
     t0 = time.perf_counter()
-    le = encode_languages(model, pc, codes, "article", a.max_units, POOLINGS, length_match=True, progress=True,
-                          model_name="smollm2 (bfloat16)")
+    le = encode_languages(model, pc, codes, "article", a.max_units, tuple(a.poolings.split(",")), length_match=True,
+                          progress=True, model_name="smollm2 (bfloat16)")
     encode_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     cells = _cells(le, "bits")
-    base = score_languages(le, "last", "aligned", "language", "both")
+    base = score_languages(le, next(iter(le.enc.by_pooling)), "aligned", "language", "both", matched=False)
     return {"what": "udhr", "languages": len(codes), "max_units": a.max_units, "tokens": base["tokens"],
             "encode_seconds": round(encode_s, 1), "score_seconds": round(time.perf_counter() - t1, 1),
             "spearman_token_ratio_vs_bits_per_english_byte": base["spearman_token_ratio_vs_bits_per_english_byte"],
@@ -79,7 +79,8 @@ def mixtures(a) -> dict:
     from workbench.languages.study import mixture_spec, mixture_study
     from workbench.languages.synthetic import FAMILIES
 
-    mixture_study(a.runs, progress=False)  # trains what is missing (analyses/language_mixture.py's models)
+    # the models of analyses/language_mixture.py (4 layers), trained here when missing
+    mixture_study(a.runs, model_overrides={"n_layers": 4}, progress=False)
     out = []
     for family in FAMILIES:
         spec = mixture_spec(family)
@@ -97,6 +98,7 @@ def main() -> int:
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--max-units", type=int, default=10)
     p.add_argument("--runs", default="runs/language_mixture")
+    p.add_argument("--poolings", default=",".join(POOLINGS), help="udhr: the poolings to compute (default all)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.common import load_json, manifest, missing
-from workbench.languages.figures import layer_heatmap, score_vs
+from workbench.languages.figures import layer_heatmap, score_vs, signed_or_na, spearman_text
 from workbench.languages.ranker import layer_table, ranking_table
 
 st.title("Language Ranker")
@@ -26,15 +26,34 @@ names = list(files)
 name = st.selectbox("Result", names, index=names.index("smollm2") if "smollm2" in names else 0)
 result = load_json(files[name])
 table = ranking_table(result)
-rho = result.get("spearman_score_vs_bits_per_english_byte")
+# Results made before retrieval existed have the cosine score only: offer what this result has.
+LABELS = {"score": "cosine score", "retrieval": "retrieval (MEXA)"}
+have = [k for k in LABELS if k in table.columns]
+y = have[0] if len(have) == 1 else st.radio("Metric", have, index=have.index(result.get("ranked_by", "score")),
+                                            format_func=LABELS.get, horizontal=True)
+x = "share" if f"spearman_{y}_vs_log_share" in result else "bits_per_english_byte"
+vs = "log_share" if x == "share" else x
+vs_label = "log share" if x == "share" else "bits per English byte"
+rho = spearman_text(result, y, vs)
 c1, c2, c3 = st.columns(3)
 c1.metric("languages", len(table))
-c2.metric("Spearman(score, bits per English byte)", "n/a" if rho is None else f"{rho:.3f}")
+c2.metric(f"Spearman ρ: {LABELS[y]} vs {vs_label}", signed_or_na(result.get(f"spearman_{y}_vs_{vs}")),
+          help=f"{rho} (95 % bootstrap interval over languages)")
 c3.metric("pooling / unit / centering", f"{result['pooling']} / {result['unit']} / {result.get('center', 'none')}")
-st.caption(f"model {result['model']}, corpus {result['corpus']}; score: {result.get('score_definition', '')}")
+definition = result.get("retrieval_definition" if y == "retrieval" else "score_definition", "")
+chance = sorted({r["retrieval_chance"] for r in result["languages"] if "retrieval_chance" in r})
+if y == "retrieval" and chance:  # 1/(2n−1): a random row-and-column maximum, n units
+    definition += f"; chance level {chance[0]:.2f}" + (f"–{chance[-1]:.2f}" if len(chance) > 1 else "")
+st.caption(f"model {result['model']}, corpus {result['corpus']}; {LABELS[y]}: {definition}")
+partial_key = f"partial_spearman_{y}_vs_bits_per_english_byte_given_token_ratio"
+if partial_key in result:  # older results lack it; null: fewer than 4 languages
+    partial = result[partial_key]
+    st.caption(f"Partial Spearman ρ of {LABELS[y]} and bits per English byte given the token ratio "
+               f"(tokens per English token): {signed_or_na(partial)}")
 st.dataframe(table, width="stretch", height=300)
 top = st.slider("Languages in the heat map (best first)", 5, max(5, len(table)), min(40, max(5, len(table))))
-st.plotly_chart(layer_heatmap(layer_table(result), top=top, title=f"{name}: cosine similarity to English"),
-                width="stretch")
-x = "share" if "spearman_score_vs_log_share" in result else "bits_per_english_byte"
-st.plotly_chart(score_vs(table, x=x, log_x=x == "share"), width="stretch")
+value = "retrieval" if y == "retrieval" else "cosine"
+heat_title = f"{name}: " + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English"
+st.plotly_chart(layer_heatmap(layer_table(result), top=top, title=heat_title, value=value), width="stretch")
+st.plotly_chart(score_vs(table, x=x, log_x=x == "share", y=y,
+                         title=f"{LABELS[y]} vs {vs_label}: {rho}"), width="stretch")

@@ -1,6 +1,7 @@
 """The dashboard: every page under AppTest (renders, key widgets, an interaction changes the figure)
 and every page in headless Chromium against a served app (no error element; screenshots saved)."""
 
+import base64
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -93,6 +95,69 @@ def test_languages_page(results):
     before = charts(at)
     at.selectbox[0].set_value("pre-ln LN-free").run()
     assert not at.exception and charts(at) != before
+
+
+def _plotly_array(v) -> np.ndarray:
+    """Plotly writes numeric arrays as {dtype, bdata (base64), shape}."""
+    if isinstance(v, dict):
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(n) for n in str(v.get("shape", len(a))).split(",")])
+    return np.asarray(v, dtype=float)
+
+
+def _ranker_figures(at) -> tuple[np.ndarray, np.ndarray, str]:
+    """Heat map z, the scatter's marker y values (sorted, all script groups) and the scatter's title."""
+    heat, scatter = (json.loads(s) for s in charts(at))
+    ys = np.concatenate([_plotly_array(t["y"]) for t in scatter["data"] if t["mode"] == "markers"])
+    return _plotly_array(heat["data"][0]["z"]), np.sort(ys), scatter["layout"]["title"]["text"]
+
+
+def _rho(v) -> str:
+    return f"{v:.2f}".replace("-", "−").replace("−0.00", "0.00")
+
+
+def test_languages_page_metric_selector(results, tmp_path):
+    """The ranker's own result (cosine and retrieval): choosing retrieval puts every language's retrieval score
+    on the scatter, its per-layer retrieval in the heat map, and the retrieval Spearman with its interval in the
+    title; a result written before retrieval existed (cosine fields only) gets no selector and the cosine figures."""
+    r = json.loads(Path(read_manifest(results)["languages"]["pre-ln"]).read_text())
+    langs = sorted(r["languages"], key=lambda lang: lang["rank"])
+    at = page("languages", results)
+    assert [w.label for w in at.radio] == ["Metric"] and at.radio[0].value == "score"
+    z, ys, title = _ranker_figures(at)
+    np.testing.assert_allclose(ys, sorted(lang["score"] for lang in langs), rtol=1e-12)
+    np.testing.assert_allclose(z, [lang["per_layer"] for lang in langs], rtol=1e-12)
+    lo, hi = r["spearman_score_vs_bits_per_english_byte_ci95"]
+    assert title.endswith(f"ρ = {_rho(r['spearman_score_vs_bits_per_english_byte'])} [{_rho(lo)}, {_rho(hi)}]")
+
+    at.radio[0].set_value("retrieval").run()
+    assert not at.exception
+    z, ys, title = _ranker_figures(at)
+    assert sorted(lang["retrieval"] for lang in langs) != sorted(lang["score"] for lang in langs)
+    np.testing.assert_allclose(ys, sorted(lang["retrieval"] for lang in langs), rtol=1e-12)
+    np.testing.assert_allclose(z, [lang["retrieval_per_layer"] for lang in langs], rtol=1e-12)
+    lo, hi = r["spearman_retrieval_vs_bits_per_english_byte_ci95"]
+    rho = r["spearman_retrieval_vs_bits_per_english_byte"]
+    assert title.startswith("retrieval") and title.endswith(f"ρ = {_rho(rho)} [{_rho(lo)}, {_rho(hi)}]")
+    partial = r["partial_spearman_retrieval_vs_bits_per_english_byte_given_token_ratio"]
+    assert any("given the token ratio" in c.value and c.value.endswith(_rho(partial)) for c in at.caption)
+
+    old_top = {"model", "corpus", "pooling", "unit", "pairing", "center", "n_layers", "units", "max_tokens",
+               "score_definition", "english", "spearman_score_vs_bits_per_english_byte", "seconds", "tokens"}
+    old_lang = {"code", "name", "script", "family", "share", "score", "score_ci95", "per_layer", "bits_per_byte",
+                "bits_per_english_byte", "n_units", "n_truncated", "tokens", "rank"}
+    old = {k: v for k, v in r.items() if k in old_top} | {
+        "languages": [{k: v for k, v in lang.items() if k in old_lang} for lang in r["languages"]]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    next(t for t in at.text_input if t.label.startswith("Or a rank-languages")).set_value(
+        str(tmp_path / "old.json")).run()
+    at.selectbox[0].set_value("old").run()
+    assert not at.exception and not at.radio
+    z, ys, title = _ranker_figures(at)
+    np.testing.assert_allclose(ys, sorted(lang["score"] for lang in langs), rtol=1e-12)
+    np.testing.assert_allclose(z, [lang["per_layer"] for lang in langs], rtol=1e-12)
+    assert title.endswith(f"ρ = {_rho(r['spearman_score_vs_bits_per_english_byte'])} [n/a]")
+    assert not any("given the token ratio" in c.value for c in at.caption)
 
 
 def _specs(llama_dir) -> list[str]:

@@ -39,14 +39,16 @@ def cmd_rank_languages(args) -> int:
     import workbench
 
     from .io import atomic_write_json, atomic_write_text
-    from .languages.figures import layer_heatmap, score_vs
+    from .languages.figures import layer_heatmap, score_vs, spearman_text
     from .languages.parallel import load_parallel
-    from .languages.ranker import check_options, layer_table, rank_languages, ranking_table
+    from .languages.ranker import check_options, check_units, layer_table, rank_languages, ranking_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise WorkbenchError(f"unknown dtype {args.dtype!r}; choose float32 or bfloat16")
     check_options(pairing=args.pairing, center=args.center, unit=args.unit, metric=args.metric, pooling=args.pooling)
+    if args.max_units == 1:  # before the model loads
+        check_units("every language with --max-units 1", 1, args.pairing, args.center, args.metric != "cosine")
     if args.top < 1:
         raise WorkbenchError(f"--top must be a positive number of rows, got {args.top}")
     if args.batch_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 2):
@@ -83,7 +85,8 @@ def cmd_rank_languages(args) -> int:
         heat = layer_heatmap(layer_table(result), title=f"{result['model']}: "
                              + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English",
                              value="retrieval" if y == "retrieval" else "cosine")
-        scatter = score_vs(table, y=y)
+        scatter = score_vs(table, y=y, title=f"{y} vs bits per English byte: "
+                           f"{spearman_text(result, y, 'bits_per_english_byte')}")
         # Self-contained (plotly.js inlined once): the page opens offline.
         html = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Language Ranker</title></head><body>"
                 + heat.to_html(full_html=False, include_plotlyjs=True)

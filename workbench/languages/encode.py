@@ -68,15 +68,17 @@ class Encoded:
 
 
 def _pool_at(x: Tensor, rows: Tensor, cuts: Tensor, pooling: str) -> Tensor:
-    """Pool row ``rows[k]`` of ``x`` over its content positions 1..cuts[k] (position 0 is the start token)."""
+    """Pool row ``rows[k]`` of ``x`` over its content positions 1..cuts[k] (position 0 is the start token).
+    Rows may repeat (one text, many cuts): the running sums are taken once per row of ``x``."""
     if pooling == "last":
         return x[rows, cuts]
-    body = x[rows, 1:]  # content positions 1..T-1 → index 0..T-2
-    if pooling == "mean":
-        return body.cumsum(1)[torch.arange(len(rows)), cuts - 1] / cuts[:, None].to(x.dtype)
-    pos = torch.arange(1, x.shape[1], dtype=x.dtype)
-    total = (body * pos[None, :, None]).cumsum(1)[torch.arange(len(rows)), cuts - 1]
-    return total / (cuts * (cuts + 1) / 2)[:, None].to(x.dtype)
+    body = x[:, 1:]  # content positions 1..T-1 → index 0..T-2
+    if pooling == "weighted":
+        body = body * torch.arange(1, x.shape[1], dtype=x.dtype)[None, :, None]
+        norm = cuts * (cuts + 1) / 2
+    else:
+        norm = cuts
+    return body.cumsum(1)[rows, cuts - 1] / norm[:, None].to(x.dtype)
 
 
 def _pool(x: Tensor, lengths: Tensor, pooling: str) -> Tensor:

@@ -40,3 +40,20 @@ def score_vs(ranking: pd.DataFrame, x: str = "bits_per_english_byte", log_x: boo
         xs = np.linspace(df[x].min(), df[x].max(), 2)
         fig.add_trace(go.Scatter(x=xs, y=k * xs + b, mode="lines", name="least squares", line={"dash": "dot"}))
     return fig
+
+
+def signed(v: float) -> str:
+    """Two decimals with a true minus sign, and no "−0.00" for a bound that rounds to zero."""
+    return f"{v:.2f}".replace("-", "−") if round(v, 2) != 0 else "0.00"
+
+
+def signed_or_na(v: float | None) -> str:
+    return "n/a" if v is None else signed(v)
+
+
+def spearman_text(result: dict, y: str, x: str) -> str:
+    """``Spearman ρ = −0.55 [−0.68, −0.40]`` from a rank-languages result's ``spearman_{y}_vs_{x}`` and its
+    ``_ci95``; "n/a" where the result has none (fewer languages than the statistic needs, or an older result)."""
+    rho, ci = result.get(f"spearman_{y}_vs_{x}"), result.get(f"spearman_{y}_vs_{x}_ci95")
+    return ("Spearman ρ = " + signed_or_na(rho)
+            + (" [n/a]" if ci is None else f" [{signed(ci[0])}, {signed(ci[1])}]"))

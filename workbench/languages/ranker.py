@@ -46,7 +46,7 @@ PAIRINGS = ("aligned", "shuffled")
 CENTERINGS = ("language", "none")
 METRICS = ("cosine", "retrieval", "both")
 __all__ = ["rank_languages", "encode_languages", "score_languages", "ranking_table", "layer_table", "spearman",
-           "partial_spearman", "check_options", "PAIRINGS", "CENTERINGS", "METRICS", "POOLINGS"]
+           "partial_spearman", "check_options", "check_units", "PAIRINGS", "CENTERINGS", "METRICS", "POOLINGS"]
 
 
 def _unit_keys(corpus: ParallelCorpus, unit: str, max_units: int | None) -> list[str]:
@@ -154,6 +154,17 @@ def _pair(le: LanguageEncoding, pooling: str, have: list[str], idx: list[int],
     return (torch.stack([at(i, c) for i, c in zip(idx, cut)]), torch.stack([at(j, c) for j, c in zip(e_idx, cut)]))
 
 
+def check_units(code: str, n: int, pairing: str, center: str, retrieval: bool) -> None:
+    """Retrieval, centering and a shuffled pairing each compare a unit with the others: one line naming
+    every option that needs two units."""
+    needs = [w for w, on in (("retrieval", retrieval), ("centering", center == "language"),
+                             ("a shuffled pairing", pairing == "shuffled")) if on]
+    if n < 2 and needs:
+        verb = "need" if len(needs) > 1 else "needs"
+        raise WorkbenchError(f"{code} has one unit: {' and '.join(needs)} {verb} at least two; use more units, or "
+                             "--metric cosine --center none --pairing aligned")
+
+
 def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = "aligned", center: str = "language",
                     metric: str = "both", matched: bool | None = None, intervals: bool = True) -> dict:
     """Every language's cosine and/or retrieval score from an encoding, with intervals and confounds.
@@ -173,15 +184,9 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
         if not have:
             continue
         x, e = _pair(le, pooling, have, idx, matched)
+        check_units(lang.code, len(have), pairing, center, ret_on)
         if pairing == "shuffled":
-            if len(have) < 2:
-                raise WorkbenchError(f"{lang.code} has one unit; a shuffled pairing needs at least two")
             e = e[_derangement(len(have))]
-        if center == "language" and len(have) < 2:
-            raise WorkbenchError(f"{lang.code} has one unit: centering needs at least two; use --center none")
-        if ret_on and len(have) < 2:
-            raise WorkbenchError(f"{lang.code} has one unit: retrieval needs at least two to choose from; use "
-                                 "--metric cosine or more units")
         bits = float(le.enc.nll[idx].sum()) / math.log(2)
         own_bytes = sum(len(le.texts[i].encode()) for i in idx)
         eng_bytes = sum(len(eng_units[k].encode()) for k in have)
@@ -231,8 +236,9 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
             result[f"partial_spearman_{name}_vs_bits_per_english_byte_given_token_ratio"] = _finite(
                 partial_spearman(vals, bits, ratio))
             if any(r["share"] for r in rows):
-                result[f"spearman_{name}_vs_log_share"] = _finite(
-                    spearman(vals, [math.log(r["share"]) if r["share"] else None for r in rows]))
+                log_share = [math.log(r["share"]) if r["share"] else None for r in rows]
+                result[f"spearman_{name}_vs_log_share"] = _finite(spearman(vals, log_share))
+                result[f"spearman_{name}_vs_log_share_ci95"] = spearman_interval(vals, log_share)
     result["spearman_token_ratio_vs_bits_per_english_byte"] = _finite(spearman(ratio, bits))
     if cos_on:
         result["score_definition"] = ("mean over layers of the cosine similarity between the pooled residual stream "
@@ -251,6 +257,8 @@ def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str
     """Rank languages by how close the model's representation of their text is to that of the English
     original. ``model``: a loaded model (``workbench.load``) or a spec for ``workbench.load``."""
     check_options(pairing=pairing, center=center, unit=unit, metric=metric, pooling=pooling)
+    if max_units == 1:  # refused before the model is loaded and every text encoded
+        check_units(f"every language with --max-units 1", 1, pairing, center, metric != "cosine")
     le = encode_languages(model, corpus, langs, unit, max_units, (pooling,), batch_tokens, max_tokens, length_match,
                           progress, model_name)
     return score_languages(le, pooling, pairing, center, metric)
