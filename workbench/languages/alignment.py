@@ -93,17 +93,30 @@ def mean_interval(values: Float[Tensor, " unit"], seed: int) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def cosine_interval(x: Tensor, e: Tensor, center: bool, seed: int, chunk: int = 25) -> list[float]:
+def cosine_interval(x: Tensor, e: Tensor, center: bool, seed: int) -> list[float]:
     """95 % percentile-bootstrap interval of the mean cosine over units, centering redone per resample
-    (the centering mean is itself estimated from the units)."""
+    (the centering mean is itself estimated from the units).
+
+    Computed from the units' Gram matrices: with resample counts w (Σw = n) the centered inner product
+    is <x_i − x̄_w, e_i − ē_w> = G_xe[i,i] − (G_xe w)_i/n − (wᵀG_xe)_i/n + wᵀG_xe w/n², and the norms
+    likewise, so a resample costs O(n²) per layer instead of O(n·d)."""
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (BOOTSTRAP, n), generator=g)
-    scores = []
-    for part in idx.split(chunk):  # [chunk, unit] resamples at once, bounded memory
-        xs, es = x[part], e[part]  # [chunk, unit, layer, d]
-        if center:
-            xs, es = xs - xs.mean(1, keepdim=True), es - es.mean(1, keepdim=True)
-        scores.append(F.cosine_similarity(xs, es, dim=-1).mean((1, 2)))
-    lo, hi = torch.quantile(torch.cat(scores).double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    w = torch.zeros(BOOTSTRAP, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(BOOTSTRAP, n, dtype=torch.float64))
+    xd, ed = x.double().transpose(0, 1), e.double().transpose(0, 1)  # [layer, unit, d]
+    gxe, gxx, gee = xd @ ed.transpose(1, 2), xd @ xd.transpose(1, 2), ed @ ed.transpose(1, 2)  # [layer, n, n]
+
+    def centered(gab: Tensor) -> Tensor:  # [resample, layer, unit]: <a_i − ā_w, b_i − b̄_w>
+        diag = gab.diagonal(dim1=1, dim2=2)[None]
+        if not center:
+            return diag.expand(BOOTSTRAP, -1, -1)
+        row = torch.einsum("lij,bj->bli", gab, w) / n  # <a_i, b̄_w>
+        col = torch.einsum("lji,bj->bli", gab, w) / n  # <ā_w, b_i>
+        both = torch.einsum("bi,lij,bj->bl", w, gab, w)[..., None] / n**2  # <ā_w, b̄_w>
+        return diag - row - col + both
+
+    cos = centered(gxe) / (centered(gxx).clamp_min(0).sqrt() * centered(gee).clamp_min(0).sqrt()).clamp_min(1e-12)
+    scores = (cos * w[:, None, :]).sum(2).mean(1) / n  # each resample weights unit i by how often it was drawn
+    lo, hi = torch.quantile(scores, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return [float(lo), float(hi)]
