@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--n-ctx", type=int, help="context length (default: the preset's)")
     t.add_argument("--alpha", type=float, help="Mix-LN: fraction of Post-LN blocks (default 0.25)")
     _architecture_args(t)
+    _dtype_arg(t)
     t.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     t.add_argument("--out", required=True, help="run directory to create (or resume)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,9 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--preset", default="tiny")
     z.add_argument("--norms", help="comma-separated subset (default: all)")
     z.add_argument("--steps", type=int)
-    z.add_argument("--seed", type=int, default=0)
+    seeds = z.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="one seed: members in DIR/<norm>/ (default 0)")
+    seeds.add_argument("--seeds", help="several seeds, e.g. 0,1,2: members in DIR/<norm>/seed<k>/, zoo.json with "
+                       "mean and 95%% interval per norm and paired differences between norms")
     z.add_argument("--corpus", default="english")
     _architecture_args(z)
+    _dtype_arg(z)
+    z.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     z.add_argument("--out", required=True)
     z.add_argument("--quiet", action="store_true")
     z.add_argument("--trust-pickle", action="store_true", help="resume members whose checkpoint.pt is a "
@@ -116,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dtype_arg(p) -> None:
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (default: bfloat16 autocast over "
+                   "float32 weights where the device has native bf16 — avx512_bf16/AMX CPUs, most GPUs — else float32)")
+
+
 def _architecture_args(p) -> None:
     p.add_argument("--mlp", choices=("gelu", "swiglu"), help="MLP: gelu (default) or swiglu (gated, SiLU, as Llama)")
     p.add_argument("--pos", choices=("learned", "rope"), help="positions: learned (default) or rope (rotary on Q/K)")
@@ -150,7 +161,7 @@ def _cmd_train(args) -> int:
     train_overrides = {"lr": args.lr} if args.lr is not None else {}
     s = train(args.norm, args.out, preset=args.preset, steps=args.steps, seed=args.seed, corpus=args.corpus,
               model_overrides=model_overrides, train_overrides=train_overrides, device=args.device,
-              progress=not args.quiet, trust_pickle=args.trust_pickle)
+              progress=not args.quiet, trust_pickle=args.trust_pickle, dtype=args.dtype)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
     if s["diverged"]:
@@ -158,7 +169,7 @@ def _cmd_train(args) -> int:
               f"kept the last good checkpoint (step {s['weights_from_step']}) in {args.out}", file=sys.stderr)
         return EXIT_DIVERGED
     print(f"{s['norm']}: final validation loss {s['final_val_loss']:.4f} nats after {s['steps']} steps "
-          f"({s['tokens']} tokens, {s['seconds']:.1f} s) -> {args.out}")
+          f"({s['tokens']} tokens, {s['seconds']:.1f} s, {s['dtype']}) -> {args.out}")
     return 0
 
 
@@ -167,7 +178,7 @@ def _cmd_zoo(args) -> int:
 
     results = train_zoo(args.out, preset=args.preset, norms=args.norms, steps=args.steps, seed=args.seed,
                         corpus=args.corpus, progress=not args.quiet, model_overrides=_architecture(args) or None,
-                        trust_pickle=args.trust_pickle)
+                        trust_pickle=args.trust_pickle, seeds=args.seeds, dtype=args.dtype, device=args.device)
     print(format_table(results))
     print(f"wrote {args.out}/{ZOO_FILE} and {args.out}/{FIGURE_FILE}")
     return 0

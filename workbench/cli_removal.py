@@ -32,6 +32,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (default: bfloat16 autocast where the "
+                   "device has native bf16, else float32)")
     r.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser("convert", help="exact training-free transforms of a Pre-LN model")
@@ -53,7 +55,7 @@ def _removal_config(args):
     return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
                          special_positions=args.special_positions,
                          control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp,
-                         scale_loss=args.scale_loss, precondition=args.precondition)
+                         scale_loss=args.scale_loss, precondition=args.precondition, dtype=args.dtype)
 
 
 def cmd_remove_ln(args) -> int:

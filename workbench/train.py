@@ -30,6 +30,7 @@ from .data import TokenData, load_token_data
 from .errors import WorkbenchError
 from .optim import param_groups
 from .model import GPT
+from .precision import autocast, check_dtype, resolve_dtype
 from .presets import get_preset
 
 __version__ = "0.1.0"
@@ -51,8 +52,10 @@ class TrainConfig:
     ckpt_every: int = 50
     seed: int = 0
     corpus: str = "english"
+    dtype: str = "float32"  # or "bfloat16": autocast matmuls, float32 weights/optimizer/loss (workbench.precision)
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype, allow_auto=False)
         if self.steps <= 0:
             raise WorkbenchError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
@@ -130,7 +133,8 @@ def build_configs(
 
 @torch.no_grad()
 def evaluate(model: GPT, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token cross-entropy (nats) over ``batches``, in eval mode."""
+    """Mean next-token cross-entropy (nats) over ``batches``, in eval mode and float32 whatever the training
+    precision: the number then describes the weights every analysis will load, not the bf16 arithmetic."""
     was_training = model.training
     model.eval()
     losses = [model(b.to(device), return_type="loss").item() for b in batches]
@@ -152,19 +156,25 @@ def train(
     data: TokenData | None = None,
     on_step: Callable[[int, float], None] | None = None,
     trust_pickle: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Train one model into the run directory ``out`` and return its summary.
+
+    ``dtype`` is the training precision: float32, bfloat16 (autocast over float32 master weights) or
+    auto (bfloat16 where ``device`` computes it natively; :mod:`workbench.precision`).
 
     An existing unfinished run in ``out`` with the same configuration is resumed from its last
     checkpoint; a finished one is an error (pick another directory). A run directory of workbench ≤ 0.1
     holds a pickled ``checkpoint.pt``: it is resumed only with ``trust_pickle`` (and even then read by
     torch's weights-only unpickler); its next checkpoint is written in the safe format.
     """
+    check_dtype(dtype)
+    ddp = init_distributed()
+    dev = resolve_device(device, ddp)  # before the corpus is tokenized: a bad device fails at once
+    train_overrides = {**(train_overrides or {}), "dtype": resolve_dtype(dtype, dev)}
     model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
     out = Path(out)
-    ddp = init_distributed()
     state = _agree_on_run_dir(out, model_cfg, train_cfg, ddp, trust_pickle)  # validates before anything is written
-    dev = resolve_device(device, ddp)  # before the corpus is tokenized: a bad device fails at once
     if data is None:
         data = load_token_data(train_cfg.corpus, model_cfg.d_vocab)
     if data.tokenizer.get_vocab_size() != model_cfg.d_vocab:
@@ -227,7 +237,10 @@ def _prepare_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
     if not (out / io.CONFIG_FILE).exists():
         raise WorkbenchError(f"{out} is not empty and is not a workbench run; choose a new --out directory")
     saved = io.read_json(out / io.CONFIG_FILE, "run config")
-    if saved.get("model") != model_cfg.to_dict() or saved.get("train") != dataclasses.asdict(train_cfg):
+    saved_train = saved.get("train")
+    if isinstance(saved_train, dict):
+        saved_train = {"dtype": "float32", **saved_train}  # runs of workbench ≤ 0.1 trained in float32
+    if saved.get("model") != model_cfg.to_dict() or saved_train != dataclasses.asdict(train_cfg):
         raise WorkbenchError(
             f"{out} holds an unfinished run with a different configuration; resume it with the same "
             "arguments or choose a new --out directory"
@@ -277,7 +290,8 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
         batch = batch[ddp.rank * local : (ddp.rank + 1) * local].to(dev)
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr_at(step)
-        loss = ddp_model(batch, return_type="loss")
+        with autocast(dev, train_cfg.dtype):
+            loss = ddp_model(batch, return_type="loss")
         global_loss = loss.detach().clone()
         if ddp.world > 1:
             dist.all_reduce(global_loss)
@@ -338,6 +352,7 @@ def _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp, resume
         "diverged": diverged is not None,
         "seed": train_cfg.seed,
         "corpus": train_cfg.corpus,
+        "dtype": train_cfg.dtype,
         "n_params": sum(p.numel() for p in model.parameters()),
         "unigram_val_loss": data.unigram_cross_entropy(),
         "world_size": ddp.world,

@@ -29,6 +29,70 @@ def parse_norms(norms: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_seeds(seeds: str | list[int] | None) -> list[int] | None:
+    """``"0,1,2"`` → [0, 1, 2]; None stays None (one seed, the single-seed layout)."""
+    if seeds is None:
+        return None
+    items = [s.strip() for s in seeds.split(",")] if isinstance(seeds, str) else list(seeds)
+    items = [s for s in items if s != ""]
+    if not items:
+        raise WorkbenchError("--seeds is empty; give a comma-separated list of integers such as 0,1,2")
+    try:
+        out = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"--seeds must be comma-separated integers such as 0,1,2, got {seeds!r}") from None
+    if any(s < 0 for s in out):
+        raise WorkbenchError(f"--seeds must be non-negative, got {seeds!r}")
+    dupes = sorted({s for s in out if out.count(s) > 1})
+    if dupes:
+        raise WorkbenchError(f"--seeds lists seed {dupes[0]} more than once; give each seed once")
+    return out
+
+
+def seed_dir(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def run_dirs(out: str | Path) -> dict[str, Path]:
+    """Every finished run of a zoo, labelled by its path under ``out``: ``<norm>`` (one seed) or
+    ``<norm>/seed<k>`` (several), in registry order of the norms."""
+    out = Path(out)
+    if not out.is_dir():
+        return {}
+    order = {n: i for i, n in enumerate(scheme_names())}
+    found = {}
+    for d in sorted(out.iterdir(), key=lambda d: (order.get(d.name, len(order)), d.name)):
+        if (d / io.SUMMARY_FILE).is_file():
+            found[d.name] = d
+        elif d.is_dir():
+            seeds = [(int(s.name[4:]), s) for s in d.iterdir()
+                     if s.name.startswith("seed") and s.name[4:].isdigit() and (s / io.SUMMARY_FILE).is_file()]
+            found.update({f"{d.name}/{s.name}": s for _, s in sorted(seeds)})
+    return found
+
+
+def run_groups(out: str | Path) -> dict[str, str]:
+    """label → norm (the group whose seeds make one interval)."""
+    return {label: label.split("/")[0] for label in run_dirs(out)}
+
+
+def run_seeds(out: str | Path) -> dict[str, int]:
+    """label → the seed the run was trained with (what pairs two norms' runs)."""
+    return {label: int(io.read_json(d / io.SUMMARY_FILE, "run summary").get("seed") or 0)
+            for label, d in run_dirs(out).items()}
+
+
+def _check_layout(out: Path, names: list[str], seeds: list[int] | None) -> None:
+    for name in names:
+        member = out / name
+        single = (member / io.CONFIG_FILE).exists()
+        if seeds is not None and single:
+            raise WorkbenchError(f"{member} holds a single-seed run; give --seeds a new --out directory "
+                                 "(or train this zoo on with --seed)")
+        if seeds is None and member.is_dir() and any(member.glob("seed*/" + io.CONFIG_FILE)):
+            raise WorkbenchError(f"{member} holds per-seed runs; continue this zoo with --seeds")
+
+
 def train_zoo(
     out: str | Path,
     preset: str = "tiny",
@@ -41,49 +105,102 @@ def train_zoo(
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    seeds: str | list[int] | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Train the zoo into ``out/<norm>/``; finished members are kept, unfinished ones resumed
-    (a legacy pickled checkpoint only with ``trust_pickle``, as in :func:`workbench.train`)."""
+    """Train the zoo into ``out/<norm>/`` (or ``out/<norm>/seed<k>/`` for each of ``seeds``); finished
+    members are kept, unfinished ones resumed (a legacy pickled checkpoint only with ``trust_pickle``, as
+    in :func:`workbench.train`). ``dtype``: float32, bfloat16 or auto (:mod:`workbench.precision`).
+    Returns :func:`collect` of the members; with several seeds ``zoo.json`` also holds the intervals and
+    the paired differences between norms."""
+    from .precision import check_dtype, why
+    from .train import resolve_device
+
     names = parse_norms(norms)
+    seed_list = parse_seeds(seeds)
+    check_dtype(dtype)
     p = get_preset(preset)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a directory; choose a new directory")
+    _check_layout(out, names, seed_list)
+    log(f"precision: {why(dtype, resolve_device(device))}")
     data = load_token_data(corpus, {**p.model, **(model_overrides or {})}["d_vocab"])
     out.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names, 1):
-        run = out / name
+    jobs = [(n, s, out / n / seed_dir(s)) for n in names for s in seed_list] if seed_list else \
+        [(n, seed, out / n) for n in names]
+    for i, (name, s, run) in enumerate(jobs, 1):
+        label = str(run.relative_to(out))
         if (run / io.SUMMARY_FILE).exists():
-            log(f"[{i}/{len(names)}] {name}: already trained, kept")
+            log(f"[{i}/{len(jobs)}] {label}: already trained, kept")
             continue
-        log(f"[{i}/{len(names)}] training {name}")
-        summary = train(name, run, preset=preset, steps=steps, seed=seed, corpus=corpus, progress=progress, data=data,
-                        model_overrides=model_overrides, train_overrides=train_overrides, trust_pickle=trust_pickle)
+        log(f"[{i}/{len(jobs)}] training {label}")
+        summary = train(name, run, preset=preset, steps=steps, seed=s, corpus=corpus, progress=progress, data=data,
+                        model_overrides=model_overrides, train_overrides=train_overrides, trust_pickle=trust_pickle,
+                        dtype=dtype, device=device)
         if summary["diverged"]:
-            log(f"    {name} diverged at step {summary['diverged_at_step']} ({summary['divergence']})")
+            log(f"    {label} diverged at step {summary['diverged_at_step']} ({summary['divergence']})")
     results = collect(out, names)
-    io.atomic_write_json(out / ZOO_FILE, results)
+    record: dict[str, Any] = results
+    if seed_list:
+        from .analysis.intervals import paired_table
+
+        record = {"seeds": seed_list, "members": results,
+                  "paired": paired_table(per_seed_values(results), ("final_val_loss",)).to_dict("records")}
+    io.atomic_write_json(out / ZOO_FILE, record)
     write_loss_figure(out, names)
     return results
 
 
+SUMMARY_FIELDS = ("final_val_loss", "diverged", "diverged_at_step", "steps", "tokens", "seconds", "unigram_val_loss",
+                  "n_params", "dtype")
+
+
 def collect(out: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{norm: fields}`` of each listed member. A member trained with several seeds gets the seeds'
+    mean for the numbers, ``diverged`` if any seed diverged, ``seeds: {k: fields}`` and the 95 %
+    interval of its validation loss (``final_val_loss_lo/hi``, None for one seed)."""
+    from .analysis.intervals import mean_interval
+
+    labels = run_dirs(out)
     results = {}
     for name in names:
-        s = io.read_json(out / name / io.SUMMARY_FILE, "run summary")
-        results[name] = {k: s.get(k) for k in ("final_val_loss", "diverged", "diverged_at_step", "steps", "tokens",
-                                                "seconds", "unigram_val_loss", "n_params")}
+        runs = {lab: d for lab, d in labels.items() if lab.split("/")[0] == name}
+        if name in runs:  # one seed
+            results[name] = _fields(runs[name])
+            continue
+        if not runs:
+            io.read_json(out / name / io.SUMMARY_FILE, "run summary")  # the usual one-line error
+        per = {int(Path(lab).name[4:]): _fields(d) for lab, d in runs.items()}
+        first = next(iter(per.values()))
+        ok = [r for r in per.values() if not r["diverged"]]
+        loss = mean_interval([r["final_val_loss"] for r in ok]) if len(ok) == len(per) else {"mean": None}
+        results[name] = {
+            **first,
+            "final_val_loss": loss["mean"], "final_val_loss_lo": loss.get("lo"), "final_val_loss_hi": loss.get("hi"),
+            "diverged": len(ok) < len(per),
+            "diverged_at_step": next((r["diverged_at_step"] for r in per.values() if r["diverged"]), None),
+            "seconds": sum(r["seconds"] for r in per.values()) / len(per),
+            "seeds": per,
+        }
     return results
 
 
+def _fields(run: Path) -> dict[str, Any]:
+    s = io.read_json(run / io.SUMMARY_FILE, "run summary")
+    return {k: s.get(k, "float32" if k == "dtype" else None) for k in SUMMARY_FIELDS}
+
+
+def per_seed_values(results: dict[str, dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{norm: {seed: fields}}`` from :func:`collect`'s records (one-seed members: their own seed 0…)."""
+    return {n: r.get("seeds") or {0: r} for n, r in results.items()}
+
+
 def collect_existing(out: str | Path) -> dict[str, dict[str, Any]]:
-    """The summaries of every finished run under ``out`` (no error for a missing or partial zoo)."""
-    out = Path(out)
-    if not out.is_dir():
-        return {}
-    names = [d.name for d in sorted(out.iterdir()) if (d / io.SUMMARY_FILE).is_file()]
-    order = {n: i for i, n in enumerate(scheme_names())}
-    return collect(out, sorted(names, key=lambda n: order.get(n, len(order))))
+    """The summaries of every finished member under ``out`` (no error for a missing or partial zoo)."""
+    names = list(dict.fromkeys(lab.split("/")[0] for lab in run_dirs(out)))
+    return collect(Path(out), names) if names else {}
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -92,28 +209,52 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def loss_table(out: str | Path, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Tidy rows (norm, step, split, loss) of every zoo member's loss curves."""
-    out = Path(out)
-    names = names or [d.name for d in sorted(out.iterdir()) if (d / io.METRICS_FILE).exists()]
+    """Tidy rows (norm, seed, step, split, loss) of every zoo member's loss curves (every seed's)."""
     rows = []
-    for name in names:
-        for m in read_metrics(out / name):
-            rows.append({"norm": name, "step": m["step"], "split": "train", "loss": m["train_loss"]})
+    for label, run in run_dirs(out).items():
+        norm = label.split("/")[0]
+        if names is not None and norm not in names:
+            continue
+        seed = int(run.name[4:]) if "/" in label else None
+        for m in read_metrics(run):
+            rows.append({"norm": norm, "seed": seed, "step": m["step"], "split": "train", "loss": m["train_loss"]})
             if "val_loss" in m:
-                rows.append({"norm": name, "step": m["step"], "split": "validation", "loss": m["val_loss"]})
+                rows.append({"norm": norm, "seed": seed, "step": m["step"], "split": "validation", "loss": m["val_loss"]})
     return rows
 
 
+def loss_bands(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (norm, split, step): the seeds' mean loss and its 95 % t-interval (lo/hi None for one seed)."""
+    from .analysis.intervals import mean_interval
+
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["norm"], r["split"], r["step"]), []).append(r["loss"])
+    return [{"norm": n, "split": sp, "step": st, **mean_interval(v)} for (n, sp, st), v in groups.items()]
+
+
 def loss_figure(rows: list[dict[str, Any]]):
+    """Loss curves per norm: the seeds' mean, with a shaded 95 % band on validation where there are seeds."""
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
 
     fig = go.Figure()
-    for norm in dict.fromkeys(r["norm"] for r in rows):
+    bands = loss_bands(rows)
+    for i, norm in enumerate(dict.fromkeys(r["norm"] for r in bands)):
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
         for split, dash in (("train", "dot"), ("validation", "solid")):
-            pts = [r for r in rows if r["norm"] == norm and r["split"] == split]
-            if pts:
-                fig.add_scatter(x=[r["step"] for r in pts], y=[r["loss"] for r in pts], mode="lines",
-                                name=f"{norm} ({split})", legendgroup=norm, line={"dash": dash})
+            pts = sorted((b for b in bands if b["norm"] == norm and b["split"] == split), key=lambda b: b["step"])
+            if not pts:
+                continue
+            if split == "validation" and all(b["lo"] is not None for b in pts):
+                x = [b["step"] for b in pts]
+                fig.add_scatter(x=x + x[::-1], y=[b["hi"] for b in pts] + [b["lo"] for b in pts][::-1], fill="toself",
+                                line={"width": 0}, fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False,
+                                legendgroup=norm, name=f"{norm} 95% interval")
+            n = max(b["n"] for b in pts)
+            fig.add_scatter(x=[b["step"] for b in pts], y=[b["mean"] for b in pts], mode="lines",
+                            name=f"{norm} ({split})" + (f", mean of {n} seeds" if n > 1 else ""), legendgroup=norm,
+                            line={"dash": dash, "color": color})
     fig.update_layout(title="Loss curves by normalization", xaxis_title="step", yaxis_title="cross-entropy (nats)",
                       template="plotly_white")
     return fig
@@ -127,12 +268,19 @@ def write_loss_figure(out: Path, names: list[str]) -> Path:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'norm':<10} {'val loss':>9} {'diverged':>9} {'steps':>6} {'seconds':>8}"]
+    seeds = any(r.get("seeds") for r in results.values())
+    lines = [f"{'norm':<10} {'val loss':>9} {'95% interval':>17} {'diverged':>9} {'steps':>6} {'seconds':>8}" if seeds
+             else f"{'norm':<10} {'val loss':>9} {'diverged':>9} {'steps':>6} {'seconds':>8}"]
     for name, r in results.items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}"
         div = f"at {r['diverged_at_step']}" if r["diverged"] else "no"
-        lines.append(f"{name:<10} {loss:>9} {div:>9} {r['steps']:>6} {r['seconds']:>8.1f}")
+        ci = f"[{r['final_val_loss_lo']:.4f}, {r['final_val_loss_hi']:.4f}]" if r.get("final_val_loss_lo") is not None \
+            else "-"
+        lines.append(f"{name:<10} {loss:>9} {ci:>17} {div:>9} {r['steps']:>6} {r['seconds']:>8.1f}" if seeds
+                     else f"{name:<10} {loss:>9} {div:>9} {r['steps']:>6} {r['seconds']:>8.1f}")
     uni = next(iter(results.values()), {}).get("unigram_val_loss")
     if uni is not None:
         lines.append(f"(unigram baseline on validation: {uni:.4f} nats)")
+    if seeds:
+        lines.append("(seeds: mean and Student-t 95% interval; seconds per seed; paired differences in zoo.json)")
     return "\n".join(lines)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 from ..errors import WorkbenchError
 from ..io import atomic_write_json, atomic_write_text
 from .depth import SCHEMA_VERSION, diagnose
+from .intervals import mean_interval, paired_table, seed_table
 
 # metric name on the command line -> (row metric in the depth table, y-axis title)
 METRICS = {
@@ -23,29 +25,32 @@ DIAGNOSE_FILE = "diagnose.json"
 
 
 def zoo_diagnostics(zoo: str | Path, tokens: int = 16384) -> dict[str, dict]:
-    """``diagnose`` of every finished model in ``zoo`` (cached as ``<run>/diagnose.json``)."""
+    """``diagnose`` of every finished run in ``zoo`` (cached as ``<run>/diagnose.json``), keyed by the run's
+    label: ``<norm>``, or ``<norm>/seed<k>`` in a zoo trained with several seeds."""
     import workbench
-    from ..zoo import collect_existing
+    from ..zoo import run_dirs
 
     zoo = Path(zoo)
-    names = list(collect_existing(zoo))
-    if not names:
+    runs = run_dirs(zoo)
+    if not runs:
         raise WorkbenchError(f"no trained models in {zoo}; train them with `workbench zoo --out {zoo}`")
     results = {}
-    for name in names:
-        cached = zoo / name / DIAGNOSE_FILE
+    for label, run in runs.items():
+        cached = run / DIAGNOSE_FILE
         if cached.exists():
             r = json.loads(cached.read_text())
             if r.get("schema_version") == SCHEMA_VERSION and r["data"]["n_tokens"] >= tokens:
-                results[name] = r
+                results[label] = r
                 continue
-        model = workbench.load(zoo / name)
-        results[name] = diagnose(model, tokens=tokens, model_id=str(zoo / name))
-        atomic_write_json(cached, results[name])
+        model = workbench.load(run)
+        results[label] = diagnose(model, tokens=tokens, model_id=str(run))
+        atomic_write_json(cached, results[label])
     return results
 
 
-def compare_table(results: dict[str, dict], metric: str) -> pd.DataFrame:
+def compare_table(results: dict[str, dict], metric: str, groups: dict[str, str] | None = None) -> pd.DataFrame:
+    """Tidy rows (model, group, layer, metric, value); ``groups`` maps a model to the group its interval
+    pools over (a zoo's seeds of one norm: :func:`workbench.zoo.run_groups`), default the model itself."""
     from .depth import depth_table
 
     if metric not in METRICS:
@@ -54,14 +59,33 @@ def compare_table(results: dict[str, dict], metric: str) -> pd.DataFrame:
     frames = []
     for name, r in results.items():
         t = depth_table(r)
-        frames.append(t[t.metric == row_metric].assign(model=name))
-    return pd.concat(frames)[["model", "layer", "metric", "value"]].reset_index(drop=True)
+        frames.append(t[t.metric == row_metric].assign(model=name, group=(groups or {}).get(name, name)))
+    return pd.concat(frames)[["model", "group", "layer", "metric", "value"]].reset_index(drop=True)
+
+
+def band_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per group and layer: the members' mean value and its 95 % Student-t interval (lo/hi NaN for one)."""
+    rows = []
+    for (group, layer), g in table.groupby(["group", "layer"], sort=False):
+        rows.append({"group": group, "layer": layer, **mean_interval(g.value.tolist())})
+    return pd.DataFrame(rows, columns=["group", "layer", "n", "mean", "sd", "lo", "hi"])
 
 
 def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
+    """One line per group: the value itself, or for a group of several seeds their mean with a shaded
+    95 % interval."""
     fig = go.Figure()
-    for name, g in table.groupby("model", sort=False):
-        fig.add_scatter(x=g.layer, y=g.value, mode="lines+markers", name=name)
+    if "group" not in table:
+        table = table.assign(group=table.model)
+    for i, (name, g) in enumerate(band_table(table).groupby("group", sort=False)):
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        n = int(g.n.max())
+        if n > 1:
+            x = g.layer.tolist()
+            fig.add_scatter(x=x + x[::-1], y=g.hi.tolist() + g.lo.tolist()[::-1], fill="toself", line={"width": 0},
+                            fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False, legendgroup=name)
+        fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (f" (mean of {n})" if n > 1 else ""),
+                        legendgroup=name, line={"color": color})
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
                       template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear")
     return fig
@@ -73,7 +97,9 @@ def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Pa
     out = Path(out or zoo)
     if not out.is_dir():
         raise WorkbenchError(f"--out {out} is not a directory; create it first")
-    table = compare_table(zoo_diagnostics(zoo, tokens), metric)
+    from ..zoo import run_groups
+
+    table = compare_table(zoo_diagnostics(zoo, tokens), metric, run_groups(zoo))
     fig = compare_figure(table, metric)
     paths = [out / f"compare_{metric}.csv", out / f"compare_{metric}.html"]
     atomic_write_text(paths[0], table.to_csv(index=False))
@@ -113,3 +139,30 @@ def depth_summary(results: dict[str, dict]) -> pd.DataFrame:
             "val_ce": r["val_ce"],
         })
     return pd.DataFrame(rows)
+
+
+SUMMARY_METRICS = ("val_ce", "var_growth", "grad_cv", "grad_deep_shallow", "ablation_delta_ce_last_third")
+
+
+def depth_intervals(summary: pd.DataFrame, groups: dict[str, str], seeds: dict[str, int] | None = None,
+                    metrics=SUMMARY_METRICS) -> pd.DataFrame:
+    """:func:`depth_summary`'s rows pooled per group (a norm's seeds: :func:`workbench.zoo.run_groups`):
+    (model = group, metric, n, mean, sd, lo, hi, values)."""
+    return seed_table(_per_seed(summary, groups, seeds), metrics)
+
+
+def depth_paired(summary: pd.DataFrame, groups: dict[str, str], seeds: dict[str, int] | None = None,
+                 metrics=SUMMARY_METRICS, pairs=None) -> pd.DataFrame:
+    """Paired differences between groups, run against run of the same seed (same batches, same order;
+    :func:`workbench.zoo.run_seeds`)."""
+    return paired_table(_per_seed(summary, groups, seeds), metrics, pairs)
+
+
+def _per_seed(summary: pd.DataFrame, groups: dict[str, str], seeds: dict[str, int] | None) -> dict[str, dict[int, dict]]:
+    """{group: {seed: row}}; without ``seeds`` a run's seed is its position within its group."""
+    out: dict[str, dict[int, dict]] = {}
+    for row in summary.to_dict("records"):
+        group = groups.get(row["model"], row["model"])
+        seed = (seeds or {}).get(row["model"], len(out.get(group, {})))
+        out.setdefault(group, {})[seed] = row
+    return out

@@ -178,8 +178,8 @@ class GPT(HookedRootModule):
 def lm_cross_entropy(
     logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], per_token: bool = False
 ) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
-    """Next-token cross-entropy in nats."""
+    """Next-token cross-entropy in nats, computed in float32 (also for bf16 logits)."""
     loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
     ).reshape(tokens.shape[0], -1)
     return loss if per_token else loss.mean()

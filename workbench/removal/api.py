@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..errors import WorkbenchError
 from ..io import check_out_dir
 from ..model import GPT
 from ..norms.frozen import SpecialPositions
+from ..precision import resolve_dtype
 from ..train import __version__
 from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
 from .gpt_sites import GPTRemoval, check_removable
@@ -61,6 +63,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     check_out_dir(out)
     ddp = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
     dev = _device(device)
+    rc = dataclasses.replace(rc, dtype=resolve_dtype(rc.dtype, dev))  # the summary records what ran
     model = load_source(spec, dev)
     family = family_named(model.cfg.family)  # None: the workbench's own models
     defaults = family.removal_defaults if family is not None else {}
@@ -144,6 +147,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["world_size"] = ddp.world
     summary["device"] = str(dev)
+    summary["dtype"] = rc.dtype
     if ddp.main:
         export = family.export if family is not None and family.removal_output == "export" else None
         _write_result(out, ln_free, control, summary, metrics, rc, export)

@@ -24,6 +24,7 @@ from ..errors import WorkbenchError
 from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
 from ..optim import adamw
+from ..precision import autocast, check_dtype, resolve_dtype
 from .schedule import SPECIAL_OFF
 
 
@@ -58,6 +59,9 @@ class RemovalConfig:
     control: bool = True
     ramp: int = 0  # >0: each frozen norm blends from its live scale to σ over this many steps (geometric)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    # Fine-tuning precision: float32, bfloat16 (autocast over float32 weights) or auto (bf16 where the
+    # device computes it natively; workbench.precision). Evaluations are always float32.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps_per_ln <= 0:
@@ -83,6 +87,7 @@ class RemovalConfig:
             raise WorkbenchError("--scale-loss and --precondition must be ≥ 0")
         if self.aux_loss < 0:
             raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
+        check_dtype(self.dtype)
         if not 0.0 <= self.ema < 1.0:
             raise WorkbenchError(f"--ema must lie in [0, 1), got {self.ema}")
 
@@ -108,11 +113,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _autocast(device: torch.device):
-    # bf16 on GPU: the fine-tune of GPT-2-sized models; CPU stays in float32.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positions: SpecialPositions | None,
              device: torch.device) -> float:
@@ -121,9 +121,7 @@ def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positio
         b = b.to(device)
         if positions is not None:
             positions.update(b)
-        with _autocast(device):
-            logits = forward(b)
-        losses.append(lm_cross_entropy(logits.float(), b).item())
+        losses.append(lm_cross_entropy(forward(b), b).item())
     return sum(losses) / len(losses)
 
 
@@ -202,7 +200,7 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
         last = j == len(chunks) - 1
         sync = contextlib.nullcontext() if last or world == 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with _autocast(chunk.device):
+            with autocast(chunk.device, resolve_dtype(rc.dtype, chunk.device)):
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
                 total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
                 if scales:
