@@ -17,10 +17,14 @@ if not results:
 chosen = st.multiselect("Models", list(results), default=list(results))
 st.plotly_chart(loss_figure(loss_table(zoo_dir, chosen)), width="stretch")
 uni = next(iter(results.values())).get("unigram_val_loss")
+fields = ("final_val_loss", "final_val_loss_lo", "final_val_loss_hi", "diverged", "diverged_at_step", "steps", "seconds",
+          "dtype")
 st.dataframe(
-    [{"norm": n, **{k: results[n].get(k) for k in ("final_val_loss", "diverged", "diverged_at_step", "steps", "seconds")}}
+    [{"norm": n, "seeds": len(results[n].get("seeds") or {0: None}), **{k: results[n].get(k) for k in fields}}
      for n in chosen],
     width="stretch",
 )
+if any(results[n].get("seeds") for n in chosen):
+    st.caption("Several seeds: curves are the seeds' mean, the band and lo/hi the 95% Student-t interval.")
 if uni is not None:
     st.caption(f"Unigram baseline on the validation split: {uni:.4f} nats. From `{zoo_dir}`.")

@@ -104,6 +104,9 @@ def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Pa
     paths = [out / f"compare_{metric}.csv", out / f"compare_{metric}.html"]
     atomic_write_text(paths[0], table.to_csv(index=False))
     atomic_write_text(paths[1], fig.to_html(include_plotlyjs=True))
+    if table.groupby("group").model.nunique().max() > 1:  # seeds: the band each curve shows, as numbers
+        paths.append(out / f"compare_{metric}_bands.csv")
+        atomic_write_text(paths[-1], band_table(table).to_csv(index=False))
     try:  # a PNG too where kaleido (and its browser) is available
         png = out / f"compare_{metric}.png"
         fig.write_image(str(png))
@@ -166,3 +169,30 @@ def _per_seed(summary: pd.DataFrame, groups: dict[str, str], seeds: dict[str, in
         seed = (seeds or {}).get(row["model"], len(out.get(group, {})))
         out.setdefault(group, {})[seed] = row
     return out
+
+
+SUMMARY_TITLES = {
+    "final_val_loss": "validation loss (nats)",
+    "val_ce": "cross-entropy on the diagnosed tokens (nats)",
+    "var_growth": "residual variance growth h_L / h_1",
+    "grad_cv": "gradient-norm CV across blocks",
+    "grad_deep_shallow": "gradient norm, deepest / shallowest third",
+    "ablation_delta_ce_last_third": "ΔCE when a block of the last third is skipped (nats)",
+}
+
+
+def interval_bars(intervals: pd.DataFrame, metric: str) -> go.Figure:
+    """One bar per group: the mean of ``metric`` with its 95 % interval as an error bar (and the seeds'
+    own values as points), from :func:`depth_intervals`' table."""
+    t = intervals[intervals.metric == metric]
+    has = t.lo.notna()
+    fig = go.Figure(go.Bar(
+        x=t.model, y=t["mean"], name="mean",
+        error_y=dict(type="data", symmetric=False, array=(t.hi - t["mean"]).where(has, 0).tolist(),
+                     arrayminus=(t["mean"] - t.lo).where(has, 0).tolist(), visible=bool(has.any()))))
+    xs = [m for m, vs in zip(t.model, t["values"]) for _ in vs]
+    ys = [v for vs in t["values"] for v in vs]
+    fig.add_scatter(x=xs, y=ys, mode="markers", name="seeds", marker={"color": "black", "size": 6})
+    title = SUMMARY_TITLES.get(metric, metric)
+    fig.update_layout(title=f"{title}: mean and 95% interval over seeds", yaxis_title=title, template="plotly_white")
+    return fig
