@@ -13,7 +13,8 @@ from workbench.zoo import run_dirs, run_groups, run_seeds
 
 st.title("Depth diagnostics")
 m = manifest() or {}
-zoo_dir = Path(st.text_input("Zoo directory", value=m.get("zoo", "zoo/tiny")))
+# The demo's deep (12-layer) members first: two blocks of the tiny zoo show no depth effect.
+zoo_dir = Path(st.text_input("Zoo directory", value=m.get("depth_zoo") or m.get("zoo", "zoo/tiny")))
 extra = st.text_input("More diagnose results (LABEL=FILE.json, comma-separated)",
                       value=",".join(f"{k}={v}" for k, v in m.get("diagnostics", {}).items()),
                       help="e.g. smollm2=results/smollm2_diagnose.json from `workbench diagnose smollm2 --out …`")

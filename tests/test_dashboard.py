@@ -26,7 +26,8 @@ def results(tmp_path_factory, tiny_corpus):
     cfg = DemoConfig(zoo=str(d / "zoo"), results=str(d / "results"), norms="pre-ln,none,post-ln", steps=4,
                      corpus=str(tiny_corpus), diagnose_tokens=256, removal_steps_per_ln=1, rank_max_units=3,
                      rank_langs="sco,ita,spa,fra,rus,cmn_hans", model_overrides={**TINY_MODEL, "n_ctx": 64},
-                     train_overrides=TINY_TRAIN, smollm2=False)
+                     train_overrides=TINY_TRAIN, smollm2=False, depth_zoo=str(d / "small"), depth_norms="pre-ln,post-ln",
+                     depth_steps=4, depth_seeds="0,1,2", depth_model_overrides={**TINY_MODEL, "n_layers": 4, "n_ctx": 64})
     run_demo(cfg, progress=False, log=lambda *_: None)
     return d / "results"
 
@@ -62,11 +63,31 @@ def test_zoo_page(results):
 
 
 def test_depth_page(results):
+    """The demo's deep members (trained with 3 seeds here) by default: curves with 95 % bands, bars with
+    error bars from the seeds' own values, and paired differences against a chosen norm."""
+    from workbench.analysis.compare import SUMMARY_METRICS
+    from workbench.analysis.intervals import mean_interval
+
     at = page("depth", results)
-    assert at.selectbox[0].value == "resid_var" and len(at.get("plotly_chart")) == 1
+    assert at.text_input[0].value == read_manifest(results)["depth_zoo"]
+    assert at.selectbox[0].value == "resid_var" and len(at.get("plotly_chart")) == 2
+    curves, bars = (json.loads(c) for c in charts(at))
+    assert sorted(t["legendgroup"] for t in curves["data"] if t.get("fill") == "toself") == ["post-ln", "pre-ln"]
+    assert "mean of 3" in " ".join(t.get("name", "") for t in curves["data"])
+    bar, points = bars["data"]
+    seeds = [float(v) for v in _plotly_array(points["y"])[:3]]  # pre-ln's three seeds
+    ref = mean_interval(seeds)
+    assert abs(float(_plotly_array(bar["y"])[0]) - ref["mean"]) < 1e-9
+    assert abs(float(_plotly_array(bar["error_y"]["array"])[0]) - (ref["hi"] - ref["mean"])) < 1e-9
+    paired = at.dataframe[1].value
+    assert set(paired.a) == {"post-ln"} and set(paired.b) == {"pre-ln"} and (paired.n == 3).all()
+    assert list(paired.metric) == list(SUMMARY_METRICS)
     before = charts(at)
     at.selectbox[0].set_value("grad_norm").run()
     assert not at.exception and charts(at) != before and "gradient norm" in charts(at)[0]
+    at.text_input[0].set_value(str(Path(read_manifest(results)["zoo"]))).run()  # the tiny zoo: one seed, no bands
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+    assert not [t for t in json.loads(charts(at)[0])["data"] if t.get("fill") == "toself"]
 
 
 def test_removal_page(results):

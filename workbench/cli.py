@@ -110,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--zoo", default="zoo/tiny", help="zoo directory (trained if missing; default zoo/tiny)")
     dm.add_argument("--results", default="results/demo", help="where the dashboard's results go (default results/demo)")
     dm.add_argument("--preset", default="tiny")
+    dm.add_argument("--depth-zoo", default="zoo/small", help="where the 12-layer models of the depth story are "
+                    "trained or reused (default zoo/small)")
+    dm.add_argument("--depth-norms", default="pre-ln,lns,mix-ln,post-ln",
+                    help="small-preset members for the depth story ('' to skip; default pre-ln,lns,mix-ln,post-ln)")
+    dm.add_argument("--depth-seeds", help="train the depth members with these seeds (e.g. 0,1,2): intervals on the "
+                    "Depth page")
+    _dtype_arg(dm)
     dm.add_argument("--quiet", action="store_true")
 
     cp = sub.add_parser("compare", help="overlay one depth metric across every model of a zoo")
@@ -263,7 +270,9 @@ def _cmd_fetch(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, dashboard_command, run_demo
 
-    m = run_demo(DemoConfig(zoo=args.zoo, results=args.results, preset=args.preset), progress=not args.quiet)
+    m = run_demo(DemoConfig(zoo=args.zoo, results=args.results, preset=args.preset, depth_zoo=args.depth_zoo,
+                            depth_norms=args.depth_norms or None, depth_seeds=args.depth_seeds,
+                            dtype=args.dtype), progress=not args.quiet)
     print(f"done in {m['seconds']:.0f} s: {len(m['models'])} models, LN removal {', '.join(m['removal']) or '-'}, "
           f"{len(m['languages'])} Language Ranker results; manifest {Path(args.results) / 'manifest.json'}")
     print("open the dashboard with:")

@@ -1,7 +1,8 @@
 """``workbench demo``: the whole story on the bundled corpus, and the results the dashboard reads.
 
-Trains the tiny zoo if it is not there, computes every analysis that exists — depth diagnostics of
-every model, LayerNorm removal of the Pre-LN model (with its control), direct logit attribution of the
+Trains the tiny zoo if it is not there, and the 12-layer ``small`` members of the depth story (pre-ln,
+lns, mix-ln, post-ln; two blocks show no depth effect), computes every analysis that exists — depth
+diagnostics of every model, LayerNorm removal of the Pre-LN model (with its control), direct logit attribution of the
 bundled prompts before and after removal, the Language Ranker on the UDHR for every Pre-norm model, and
 SmolLM2's depth diagnostics and Language Ranker when ``workbench fetch smollm2`` has cached it —
 and writes ``RESULTS/manifest.json`` naming where each result lives. Finished steps are kept, so a
@@ -41,6 +42,14 @@ class DemoConfig:
     smollm2_tokens: int = 4096
     smollm2_every: int = 4  # every 4th UDHR declaration (127 languages), bfloat16
     steps: int | None = None  # training steps (default: the preset's)
+    # The depth story needs depth: these members of the 12-layer preset, trained (or reused) in depth_zoo.
+    depth_zoo: str = "zoo/small"
+    depth_norms: str | None = "pre-ln,lns,mix-ln,post-ln"  # None or "": skip
+    depth_preset: str = "small"
+    depth_steps: int | None = None
+    depth_seeds: str | None = None  # e.g. "0,1,2": the depth members with seeds, and intervals on the Depth page
+    depth_model_overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # training precision (workbench.precision): bfloat16 where the CPU/GPU has it natively
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -74,18 +83,26 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
 
     zoo, out = Path(cfg.zoo), Path(cfg.results)
     get_preset(cfg.preset)
-    for path, flag in ((zoo, "--zoo"), (out, "--results")):
+    for path, flag in ((zoo, "--zoo"), (out, "--results"), (Path(cfg.depth_zoo), "--depth-zoo")):
         if path.exists() and not path.is_dir():
             raise WorkbenchError(f"{flag} {path} exists and is not a directory; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"[1/5] zoo in {zoo}")
     train_zoo(zoo, preset=cfg.preset, norms=cfg.norms, steps=cfg.steps, corpus=cfg.corpus, progress=progress, log=log,
-              model_overrides=cfg.model_overrides or None, train_overrides=cfg.train_overrides or None)
+              model_overrides=cfg.model_overrides or None, train_overrides=cfg.train_overrides or None, dtype=cfg.dtype)
     finished = {n: r for n, r in collect_existing(zoo).items() if not r.get("diverged")}
 
     log("[2/5] depth diagnostics of every model (cached as <run>/diagnose.json)")
     zoo_diagnostics(zoo, tokens=cfg.diagnose_tokens)
+    depth_zoo = None
+    if cfg.depth_norms:
+        depth_zoo = Path(cfg.depth_zoo)
+        log(f"      the depth story on {cfg.depth_preset} models ({cfg.depth_norms}) in {depth_zoo}")
+        train_zoo(depth_zoo, preset=cfg.depth_preset, norms=cfg.depth_norms, steps=cfg.depth_steps, corpus=cfg.corpus,
+                  progress=progress, log=log, dtype=cfg.dtype, seeds=cfg.depth_seeds,
+                  model_overrides=cfg.depth_model_overrides or None, train_overrides=cfg.train_overrides or None)
+        zoo_diagnostics(depth_zoo, tokens=cfg.diagnose_tokens)
 
     removal: dict[str, str] = {}
     if cfg.removal_norm in finished:
@@ -143,7 +160,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
             atomic_write_json(path, r)
         languages["smollm2"] = str(path)
 
-    manifest = {"zoo": str(zoo), "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
+    manifest = {"zoo": str(zoo), "depth_zoo": str(depth_zoo) if depth_zoo else None, "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
                 "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()},
                            **({"smollm2": "smollm2"} if smollm2_ready else {})},
                 "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}

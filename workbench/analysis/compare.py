@@ -83,7 +83,8 @@ def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
         if n > 1:
             x = g.layer.tolist()
             fig.add_scatter(x=x + x[::-1], y=g.hi.tolist() + g.lo.tolist()[::-1], fill="toself", line={"width": 0},
-                            fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False, legendgroup=name)
+                            fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False, legendgroup=name,
+                            name=f"{name} 95% interval")
         fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (f" (mean of {n})" if n > 1 else ""),
                         legendgroup=name, line={"color": color})
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
