@@ -344,3 +344,17 @@ def test_learning_rates_adam_cannot_take_are_one_line(tmp_path, capsys, lr):
     assert not (tmp_path / "x").exists()
     with pytest.raises(WorkbenchError, match="no larger than 1e30"):
         RemovalConfig(lr=float(lr))
+
+
+def test_medium_preset_is_deep_and_trains_a_step():
+    from workbench.model import GPT
+    from workbench.train import build_configs
+
+    cfg, tc = build_configs("lns", "medium")
+    assert cfg.n_layers >= 24 and cfg.d_model >= 256 and tc.steps * tc.batch_size * (cfg.n_ctx - 1) > 8e6
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    tokens = torch.randint(0, cfg.d_vocab, (1, 64))
+    loss = model(tokens, return_type="loss")
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

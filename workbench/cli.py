@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model")
     t.add_argument("--norm", required=True, help="normalization scheme (see `workbench norms`)")
-    t.add_argument("--preset", default="tiny", help="tiny | small (default tiny)")
+    t.add_argument("--preset", default="tiny", help="tiny | small | medium (default tiny)")
     t.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--corpus", default="english", help="'english' (bundled), a .txt file, a folder of them, or a "
