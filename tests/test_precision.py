@@ -20,6 +20,18 @@ def run(out, corpus, dtype, steps=12, seed=0, **kw):
                            train_overrides={**TINY_TRAIN, **kw}, progress=False, dtype=dtype, device="cpu")
 
 
+def interrupted(out, corpus, dtype, after, steps=12):
+    """A run stopped (like Ctrl-C) once step ``after`` is checkpointed."""
+    from test_train import _Stop
+
+    def stop(k, _):
+        if k > after:
+            raise _Stop
+    with pytest.raises(_Stop):
+        workbench.train("pre-ln", out, steps=steps, corpus=str(corpus), model_overrides=TINY_MODEL,
+                        train_overrides=TINY_TRAIN, progress=False, dtype=dtype, device="cpu", on_step=stop)
+
+
 def test_auto_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
@@ -89,19 +101,12 @@ def test_bf16_run_keeps_float32_weights_and_optimizer_and_ends_close_to_float32(
 
 
 def test_bf16_is_bitwise_reproducible_and_resumes_exactly(tmp_path, tiny_corpus):
-    from test_train import _Stop
-
     run(tmp_path / "a", tiny_corpus, "bfloat16")
     run(tmp_path / "b", tiny_corpus, "bfloat16")
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    def stop(k, _):
-        if k > 8:
-            raise _Stop
-    with pytest.raises(_Stop):
-        workbench.train("pre-ln", tmp_path / "c", steps=12, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
-                        train_overrides=TINY_TRAIN, progress=False, dtype="bfloat16", device="cpu", on_step=stop)
+    interrupted(tmp_path / "c", tiny_corpus, "bfloat16", after=8)
     s = run(tmp_path / "c", tiny_corpus, "bfloat16")
     assert s["resumed_from_step"] == 8
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
@@ -109,14 +114,7 @@ def test_bf16_is_bitwise_reproducible_and_resumes_exactly(tmp_path, tiny_corpus)
 
 
 def test_a_run_resumes_only_in_its_own_precision(tmp_path, tiny_corpus, capsys):
-    from test_train import _Stop
-
-    def stop(k, _):
-        if k > 4:
-            raise _Stop
-    with pytest.raises(_Stop):
-        workbench.train("pre-ln", tmp_path / "r", steps=12, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
-                        train_overrides=TINY_TRAIN, progress=False, dtype="float32", device="cpu", on_step=stop)
+    interrupted(tmp_path / "r", tiny_corpus, "float32", after=4)
     with pytest.raises(workbench.WorkbenchError, match="different configuration"):
         run(tmp_path / "r", tiny_corpus, "bfloat16")
     # A run written before --dtype existed has no dtype in its config: it trained in float32.
