@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import io
 from .data import load_token_data
@@ -53,33 +53,43 @@ def seed_dir(seed: int) -> str:
     return f"seed{seed}"
 
 
-def run_dirs(out: str | Path) -> dict[str, Path]:
-    """Every finished run of a zoo, labelled by its path under ``out``: ``<norm>`` (one seed) or
-    ``<norm>/seed<k>`` (several), in registry order of the norms."""
+class Run(NamedTuple):
+    norm: str  # the group whose seeds make one interval
+    seed: int  # what pairs two norms' runs: same initialization seed, same batches in the same order
+    path: Path
+
+
+def runs(out: str | Path) -> dict[str, Run]:
+    """Every finished run of a zoo, labelled by its path under ``out``: ``<norm>`` (one seed, read from
+    its summary) or ``<norm>/seed<k>`` (several), in registry order of the norms, then by seed."""
     out = Path(out)
     if not out.is_dir():
         return {}
     order = {n: i for i, n in enumerate(scheme_names())}
-    found = {}
+    found: dict[str, Run] = {}
     for d in sorted(out.iterdir(), key=lambda d: (order.get(d.name, len(order)), d.name)):
         if (d / io.SUMMARY_FILE).is_file():
-            found[d.name] = d
+            found[d.name] = Run(d.name, int(io.read_json(d / io.SUMMARY_FILE, "run summary").get("seed") or 0), d)
         elif d.is_dir():
-            seeds = [(int(s.name[4:]), s) for s in d.iterdir()
-                     if s.name.startswith("seed") and s.name[4:].isdigit() and (s / io.SUMMARY_FILE).is_file()]
-            found.update({f"{d.name}/{s.name}": s for _, s in sorted(seeds)})
+            seeded = sorted((int(s.name[4:]), s) for s in d.iterdir()
+                            if s.name.startswith("seed") and s.name[4:].isdigit() and (s / io.SUMMARY_FILE).is_file())
+            found.update({f"{d.name}/{s.name}": Run(d.name, k, s) for k, s in seeded})
     return found
+
+
+def run_dirs(out: str | Path) -> dict[str, Path]:
+    """label → run directory (:func:`runs`)."""
+    return {label: r.path for label, r in runs(out).items()}
 
 
 def run_groups(out: str | Path) -> dict[str, str]:
     """label → norm (the group whose seeds make one interval)."""
-    return {label: label.split("/")[0] for label in run_dirs(out)}
+    return {label: r.norm for label, r in runs(out).items()}
 
 
 def run_seeds(out: str | Path) -> dict[str, int]:
     """label → the seed the run was trained with (what pairs two norms' runs)."""
-    return {label: int(io.read_json(d / io.SUMMARY_FILE, "run summary").get("seed") or 0)
-            for label, d in run_dirs(out).items()}
+    return {label: r.seed for label, r in runs(out).items()}
 
 
 def _check_layout(out: Path, names: list[str], seeds: list[int] | None) -> None:
@@ -163,16 +173,15 @@ def collect(out: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     interval of its validation loss (``final_val_loss_lo/hi``, None for one seed)."""
     from .analysis.intervals import mean_interval
 
-    labels = run_dirs(out)
+    found = runs(out)
     results = {}
     for name in names:
-        runs = {lab: d for lab, d in labels.items() if lab.split("/")[0] == name}
-        if name in runs:  # one seed
-            results[name] = _fields(runs[name])
+        if name in found:  # one seed
+            results[name] = _fields(found[name].path)
             continue
-        if not runs:
+        per = {r.seed: _fields(r.path) for r in found.values() if r.norm == name}
+        if not per:
             io.read_json(out / name / io.SUMMARY_FILE, "run summary")  # the usual one-line error
-        per = {int(Path(lab).name[4:]): _fields(d) for lab, d in runs.items()}
         first = next(iter(per.values()))
         ok = [r for r in per.values() if not r["diverged"]]
         loss = mean_interval([r["final_val_loss"] for r in ok]) if len(ok) == len(per) else {"mean": None}
@@ -199,7 +208,7 @@ def per_seed_values(results: dict[str, dict[str, Any]]) -> dict[str, dict[int, d
 
 def collect_existing(out: str | Path) -> dict[str, dict[str, Any]]:
     """The summaries of every finished member under ``out`` (no error for a missing or partial zoo)."""
-    names = list(dict.fromkeys(lab.split("/")[0] for lab in run_dirs(out)))
+    names = list(dict.fromkeys(r.norm for r in runs(out).values()))
     return collect(Path(out), names) if names else {}
 
 
@@ -211,11 +220,9 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 def loss_table(out: str | Path, names: list[str] | None = None) -> list[dict[str, Any]]:
     """Tidy rows (norm, seed, step, split, loss) of every zoo member's loss curves (every seed's)."""
     rows = []
-    for label, run in run_dirs(out).items():
-        norm = label.split("/")[0]
+    for norm, seed, run in runs(out).values():
         if names is not None and norm not in names:
             continue
-        seed = int(run.name[4:]) if "/" in label else None
         for m in read_metrics(run):
             rows.append({"norm": norm, "seed": seed, "step": m["step"], "split": "train", "loss": m["train_loss"]})
             if "val_loss" in m:
@@ -238,6 +245,8 @@ def loss_figure(rows: list[dict[str, Any]]):
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
+    from .analysis.figures import add_band
+
     fig = go.Figure()
     bands = loss_bands(rows)
     for i, norm in enumerate(dict.fromkeys(r["norm"] for r in bands)):
@@ -247,10 +256,7 @@ def loss_figure(rows: list[dict[str, Any]]):
             if not pts:
                 continue
             if split == "validation" and all(b["lo"] is not None for b in pts):
-                x = [b["step"] for b in pts]
-                fig.add_scatter(x=x + x[::-1], y=[b["hi"] for b in pts] + [b["lo"] for b in pts][::-1], fill="toself",
-                                line={"width": 0}, fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False,
-                                legendgroup=norm, name=f"{norm} 95% interval")
+                add_band(fig, [b["step"] for b in pts], [b["lo"] for b in pts], [b["hi"] for b in pts], color, norm)
             n = max(b["n"] for b in pts)
             fig.add_scatter(x=[b["step"] for b in pts], y=[b["mean"] for b in pts], mode="lines",
                             name=f"{norm} ({split})" + (f", mean of {n} seeds" if n > 1 else ""), legendgroup=norm,

@@ -12,6 +12,7 @@ from plotly.colors import qualitative
 from ..errors import WorkbenchError
 from ..io import atomic_write_json, atomic_write_text
 from .depth import SCHEMA_VERSION, diagnose
+from .figures import add_band
 from .intervals import mean_interval, paired_table, seed_table
 
 # metric name on the command line -> (row metric in the depth table, y-axis title)
@@ -81,10 +82,7 @@ def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
         color = qualitative.Plotly[i % len(qualitative.Plotly)]
         n = int(g.n.max())
         if n > 1:
-            x = g.layer.tolist()
-            fig.add_scatter(x=x + x[::-1], y=g.hi.tolist() + g.lo.tolist()[::-1], fill="toself", line={"width": 0},
-                            fillcolor=color, opacity=0.2, hoverinfo="skip", showlegend=False, legendgroup=name,
-                            name=f"{name} 95% interval")
+            add_band(fig, g.layer, g.lo, g.hi, color, name)
         fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (f" (mean of {n})" if n > 1 else ""),
                         legendgroup=name, line={"color": color})
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],

@@ -7,6 +7,13 @@ import pandas as pd
 import plotly.graph_objects as go
 
 
+def add_band(fig: go.Figure, x, lo, hi, color: str, group: str) -> None:
+    """A shaded 95 % interval between ``lo`` and ``hi`` along ``x`` (no legend entry; it follows ``group``)."""
+    x = list(x)
+    fig.add_scatter(x=x + x[::-1], y=list(hi) + list(lo)[::-1], fill="toself", line={"width": 0}, fillcolor=color,
+                    opacity=0.2, hoverinfo="skip", showlegend=False, legendgroup=group, name=f"{group} 95% interval")
+
+
 def dla_bars(table: pd.DataFrame, top: int = 25, title: str = "Direct logit attribution") -> go.Figure:
     """DLA next to the direct effect, largest |DLA| first."""
     t = table.reindex(table.dla.abs().sort_values(ascending=False).index).head(top)
