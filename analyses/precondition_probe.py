@@ -17,7 +17,8 @@ import workbench
 from workbench.data import load_token_data
 from workbench.model.gpt import lm_cross_entropy
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
-from workbench.removal.finetune import log_scale, calibrate, evaluate, scale_spread
+from workbench.removal.finetune import calibrate, evaluate
+from workbench.removal.losses import log_scale, scale_spread
 from workbench.removal.gpt_sites import GPTRemoval
 
 PROBED = (2, 5, 8, 11, 14, 17, 20, 23, 29)  # MLP norms of these layers: CE after freezing through them

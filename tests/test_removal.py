@@ -214,7 +214,7 @@ def test_median_calibration_is_the_median_token_scale():
 
 
 def test_ema_and_aux_loss_follow_their_formulas():
-    from workbench.removal.finetune import _aux_std_loss
+    from workbench.removal.losses import aux_std_loss as _aux_std_loss
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8)
@@ -252,7 +252,7 @@ def test_ramp_blends_live_and_frozen_scale_geometrically(runs, tmp_path, tiny_co
 
 
 def test_scale_spread_is_the_variance_of_log_scale_averaged_over_sites():
-    from workbench.removal.finetune import log_scale, scale_spread
+    from workbench.removal.losses import log_scale, scale_spread
 
     torch.manual_seed(0)
     xs = [torch.randn(2, 5, 8) * torch.rand(2, 5, 1) * 3 for _ in range(3)]

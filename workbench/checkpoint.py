@@ -97,6 +97,20 @@ def load(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
+def read_header_entry(path: str | Path, key: str) -> Any:
+    """One tensor-free entry of a checkpoint's state, read from the header alone (no tensor is loaded)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = json.loads((f.metadata() or {})[_HEADER_KEY])
+        if header.get("format") != FORMAT:
+            raise KeyError("format")
+        return _decode(header["state"].get(key), {})
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise WorkbenchError(f"checkpoint {path} is corrupt or not a workbench checkpoint ({e.__class__.__name__}); "
+                             f"delete {path.parent} and start again") from None
+
+
 def load_legacy(path: str | Path, trust_pickle: bool) -> dict[str, Any]:
     """A workbench ≤ 0.1 ``checkpoint.pt``: refused unless the user trusts it; then read without callables."""
     path = Path(path)

@@ -29,6 +29,18 @@ def add_parsers(sub) -> None:
     r.add_argument("--corpus", help="fine-tuning text (default: the model's training corpus, else english)")
     r.add_argument("--ramp", type=int, default=0,
                    help="hand each norm over from its live scale to the frozen one over R steps (default 0: at once)")
+    r.add_argument("--split-mlp", action="store_true",
+                   help="gated MLPs: freeze the up path's norm first and keep the gate's live until last")
+    r.add_argument("--mlp-penalty", type=float, default=0.0,
+                   help="weight of a one-sided penalty on per-position scales above (1+δ)·σ at MLP-norm inputs "
+                   "not yet frozen (default 0)")
+    r.add_argument("--penalty-delta", type=float, default=0.1, help="δ of --mlp-penalty (default 0.1)")
+    r.add_argument("--bridge", default="none", help="hand-over to the frozen scale: none, clip (only positions "
+                   "above σ stay normalized, annealed away) or taper (outputs blended, cosine to 0)")
+    r.add_argument("--bridge-steps", type=int, default=0, help="steps over which --bridge is annealed away")
+    r.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save a resumable checkpoint to OUT.partial every N steps (default 50; 0: off); the same "
+                   "command resumes it")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
@@ -51,11 +63,14 @@ def _removal_config(args):
     from .removal import RemovalConfig
 
     given = {"steps_per_ln": args.steps_per_ln, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
-             "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch}
+             "ema": args.ema, "final_steps": args.final_steps, "micro_batch": args.micro_batch,
+             "checkpoint_every": args.checkpoint_every}
     return RemovalConfig(**{k: v for k, v in given.items() if v is not None}, aux_loss=args.aux_loss, sigma=args.sigma,
                          special_positions=args.special_positions,
                          control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp,
-                         scale_loss=args.scale_loss, precondition=args.precondition, dtype=args.dtype)
+                         scale_loss=args.scale_loss, precondition=args.precondition, dtype=args.dtype,
+                         split_mlp=args.split_mlp, mlp_penalty=args.mlp_penalty, penalty_delta=args.penalty_delta,
+                         bridge=args.bridge, bridge_steps=args.bridge_steps)
 
 
 def cmd_remove_ln(args) -> int:
@@ -63,6 +78,9 @@ def cmd_remove_ln(args) -> int:
 
     rc = _removal_config(args)
     s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
+    if s["first_overflow_step"] is not None:
+        print(f"note: the first non-finite step was {s['first_overflow_step']}, after {s['norms_frozen_before_overflow']}"
+              f" of {s['norms_total']} norms were frozen (skipped steps: {s['skipped_steps']})")
     frac = f" ({100 * s['token_fraction']:.2f}% of pre-training)" if s.get("token_fraction") else ""
     print(f"CE original {s['ce_original']:.4f}  control {_f(s['ce_control'])}  LN-free {s['ce_ln_free']:.4f}"
           f"  | {s['tokens_used']} fine-tuning tokens{frac}")

@@ -39,6 +39,9 @@ class ModelConfig:
     # The ln1 of each Pre-norm block feeds V through its own module (LayerNorm removal freezes the
     # Q/K path and the V path at different times, so they must be separable).
     split_ln1_v: bool = False
+    # Likewise the ln2 of each Pre-norm block may feed the gated MLP's up path (W_in) through its own
+    # module: removal can then freeze the up path's input long before the gate's (``--split-mlp``).
+    split_ln2_up: bool = False
     # Architecture beyond GPT-2: pretrained families (Llama, Qwen2, GPT-NeoX) load into this same model,
     # each field a capability rather than a family name (see workbench/loader/).
     mlp: str = "gelu"  # "gelu": W_out·act(W_in x);  "swiglu": W_out·(act(W_gate x) ⊙ W_in x)
@@ -74,6 +77,9 @@ class ModelConfig:
                                  f"n_key_value_heads={self.n_key_value_heads}")
         if self.mlp not in MLP_KINDS:
             raise WorkbenchError(f"unknown mlp {self.mlp!r}; choose one of: {', '.join(MLP_KINDS)}")
+        if self.split_ln2_up and self.mlp != "swiglu":
+            raise WorkbenchError("model config: split_ln2_up needs a gated MLP (mlp='swiglu'): only it has a "
+                                 "separate up path")
         if self.pos not in POS_KINDS:
             raise WorkbenchError(f"unknown pos {self.pos!r}; choose one of: {', '.join(POS_KINDS)}")
         if self.act_fn not in ACT_FNS:

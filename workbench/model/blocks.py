@@ -37,6 +37,8 @@ class PreNormBlock(_Block):
         super().__init__(cfg, layer)
         # ln1 on the V path: a separate module only once LayerNorm removal splits it from Q/K.
         self.ln1_v = cfg.scheme.make(cfg.norm_context, layer, "ln1") if cfg.split_ln1_v else None
+        # ln2 on the gated MLP's up path: likewise a separate module only once removal splits it.
+        self.ln2_up = cfg.scheme.make(cfg.norm_context, layer, "ln2") if cfg.split_ln2_up else None
         self.parallel = cfg.parallel
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
@@ -44,8 +46,10 @@ class PreNormBlock(_Block):
         qk_in = self.ln1(x)
         v_in = qk_in if self.ln1_v is None else self.ln1_v(x)
         mid = self.hook_resid_mid(x + self.hook_attn_out(self.attn(qk_in, v_in)))
-        mlp_in = self.ln2(x if self.parallel else mid)
-        return self.hook_resid_post(mid + self.hook_mlp_out(self.mlp(mlp_in)))
+        mlp_src = x if self.parallel else mid
+        mlp_in = self.ln2(mlp_src)
+        up_in = mlp_in if self.ln2_up is None else self.ln2_up(mlp_src)
+        return self.hook_resid_post(mid + self.hook_mlp_out(self.mlp(mlp_in, up_in)))
 
 
 class PostNormBlock(_Block):

@@ -198,15 +198,19 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
-    def readers(self) -> list[tuple[str, str]]:
-        """(weight, bias) names of the matrices that read the MLP's input, for folding a norm into them."""
-        return [("W_gate", "b_gate"), ("W_in", "b_in")] if self.gated else [("W_in", "b_in")]
+    def readers(self) -> list[tuple[str, str, str]]:
+        """(weight, bias, path) of the matrices that read the MLP's input, for folding a norm into them;
+        path "up" is the gated MLP's up path (read through ``ln2_up`` when the block splits ln2)."""
+        return [("W_gate", "b_gate", "gate"), ("W_in", "b_in", "up")] if self.gated else [("W_in", "b_in", "gate")]
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"],
+                x_up: Float[Tensor, "batch pos d_model"] | None = None) -> Float[Tensor, "batch pos d_model"]:
+        """``x_up``: the up path's own input when the block's ln2 is split (removal); else ``x``."""
         flat = x.reshape(-1, x.shape[-1])
         if self.gated:
+            flat_up = flat if x_up is None or x_up is x else x_up.reshape(-1, x.shape[-1])
             gate = self.hook_pre(torch.addmm(self.b_gate, flat, self.W_gate).reshape(*x.shape[:-1], -1))
-            up = self.hook_pre_linear(torch.addmm(self.b_in, flat, self.W_in).reshape(*x.shape[:-1], -1))
+            up = self.hook_pre_linear(torch.addmm(self.b_in, flat_up, self.W_in).reshape(*x.shape[:-1], -1))
             post = self.hook_post(self.act(gate) * up)
         else:
             pre = self.hook_pre(torch.addmm(self.b_in, flat, self.W_in).reshape(*x.shape[:-1], -1))

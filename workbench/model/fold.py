@@ -91,9 +91,10 @@ def fold_norms(src: "GPT") -> "GPT":
 
     cfg = src.cfg
     if all(b.placement == "pre" for b in src.blocks):
-        new_cfg = dataclasses.replace(cfg, norm="none", norm_kwargs={}, split_ln1_v=False)
+        new_cfg = dataclasses.replace(cfg, norm="none", norm_kwargs={}, split_ln1_v=False, split_ln2_up=False)
     else:
-        new_cfg = dataclasses.replace(cfg, norm_kwargs={**cfg.norm_kwargs, "pre_ln_free": True}, split_ln1_v=False)
+        new_cfg = dataclasses.replace(cfg, norm_kwargs={**cfg.norm_kwargs, "pre_ln_free": True}, split_ln1_v=False,
+                                      split_ln2_up=False)
     new_cfg = with_biases_for(src, new_cfg)
     out = GPT(new_cfg, src.tokenizer).to(src.W_U.device)
     own = {k: v for k, v in src.state_dict().items() if ".ln" not in k and not k.startswith("ln_final")}
@@ -108,16 +109,18 @@ def fold_norms(src: "GPT") -> "GPT":
         if b_src.placement != "pre":
             continue
         v_norm = b_src.ln1_v if b_src.ln1_v is not None else b_src.ln1
+        up_norm = b_src.ln2_up if b_src.ln2_up is not None else b_src.ln2
         l = b_src.layer
-        qk, v, mlp = (norm_as_affine(n, d, f"blocks.{l}.{name}") for n, name in
-                      ((b_src.ln1, "ln1"), (v_norm, "ln1_v" if b_src.ln1_v is not None else "ln1"), (b_src.ln2, "ln2")))
+        qk, v, mlp, up = (norm_as_affine(n, d, f"blocks.{l}.{name}") for n, name in
+                          ((b_src.ln1, "ln1"), (v_norm, "ln1_v" if b_src.ln1_v is not None else "ln1"), (b_src.ln2, "ln2"),
+                           (up_norm, "ln2_up" if b_src.ln2_up is not None else "ln2")))
         a_src, a_out = b_src.attn, b_out.attn
         for W, bias, m in (("W_Q", "b_Q", qk), ("W_K", "b_K", qk), ("W_V", "b_V", v)):
             Wf, bf = fold_heads(m, getattr(a_src, W), getattr(a_src, bias))
             set_(getattr(a_out, W), Wf)
             set_(getattr(a_out, bias), bf)
-        for W, bias in b_src.mlp.readers():
-            Wf, bf = fold_reader(mlp, getattr(b_src.mlp, W), getattr(b_src.mlp, bias))
+        for W, bias, path in b_src.mlp.readers():
+            Wf, bf = fold_reader(up if path == "up" else mlp, getattr(b_src.mlp, W), getattr(b_src.mlp, bias))
             set_(getattr(b_out.mlp, W), Wf)
             set_(getattr(b_out.mlp, bias), bf)
     Wf, bf = fold_reader(norm_as_affine(src.ln_final, d, "ln_final"), src.W_U, src.b_U)

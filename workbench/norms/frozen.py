@@ -3,13 +3,20 @@
     FakeLN(x) = (x − mean(x)) / σ      (centering kept for LayerNorm; RMS-type norms do not center)
 
 σ is calibrated from the live norm (the root mean square of its per-token scale over ordinary
-positions) and may follow an exponential moving average while fine-tuning. Until ``special`` is
+positions) and may follow an exponential moving average while fine-tuning. A *bridge* may hand over
+from the live scale s(x) = sqrt(mean x² + ε) to σ gradually, with progress a rising from 0 to 1:
+
+    ramp   scale = s^(1−a) · σ^a                          (geometric blend)
+    clip   scale = max(σ, (1−a) · s)                      (only positions above σ are still normalized)
+    taper  y = g · x/s + (1 − g) · x/σ,  g = ½(1 + cos πa) (the outputs blended, TaperNorm-style) Until ``special`` is
 switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen σ: their residual
 norms are far from the others' (attention sinks), so one scalar for all positions would be too
 large a step at once. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -49,10 +56,12 @@ class FrozenStandardize(Standardize):
         self.register_buffer("sigma_bos", torch.tensor(float(sigma_bos if sigma_bos is not None else sigma)))
         self.register_buffer("sigma_eot", torch.tensor(float(sigma_eot if sigma_eot is not None else sigma)))
         self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
-        # Gradual hand-over (``remove-ln --ramp``): scale = live^(1−blend) · σ^blend, blend rising to 1.
+        # Gradual hand-over (``remove-ln --ramp`` / ``--bridge``): ``blend`` is the progress a, rising to 1.
+        self.bridge = "ramp"
         self.blend = 1.0
         self.live_eps: float | None = None
         self.frozen_at = 0  # the fine-tuning step at which the hand-over began
+        self.clipped: Tensor | None = None  # clip bridge: share of positions still normalized, last forward
 
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
@@ -80,9 +89,19 @@ class FrozenStandardize(Standardize):
 
     def _blended(self, xc: Tensor, frozen: Tensor) -> Tensor:
         if self.blend >= 1.0:
+            self.clipped = None
             return frozen
+        a = self.blend
         live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
-        return live.pow(1 - self.blend) * frozen.pow(self.blend)
+        if self.bridge == "clip":
+            capped = (1 - a) * live
+            with torch.no_grad():
+                self.clipped = (capped > frozen).float().mean()
+            return torch.maximum(frozen, capped)
+        if self.bridge == "taper":
+            g = 0.5 * (1 + math.cos(math.pi * a))
+            return 1 / (g / live + (1 - g) / frozen)
+        return live.pow(1 - a) * frozen.pow(a)
 
     def forward(self, x, hook_scale):
         xc = self._center(x)

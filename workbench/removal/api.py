@@ -20,6 +20,7 @@ from ..precision import resolve_dtype
 from ..train import __version__
 from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
 from .gpt_sites import GPTRemoval, check_removable
+from .resume import PhaseCheckpoint, discard, partial_dir
 
 
 def _device(device: str | None) -> torch.device:
@@ -79,7 +80,29 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     lr = rc.lr or defaults.get("lr") or 0.4 * (source.get("lr") or 6e-4)
     t0 = time.perf_counter()
 
-    adapter = GPTRemoval(model, n_ctx)
+    adapter = GPTRemoval(model, n_ctx, split_mlp=rc.split_mlp)
+    partial = partial_dir(out)
+    fingerprint = {"source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>", "corpus": corpus,
+                   "n_ctx": n_ctx, "lr": lr, "world_size": ddp.world, "workbench_version": __version__,
+                   "config": {k: v for k, v in config_record(rc).items() if k != "checkpoint_every"}}
+    ckpts = {phase: PhaseCheckpoint(partial, phase, fingerprint, rc.checkpoint_every, ddp.main)
+             for phase in ("removal", "control")} if rc.checkpoint_every else {}
+    for c in ckpts.values():
+        c.check()
+    try:
+        summary = _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp,
+                          progress, ckpts, t0)
+    except WorkbenchError:
+        if ddp.main:
+            discard(partial)  # a diverged or refused run is not resumable: the same command fails the same way
+        raise
+    if ddp.main:
+        discard(partial)
+    return summary
+
+
+def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp, progress, ckpts,
+            t0) -> dict[str, Any]:
     control = control_copy(adapter) if rc.control else None
     if control is not None:
         control.net.cpu()  # the control waits on the CPU: the device holds one model while the removal runs
@@ -89,7 +112,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     positions = SpecialPositions(adapter.eot_id, rc.special_positions)
     val = data.val_batches(rc.eval_batches, rc.eval_batch_size, n_ctx)
     ce_original = evaluate(model, val, None, dev)
-    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln", val=val)
+    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln",
+                   val=val, ckpt=ckpts.get("removal"), on_step=_ON_STEP.get("removal"))
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
     plain, plain_dev = adapter, dev
     if rc.fsdp:
@@ -118,6 +142,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         "token_fraction": run["tokens"] / source["tokens"] if source.get("tokens") else None,
         "steps": run["steps"], "final_steps": run["final_steps"], "skipped_steps": run["skipped_steps"],
         "batch_size": run["batch_size"],
+        "resumed_from_step": run["resumed_from_step"],
+        **overflow(run["schedule"], run["metrics"], len(adapter.sites)),
         "lr": lr,
         "schedule": run["schedule"],
         "config": config_record(rc),
@@ -132,7 +158,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         if not rc.fsdp:
             adapter.net.cpu()
         control.net.to(dev)
-        crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control")
+        crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control",
+                        ckpt=ckpts.get("control"), on_step=_ON_STEP.get("control"))
         summary["ce_control"] = evaluate(control.net, val, None, dev)
         if ce_ln_free is not None:
             summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
@@ -154,6 +181,19 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     if ddp.world > 1:
         torch.distributed.barrier()
     return summary
+
+
+# Test seam: a callable per phase called after every step (a test raises from it to simulate a kill).
+_ON_STEP: dict[str, Any] = {}
+
+
+def overflow(schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], n_sites: int) -> dict[str, Any]:
+    """Where the first non-finite step fell: how many norms had been frozen before it (all of them when
+    none overflowed), for the removal tables."""
+    bad = next((m["step"] for m in metrics if m.get("skipped")), None)
+    frozen = [e for e in schedule if "sigma" in e]
+    before = n_sites if bad is None else sum(1 for e in frozen if e["step"] < bad - 1)
+    return {"first_overflow_step": bad, "norms_frozen_before_overflow": before, "norms_total": n_sites}
 
 
 def _cpu_copy(adapter):

@@ -51,7 +51,7 @@ def convert(model: GPT, to: str) -> GPT:
     if to not in TARGETS:
         raise WorkbenchError(f"unknown conversion target {to!r}; choose one of: {', '.join(TARGETS)}")
     cfg = model.cfg
-    if cfg.norm not in SOURCES or cfg.norm_kwargs or cfg.split_ln1_v:
+    if cfg.norm not in SOURCES or cfg.norm_kwargs or cfg.split_ln1_v or cfg.split_ln2_up:
         raise WorkbenchError(
             f"convert needs a Pre-LN model (pre-ln, lns or a GPT-2 checkpoint), not {cfg.norm!r}"
             + (f" with {cfg.norm_kwargs}" if cfg.norm_kwargs else "")
@@ -81,7 +81,7 @@ def convert(model: GPT, to: str) -> GPT:
             Wf, bf = fold_heads(ln1, getattr(a, W), getattr(a, b))
             set_(getattr(ao, W), read(Wf, 1))
             set_(getattr(ao, b), bf)
-        for W, b in bs.mlp.readers():
+        for W, b, _ in bs.mlp.readers():
             Wf, bf = fold_reader(ln2, getattr(bs.mlp, W), getattr(bs.mlp, b))
             set_(getattr(bo.mlp, W), read(Wf, 0))
             set_(getattr(bo.mlp, b), bf)

@@ -25,7 +25,11 @@ from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
 from ..optim import adamw
 from ..precision import autocast, check_dtype, resolve_dtype
+from .losses import aux_std_loss, log_scale, mlp_scale_penalty, scale_spread, token_scale
+from .resume import DEFAULT_EVERY, PhaseCheckpoint
 from .schedule import SPECIAL_OFF
+
+BRIDGES = ("none", "clip", "taper")
 
 
 @dataclass
@@ -62,6 +66,18 @@ class RemovalConfig:
     # Fine-tuning precision: float32, bfloat16 (autocast over float32 weights) or auto (bf16 where the
     # device computes it natively; workbench.precision). Evaluations are always float32.
     dtype: str = "float32"
+    # Gated (SwiGLU) MLPs: the up path's input gets its own norm, frozen first with the MLP norms; the
+    # gate's input stays live until every other norm is frozen, so meanwhile the MLP grows like ‖x‖, not ‖x‖².
+    split_mlp: bool = False
+    # One-sided penalty on per-position scales above (1 + δ)·σ at every MLP-norm input not yet frozen.
+    mlp_penalty: float = 0.0
+    penalty_delta: float = 0.1
+    # Hand-over from the live scale to σ over bridge_steps steps (norms/frozen.py): "clip" normalizes only
+    # the positions above σ, annealed away; "taper" blends the two outputs with a cosine-decayed weight.
+    bridge: str = "none"
+    bridge_steps: int = 0
+    # Checkpoint every N steps into OUT.partial/ (resumed by the same command); None: 50 (0 under FSDP).
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps_per_ln <= 0:
@@ -88,6 +104,26 @@ class RemovalConfig:
         if self.aux_loss < 0:
             raise WorkbenchError(f"--aux-loss must be ≥ 0, got {self.aux_loss}")
         check_dtype(self.dtype)
+        if self.mlp_penalty < 0:
+            raise WorkbenchError(f"--mlp-penalty must be ≥ 0, got {self.mlp_penalty}")
+        if not 0 <= self.penalty_delta < 1e6:
+            raise WorkbenchError(f"--penalty-delta δ must be ≥ 0 (positions above (1 + δ)·σ are penalised), got "
+                                 f"{self.penalty_delta}")
+        if self.bridge not in BRIDGES:
+            raise WorkbenchError(f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
+        if self.bridge != "none" and self.bridge_steps <= 0:
+            raise WorkbenchError(f"--bridge {self.bridge} needs --bridge-steps N ≥ 1 (the steps over which it is "
+                                 "annealed away)")
+        if self.bridge == "none" and self.bridge_steps:
+            raise WorkbenchError("--bridge-steps needs --bridge clip or --bridge taper")
+        if self.bridge != "none" and self.ramp:
+            raise WorkbenchError("--ramp and --bridge are two hand-overs; choose one")
+        if self.checkpoint_every is None:
+            self.checkpoint_every = 0 if self.fsdp else DEFAULT_EVERY
+        if self.checkpoint_every < 0:
+            raise WorkbenchError(f"--checkpoint-every must be ≥ 0 (0: no checkpoints), got {self.checkpoint_every}")
+        if self.fsdp and self.checkpoint_every:
+            raise WorkbenchError("--checkpoint-every is not supported with --fsdp (sharded state); pass --checkpoint-every 0")
         if not 0.0 <= self.ema < 1.0:
             raise WorkbenchError(f"--ema must lie in [0, 1), got {self.ema}")
 
@@ -160,56 +196,73 @@ def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: 
     return out
 
 
-def _aux_std_loss(x: Tensor, positions: SpecialPositions) -> Tensor:
-    """How far each ordinary token's std at the final residual is from their mean (squared, relative)."""
-    xc = x.float() - x.float().mean(-1, keepdim=True)
-    s = xc.pow(2).mean(-1, keepdim=True).sqrt()
-    keep = positions.ordinary().float()
-    mean = (s * keep).sum() / keep.sum().clamp_min(1)
-    return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
+class _Watch:
+    """What the auxiliary losses read during one forward: the final residual, every site's log scale
+    (``--scale-loss``) and the scales of the MLP-norm inputs still live (``--mlp-penalty``)."""
+
+    def __init__(self, adapter, rc: RemovalConfig):
+        self.final: list[Tensor] = []
+        self.log_scales: list[Tensor] = []
+        self.mlp_scales: list[Tensor] = []
+        self.handles = [adapter.final_norm.register_forward_pre_hook(self._final)]
+        if rc.scale_loss > 0:
+            self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites]
+        if rc.mlp_penalty > 0:
+            self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
+
+    def _final(self, mod, args) -> None:
+        self.final.append(args[0])
+
+    def _log_scale(self, mod, args) -> None:
+        self.log_scales.append(log_scale(args[0], mod.standardize.centers))
+
+    def _mlp_scale(self, mod, args) -> None:
+        if not isinstance(mod.standardize, FrozenStandardize):  # only until the norm is frozen
+            self.mlp_scales.append(token_scale(args[0], mod.standardize.centers))
+
+    def clear(self) -> None:
+        self.final.clear()
+        self.log_scales.clear()
+        self.mlp_scales.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
-def log_scale(x: Tensor, centers: bool) -> Tensor:
-    """log of each position's norm scale: log sqrt(mean (x − mean x)²) (or of mean x² without centering)."""
-    x = x.float()
-    xc = x - x.mean(-1, keepdim=True) if centers else x
-    return 0.5 * torch.log(xc.pow(2).mean(-1, keepdim=True) + 1e-12)
+def _objective(loss: Tensor, rc: RemovalConfig, watch: _Watch, positions: SpecialPositions) -> Tensor:
+    total = loss
+    keep = positions.ordinary()
+    if rc.aux_loss > 0 and watch.final:
+        total = total + rc.aux_loss * aux_std_loss(watch.final[-1], positions)
+    if rc.scale_loss > 0 and watch.log_scales:
+        total = total + rc.scale_loss * scale_spread(watch.log_scales, keep)
+    if rc.mlp_penalty > 0 and watch.mlp_scales:
+        total = total + rc.mlp_penalty * mlp_scale_penalty(watch.mlp_scales, keep, rc.penalty_delta)
+    return total
 
 
-def scale_spread(log_scales: list[Tensor], keep: Tensor) -> Tensor:
-    """Mean over norm sites of the variance of log scale over the kept (ordinary) positions."""
-    k = keep.float()
-    n = k.sum().clamp_min(1)
-    out = []
-    for ls in log_scales:
-        mean = (ls * k).sum() / n
-        out.append((((ls - mean) ** 2) * k).sum() / n)
-    return torch.stack(out).mean()
-
-
-def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, captured: list[Tensor],
-                world: int, scales: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss and objective."""
+def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: _Watch,
+                world: int) -> tuple[Tensor, Tensor, float]:
+    """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss, objective and
+    the largest |entry| of the final residual (where an overflow shows first)."""
     chunks = batch.split(rc.micro_batch or len(batch))
-    loss_sum, total_sum = 0.0, 0.0
+    loss_sum, total_sum, peak = 0.0, 0.0, 0.0
     for j, chunk in enumerate(chunks):
         positions.update(chunk)
-        captured.clear()
-        if scales is not None:
-            scales.clear()
+        watch.clear()
         last = j == len(chunks) - 1
         sync = contextlib.nullcontext() if last or world == 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(chunk.device, resolve_dtype(rc.dtype, chunk.device)):
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
-                total = loss + rc.aux_loss * _aux_std_loss(captured[-1], positions) if captured else loss
-                if scales:
-                    total = total + rc.scale_loss * scale_spread(scales, positions.ordinary())
+                total = _objective(loss, rc, watch, positions)
             weight = len(chunk) / len(batch)
             (total * weight).backward()  # always: under DDP every rank must join the all-reduce
+        peak = max(peak, watch.final[-1].detach().abs().max().float().item())
         loss_sum = loss_sum + loss.detach() * weight
         total_sum = total_sum + total.detach() * weight
-    return loss_sum, total_sum
+    return loss_sum, total_sum, peak
 
 
 def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.optim.Optimizer:
@@ -227,10 +280,32 @@ def _lr_at(step: int, removal_steps: int, final_steps: int, rc: RemovalConfig, l
     return lr * (rc.min_lr_ratio + (1 - rc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _freeze(event, entry: dict[str, Any], rc: RemovalConfig, positions: SpecialPositions,
+            device: torch.device) -> FrozenStandardize:
+    """Swap the site's live standardization for a frozen one at the entry's calibrated σ."""
+    st = FrozenStandardize(entry["sigma"], event.norm.standardize.centers, positions,
+                           entry["sigma_bos"], entry["sigma_eot"] or entry["sigma_bos"], rc.ema)
+    bridge = "ramp" if rc.ramp else rc.bridge
+    if bridge != "none":
+        eps = getattr(event.norm.standardize, "eps", None)
+        if eps is None or type(event.norm.standardize).__name__ == "CRMSStandardize":
+            raise WorkbenchError(f"--{'ramp' if rc.ramp else 'bridge'} needs a LayerNorm or RMSNorm (a live scale "
+                                 "sqrt(mean x² + eps))")
+        st.bridge, st.live_eps, st.blend = bridge, float(eps), 0.0
+        st.frozen_at = entry["step"]
+    event.norm.standardize = st.to(device)
+    return st
+
+
 def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
              positions: SpecialPositions, progress: bool = True, label: str = "",
-             val: list[Tensor] | None = None) -> dict[str, Any]:
-    """Fine-tune ``adapter.net`` over the schedule; with ``remove`` freeze each site at its turn."""
+             val: list[Tensor] | None = None, ckpt: PhaseCheckpoint | None = None,
+             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``adapter.net`` over the schedule; with ``remove`` freeze each site at its turn.
+
+    With ``ckpt``, the state is saved every ``ckpt.every`` steps and when the schedule ends, and a saved
+    state is resumed: events begun before it are replayed from their recorded σ (no new calibration),
+    then weights and optimizer are loaded and the remaining steps run on the same batches."""
     rank, world = _world()
     events = [*adapter.sites, SPECIAL_OFF]
     K, bs = rc.steps_per_ln, rc.batch_size(adapter.n_ctx, world)
@@ -246,62 +321,76 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     else:
         model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = _optimizer(net, rc, lr)
-    captured: list[Tensor] = []
-    hook = None
-    if rc.aux_loss > 0:
-        hook = adapter.final_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
-    scales: list[Tensor] = []
-    scale_hooks = [site.norm.register_forward_pre_hook(
-        lambda mod, args: scales.append(log_scale(args[0], mod.standardize.centers)))
-        for site in adapter.sites] if rc.scale_loss > 0 else []
+    watch = _Watch(adapter, rc)
     frozen: list[FrozenStandardize] = []
-    schedule, metrics = [], []
     removal_steps = rc.precondition + len(events) * K
-    final_steps = max(rc.cooldown(len(events) * K), rc.ramp)  # every hand-over completes before the fold
+    # every hand-over completes before the fold
+    final_steps = max(rc.cooldown(len(events) * K), rc.ramp, rc.bridge_steps)
     plan = ([("precondition", rc.precondition)] if rc.precondition else []) + [(e, K) for e in events] + \
         ([("final", final_steps)] if final_steps else [])
-    bar = tqdm(total=removal_steps + final_steps, desc=label, disable=not (progress and rank == 0),
+    saved = ckpt.load() if ckpt is not None else None
+    start = saved["step"] if saved else 0
+    schedule: list[dict[str, Any]] = list(saved["schedule"]) if saved else []
+    metrics: list[dict[str, Any]] = list(saved["metrics"]) if saved else []
+    skipped_in_a_row, skipped = (saved["skipped_in_a_row"], saved["skipped"]) if saved else (0, 0)
+    restored = saved is None
+    if saved and progress and rank == 0:
+        tqdm.write(f"{label}: resuming at step {start} from {ckpt.path}")
+
+    def restore() -> None:  # once every event begun before the checkpoint is installed again
+        nonlocal restored
+        if not restored:
+            net.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            restored = True
+
+    def state(step: int, done: bool) -> dict[str, Any]:
+        return {"step": step, "done": done, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": schedule, "metrics": metrics, "skipped": skipped, "skipped_in_a_row": skipped_in_a_row}
+
+    bar = tqdm(total=removal_steps + final_steps, initial=start, desc=label, disable=not (progress and rank == 0),
                dynamic_ncols=True, leave=False, mininterval=0.5)
     net.train()
-    step, skipped_in_a_row, skipped = 0, 0, 0
+    step = 0
     try:
         for i, (event, n_steps) in enumerate(plan):
-            first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
             name = event if isinstance(event, str) else event.name
-            entry: dict[str, Any] = {"event": i, "norm": name, "step": step}
-            if remove and event == SPECIAL_OFF:
-                if val is not None:  # how much the special positions' own σ was still worth
-                    entry["ce_before"] = evaluate(net, val, positions, device)
-                    net.train()
-                for f in frozen:
-                    f.special = False
-            elif remove and not isinstance(event, str):
-                sig = calibrate(adapter, event.norm, first, positions, rc.micro_batch, rc.sigma)
-                st = FrozenStandardize(sig["sigma"], event.norm.standardize.centers, positions,
-                                       sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"], rc.ema)
-                if rc.ramp:
-                    eps = getattr(event.norm.standardize, "eps", None)
-                    if eps is None or type(event.norm.standardize).__name__ == "CRMSStandardize":
-                        raise WorkbenchError("--ramp needs a LayerNorm or RMSNorm (a live scale sqrt(mean x² + eps))")
-                    st.live_eps, st.blend = float(eps), 0.0
-                    st.frozen_at = step
-                event.norm.standardize = st.to(device)
-                frozen.append(st)
-                entry.update(sig)
+            replay = step < start  # begun before the checkpoint: its σ is on record
+            if not replay:
+                restore()
             if event != "final":
-                schedule.append(entry)
+                if replay:
+                    entry = schedule[i]
+                else:
+                    entry = {"event": i, "norm": name, "step": step}
+                    if remove and event == SPECIAL_OFF and val is not None:  # what their own σ was still worth
+                        entry["ce_before"] = evaluate(net, val, positions, device)
+                        net.train()
+                    elif remove and not isinstance(event, str):
+                        first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local]
+                        entry.update(calibrate(adapter, event.norm, first.to(device), positions, rc.micro_batch, rc.sigma))
+                    schedule.append(entry)
+                if remove and event == SPECIAL_OFF:
+                    for f in frozen:
+                        f.special = False
+                elif remove and not isinstance(event, str):
+                    frozen.append(_freeze(event, entry, rc, positions, device))
             what = {"final": "cool-down", "precondition": "preconditioning"}.get(
                 name if isinstance(event, str) else "", "removing " + name if remove else "control")
             bar.set_description(f"{label} {what} ({i + 1}/{len(plan)})")
             for k in range(n_steps):
-                batch = first if k == 0 else data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
+                if step < start:
+                    step += 1
+                    continue
+                restore()
+                batch = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
                 for f in frozen:
-                    if rc.ramp:
-                        f.blend = min(1.0, (step - f.frozen_at + 1) / rc.ramp)
+                    if f.bridge != "none" and f.live_eps is not None:
+                        f.blend = min(1.0, (step - f.frozen_at + 1) / (rc.ramp or rc.bridge_steps))
                 opt.zero_grad(set_to_none=True)
-                loss, total = _accumulate(model, batch, rc, positions, captured, world, scales if scale_hooks else None)
+                loss, total, peak = _accumulate(model, batch, rc, positions, watch, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded (DTensor) norm
                     grad_norm = grad_norm.full_tensor()
@@ -317,27 +406,40 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     skipped += 1
                     if skipped_in_a_row > rc.max_skipped:
                         raise WorkbenchError(
-                            f"the fine-tune diverged at step {step + 1} ({name}): {skipped_in_a_row} non-finite "
-                            "losses or gradients in a row; lower --lr or raise --steps-per-ln"
+                            f"the fine-tune diverged at step {step + 1} ({name}, event {i + 1} of {len(plan)}): "
+                            f"{skipped_in_a_row} non-finite losses or gradients in a row; lower --lr or raise "
+                            "--steps-per-ln"
                         )
                 step += 1
                 seen = loss.detach().clone()
                 if world > 1:  # record the global batch's loss, as a single process would
                     dist.all_reduce(seen)
                     seen /= world
-                metrics.append({"step": step, "norm": name, "loss": seen.item(), "lr": _lr_at(step - 1, removal_steps, final_steps, rc, lr),
-                                **({} if finite else {"skipped": True})})
+                record = {"step": step, "norm": name, "loss": seen.item(), "resid_max": peak,
+                          "lr": _lr_at(step - 1, removal_steps, final_steps, rc, lr)}
+                clipping = [f.clipped.item() for f in frozen if f.clipped is not None]
+                if clipping:  # the clip bridge: share of positions still normalized, mean over its norms
+                    record["clipped"] = sum(clipping) / len(clipping)
+                metrics.append({**record, **({} if finite else {"skipped": True})})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                if ckpt is not None and ckpt.due(step) and step < removal_steps + final_steps:
+                    ckpt.save(state(step, done=False))
+                    if world > 1:
+                        dist.barrier()
+                if on_step is not None:
+                    on_step(step)
+        restore()  # a checkpoint of a finished phase: nothing left to run
+        if ckpt is not None and start < step:
+            ckpt.save(state(step, done=True))
+            if world > 1:
+                dist.barrier()
     finally:
         bar.close()
-        if hook is not None:
-            hook.remove()
-        for h in scale_hooks:
-            h.remove()
+        watch.remove()
     net.eval()
     return {"schedule": schedule, "metrics": metrics, "steps": step, "final_steps": final_steps, "skipped_steps": skipped,
-            "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs}
+            "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs, "resumed_from_step": start or None}
 
 
 def config_record(rc: RemovalConfig) -> dict[str, Any]:

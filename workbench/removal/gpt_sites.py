@@ -39,14 +39,19 @@ def check_removable(cfg: ModelConfig) -> None:
 class GPTRemoval:
     """The sites of a GPT, in the removal order, on a copy whose ln1 is split into Q/K and V paths."""
 
-    def __init__(self, model: GPT, n_ctx: int | None = None):
+    def __init__(self, model: GPT, n_ctx: int | None = None, split_mlp: bool = False):
         check_removable(model.cfg)
+        if split_mlp and model.cfg.mlp != "swiglu":
+            raise WorkbenchError(f"--split-mlp needs a gated (SwiGLU) MLP, whose up path can be frozen apart from "
+                                 f"its gate; this model's MLP is {model.cfg.mlp}")
         self.original_cfg = model.cfg
         net = copy.deepcopy(model)
-        net.cfg = dataclasses.replace(model.cfg, split_ln1_v=True)
+        net.cfg = dataclasses.replace(model.cfg, split_ln1_v=True, split_ln2_up=split_mlp)
         for block in net.blocks:
             if block.placement == "pre" and block.ln1_v is None:
                 block.ln1_v = copy.deepcopy(block.ln1)
+            if split_mlp and block.placement == "pre" and block.ln2_up is None:
+                block.ln2_up = copy.deepcopy(block.ln2)
         net.setup()  # register the new hook points
         self.net = net
         self.tokenizer = model.tokenizer
@@ -54,10 +59,11 @@ class GPTRemoval:
         self.n_ctx = n_ctx or model.cfg.n_ctx  # the fine-tuning window
         pre = [b for b in net.blocks if b.placement == "pre"]
         self.sites = standard_schedule(
-            ln2=[NormSite(f"blocks.{b.layer}.ln2", b.ln2) for b in pre],
+            ln2=[NormSite(f"blocks.{b.layer}.ln2", b.ln2, "mlp") for b in pre],
             ln1_qk=[NormSite(f"blocks.{b.layer}.ln1", b.ln1) for b in pre],
             ln1_v=[NormSite(f"blocks.{b.layer}.ln1_v", b.ln1_v) for b in pre],
             final=NormSite("ln_final", net.ln_final),
+            ln2_up=[NormSite(f"blocks.{b.layer}.ln2_up", b.ln2_up, "mlp") for b in pre] if split_mlp else None,
         )
         self.final_norm: Norm = net.ln_final
 

@@ -1,0 +1,66 @@
+"""Auxiliary objectives of the removal fine-tune, each a formula on the activations a norm reads.
+
+* ``aux_std_loss`` — the paper's per-position std loss at the final residual (Baroni et al. 2025).
+* ``scale_spread`` — the spread of log per-token scale, averaged over norm sites (``--scale-loss``).
+* ``mlp_scale_penalty`` — one-sided: only positions whose scale exceeds (1 + δ) times the site's rms
+  scale are penalised (``--mlp-penalty W --penalty-delta δ``). A gated MLP answers a position k times
+  above σ with an output ~k² larger once its norm is frozen, so the outliers, not the spread, are what
+  must be gone before then.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..norms.frozen import SpecialPositions
+
+
+def token_scale(x: Float[Tensor, "batch pos d"], centers: bool) -> Float[Tensor, "batch pos 1"]:
+    """Each position's norm scale sqrt(mean (x − mean x)²) (or sqrt(mean x²) without centering)."""
+    x = x.float()
+    xc = x - x.mean(-1, keepdim=True) if centers else x
+    return xc.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def aux_std_loss(x: Float[Tensor, "batch pos d"], positions: SpecialPositions) -> Tensor:
+    """How far each ordinary token's std at the final residual is from their mean (squared, relative)."""
+    s = token_scale(x, centers=True)
+    keep = positions.ordinary().float()
+    mean = (s * keep).sum() / keep.sum().clamp_min(1)
+    return (((s / mean - 1).pow(2)) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def log_scale(x: Float[Tensor, "batch pos d"], centers: bool) -> Float[Tensor, "batch pos 1"]:
+    """log of each position's norm scale: log sqrt(mean (x − mean x)²) (or of mean x² without centering)."""
+    x = x.float()
+    xc = x - x.mean(-1, keepdim=True) if centers else x
+    return 0.5 * torch.log(xc.pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
+def scale_spread(log_scales: list[Tensor], keep: Bool[Tensor, "batch pos 1"]) -> Tensor:
+    """Mean over norm sites of the variance of log scale over the kept (ordinary) positions."""
+    k = keep.float()
+    n = k.sum().clamp_min(1)
+    out = []
+    for ls in log_scales:
+        mean = (ls * k).sum() / n
+        out.append((((ls - mean) ** 2) * k).sum() / n)
+    return torch.stack(out).mean()
+
+
+def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], keep: Bool[Tensor, "batch pos 1"],
+                      delta: float) -> Tensor:
+    """Mean over sites of mean over kept positions of relu(s_t / σ − (1 + δ))², σ = sqrt(mean s_t²) of
+    the kept positions (held constant: only the outliers are pushed down, not the scale as a whole)."""
+    k = keep.float()
+    n = k.sum().clamp_min(1)
+    out = []
+    for s in scales:
+        sigma = ((s.detach().pow(2) * k).sum() / n).sqrt().clamp_min(1e-12)
+        out.append((torch.relu(s / sigma - (1 + delta)).pow(2) * k).sum() / n)
+    return torch.stack(out).mean()
+
+
+__all__ = ["aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]
