@@ -297,6 +297,13 @@ def _freeze(event, entry: dict[str, Any], rc: RemovalConfig, positions: SpecialP
     return st
 
 
+def _hand_over(frozen: list[FrozenStandardize], step: int, rc: RemovalConfig) -> None:
+    """Each bridged norm's progress at ``step``: a function of the step alone, so a resume recomputes it."""
+    for f in frozen:
+        if f.live_eps is not None:
+            f.blend = min(1.0, (step - f.frozen_at + 1) / (rc.ramp or rc.bridge_steps))
+
+
 def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
              positions: SpecialPositions, progress: bool = True, label: str = "",
              val: list[Tensor] | None = None, ckpt: PhaseCheckpoint | None = None,
@@ -386,9 +393,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 batch = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
-                for f in frozen:
-                    if f.bridge != "none" and f.live_eps is not None:
-                        f.blend = min(1.0, (step - f.frozen_at + 1) / (rc.ramp or rc.bridge_steps))
+                _hand_over(frozen, step, rc)
                 opt.zero_grad(set_to_none=True)
                 loss, total, peak = _accumulate(model, batch, rc, positions, watch, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
@@ -430,6 +435,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 if on_step is not None:
                     on_step(step)
         restore()  # a checkpoint of a finished phase: nothing left to run
+        _hand_over(frozen, step - 1, rc)  # as the last step left them
         if ckpt is not None and start < step:
             ckpt.save(state(step, done=True))
             if world > 1:
