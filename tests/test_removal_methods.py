@@ -1,0 +1,226 @@
+"""Removal methods for gated (SwiGLU) MLPs: split MLP norm, one-sided scale penalty, clip and taper bridges.
+Each against its formula, on models far from linear; then end to end through `remove-ln`."""
+
+import math
+
+import pytest
+import torch
+
+import workbench
+from conftest import TINY_MODEL, TINY_TRAIN, rel_err, scale_gpt
+from workbench.analysis.dla import direct_logit_attribution
+from workbench.cli import main
+from workbench.config import ModelConfig
+from workbench.model import GPT
+from workbench.norms.frozen import FrozenStandardize, SpecialPositions
+from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+from workbench.removal.finetune import _freeze, _Watch, calibrate
+from workbench.removal.gpt_sites import GPTRemoval
+from workbench.removal.losses import mlp_scale_penalty, token_scale
+
+SWIGLU = dict(mlp="swiglu", act_fn="silu", pos="rope")
+
+
+def heavy_swiglu(**kw) -> GPT:
+    cfg = ModelConfig(norm="pre-rms", n_layers=3, d_model=32, n_heads=4, n_ctx=24, d_vocab=64, **SWIGLU, **kw)
+    return scale_gpt(GPT(cfg))
+
+
+def tokens(n=3, seed=1):
+    t = torch.randint(1, 64, (n, 24), generator=torch.Generator().manual_seed(seed))
+    t[:, 0] = 0
+    return t
+
+
+# --- bridges -----------------------------------------------------------------------------------------
+
+def _bridged(kind: str, a: float, sigma=2.0):
+    st = FrozenStandardize(sigma, centers=False)
+    st.bridge, st.live_eps, st.blend = kind, 1e-6, a
+    return st
+
+
+def test_clip_bridge_normalizes_only_the_positions_above_sigma():
+    x = torch.randn(2, 6, 16) * torch.tensor([0.5, 1, 2, 4, 8, 16]).reshape(1, 6, 1)
+    live = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    for a in (0.0, 0.3, 0.9):
+        st = _bridged("clip", a)
+        y = st(x, lambda s: s)
+        ref = x / torch.maximum(torch.tensor(2.0), (1 - a) * live)
+        torch.testing.assert_close(y, ref)
+        assert st.clipped.item() == pytest.approx(((1 - a) * live > 2.0).float().mean().item())
+    # at a = 0 the quiet positions are already divided by σ, the loud ones still by their own scale
+    y0 = _bridged("clip", 0.0)(x, lambda s: s)
+    loud = live > 2.0
+    torch.testing.assert_close(y0.pow(2).mean(-1, keepdim=True).sqrt()[loud], torch.ones(int(loud.sum())), atol=1e-4, rtol=0)
+    done = _bridged("clip", 1.0)
+    torch.testing.assert_close(done(x, lambda s: s), x / 2.0)
+    assert done.clipped is None
+
+
+def test_taper_bridge_blends_the_outputs_with_a_cosine_weight():
+    x = torch.randn(2, 5, 16) * 3
+    live = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    for a in (0.0, 0.25, 0.5, 0.8):
+        g = 0.5 * (1 + math.cos(math.pi * a))
+        seen = []
+        y = _bridged("taper", a)(x, lambda s: seen.append(s) or s)
+        torch.testing.assert_close(y, g * x / live + (1 - g) * x / 2.0)
+        torch.testing.assert_close(seen[0], 1 / (g / live + (1 - g) / 2.0))  # hook_scale: the effective scale
+    torch.testing.assert_close(_bridged("taper", 1.0)(x, lambda s: s), x / 2.0)
+
+
+# --- the one-sided penalty ---------------------------------------------------------------------------
+
+def test_mlp_penalty_is_one_sided_above_one_plus_delta_sigma():
+    s = torch.tensor([1.0, 1.0, 1.0, 3.0, 9.0]).reshape(1, 5, 1)  # position 0 is BOS: not ordinary
+    keep = torch.tensor([False, True, True, True, True]).reshape(1, 5, 1)
+    sigma = math.sqrt((1 + 1 + 9 + 81) / 4)  # rms over the ordinary positions
+    delta = 0.2
+    want = sum(max(0.0, v / sigma - 1.2) ** 2 for v in (1.0, 1.0, 3.0, 9.0)) / 4
+    assert mlp_scale_penalty([s], keep, delta).item() == pytest.approx(want, rel=1e-6)
+    assert want > 0 and max(0.0, 3.0 / sigma - 1.2) == 0  # only the 9 is above (1 + δ)·σ
+    uniform = torch.full((1, 5, 1), 4.0)
+    assert mlp_scale_penalty([uniform], keep, 0.0).item() == 0.0
+    s2 = s.clone().requires_grad_()
+    mlp_scale_penalty([s2], keep, delta).backward()
+    assert s2.grad[0, 4, 0] > 0 and torch.all(s2.grad[0, :4] == 0)  # σ is held constant: only outliers move
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(token_scale(x, centers=False), x.pow(2).mean(-1, keepdim=True).sqrt())
+
+
+def test_mlp_penalty_watches_only_the_mlp_norms_not_yet_frozen():
+    m = heavy_swiglu()
+    adapter = GPTRemoval(m, split_mlp=True)
+    rc = RemovalConfig(mlp_penalty=1.0)
+    watch = _Watch(adapter, rc)
+    pos = SpecialPositions(eot_id=None)
+    t = tokens()
+    pos.update(t)
+    adapter.net(t)
+    assert len(watch.mlp_scales) == 6  # ln2 (gate) and ln2_up of 3 blocks
+    up0 = adapter.sites[0]
+    assert up0.name == "blocks.0.ln2_up" and up0.kind == "mlp"
+    sig = calibrate(adapter, up0.norm, t, pos)
+    _freeze(up0, {**sig, "step": 0}, rc, pos, torch.device("cpu"))
+    watch.clear()
+    adapter.net(t)
+    assert len(watch.mlp_scales) == 5
+    watch.remove()
+
+
+# --- the split MLP norm ------------------------------------------------------------------------------
+
+def test_split_schedule_freezes_up_paths_first_and_gates_last():
+    adapter = GPTRemoval(heavy_swiglu(), split_mlp=True)
+    names = [s.name for s in adapter.sites]
+    assert names[:3] == [f"blocks.{i}.ln2_up" for i in range(3)]
+    assert names[3:6] == [f"blocks.{i}.ln1" for i in range(3)] and names[6:9] == [f"blocks.{i}.ln1_v" for i in range(3)]
+    assert names[9] == "ln_final" and names[10:] == [f"blocks.{i}.ln2" for i in range(3)]
+    with pytest.raises(workbench.WorkbenchError, match="needs a gated"):
+        GPTRemoval(GPT(ModelConfig(norm="pre-rms", n_layers=1, d_model=16, n_heads=2, d_vocab=32)), split_mlp=True)
+
+
+def test_with_the_gate_live_the_mlp_grows_like_x_not_x_squared():
+    """The reason for the split: SiLU(W_g x/s(x)) is scale-free, so with the up path frozen the MLP is
+    homogeneous of degree 1; with both frozen it grows like ‖x‖² (x large: SiLU(z) ≈ z for z > 0)."""
+    m = heavy_swiglu(mlp_bias=False)
+    adapter = GPTRemoval(m, split_mlp=True)
+    block = adapter.net.blocks[1]
+    x = torch.randn(2, 24, 32)
+
+    def mlp(z):
+        return block.mlp(block.ln2(z), block.ln2_up(z))
+
+    block.ln2_up.standardize = FrozenStandardize(1.7, centers=False)
+    k = 10.0
+    assert rel_err(mlp(k * x), k * mlp(x)) <= 1e-5  # up to the live norm's ε
+    block.ln2.standardize = FrozenStandardize(1.7, centers=False)
+    growth = (mlp(k * x).norm() / mlp(x).norm()).item()
+    assert growth > 0.4 * k * k, growth  # quadratic, not linear
+
+
+def test_split_mlp_folds_exactly_into_w_gate_and_w_in_and_dla_is_exact():
+    m = heavy_swiglu()
+    adapter = GPTRemoval(m, split_mlp=True)
+    t = tokens()
+    pos = SpecialPositions(eot_id=None)
+    for site in adapter.sites:
+        st = FrozenStandardize(calibrate(adapter, site.norm, t, pos)["sigma"], False)
+        if site.name.endswith("ln2_up"):
+            st.sigma.mul_(3.0)  # far from the gate's σ: folding the wrong norm into W_in would show
+        site.norm.standardize = st
+    with torch.no_grad():
+        want = adapter.net(t)
+        free = adapter.fold()
+        got = free(t)
+    assert rel_err(got, want) <= 1e-5
+    assert is_norm_free(free) and not free.cfg.split_ln2_up
+    # the frozen model differs from the one where ln2_up equals ln2: the split is real
+    for b in adapter.net.blocks:
+        b.ln2_up = None
+    with torch.no_grad():
+        assert rel_err(adapter.net(t), want) > 1e-2
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def swiglu_run(tmp_path_factory, tiny_corpus):
+    d = tmp_path_factory.mktemp("swiglu") / "pre-rms"
+    workbench.train("pre-rms", d, steps=8, corpus=str(tiny_corpus), model_overrides={**TINY_MODEL, **SWIGLU},
+                    train_overrides=TINY_TRAIN, progress=False)
+    return d
+
+
+def test_remove_ln_with_split_penalty_and_clip_bridge(swiglu_run, tmp_path, tiny_corpus):
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       split_mlp=True, mlp_penalty=1.0, penalty_delta=0.05, bridge="clip", bridge_steps=3,
+                       final_steps=0)
+    s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    names = [e["norm"] for e in s["schedule"]]
+    assert names[:2] == ["blocks.0.ln2_up", "blocks.1.ln2_up"] and names[-3:] == ["blocks.0.ln2", "blocks.1.ln2",
+                                                                                 "special positions"]
+    assert s["final_steps"] == 3  # the cool-down covers the last bridge
+    assert s["fold_max_abs_logit_diff"] <= 1e-4 and s["first_overflow_step"] is None
+    assert s["norms_frozen_before_overflow"] == s["norms_total"] == 9
+    free = workbench.load(tmp_path / "free")
+    assert is_norm_free(free) and free.cfg.mlp == "swiglu"
+    assert direct_logit_attribution(free, "And God said unto the", " the").nmae <= 1e-5
+    control = workbench.load(tmp_path / "free" / "control")  # the control keeps the split, live norms
+    assert control.cfg.split_ln2_up and control.blocks[0].ln2_up is not None
+    clipped = [m["clipped"] for m in (__import__("json").loads(line) for line in
+                                      (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()) if "clipped" in m]
+    assert clipped and all(0.0 <= c <= 1.0 for c in clipped)
+
+
+def test_taper_end_to_end_folds_exactly(swiglu_run, tmp_path, tiny_corpus):
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       bridge="taper", bridge_steps=2, control=False)
+    s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    assert s["fold_max_abs_logit_diff"] <= 1e-4 and s["config"]["bridge"] == "taper"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mlp-penalty", "1", "--penalty-delta", "-0.1"], "--penalty-delta δ must be ≥ 0"),
+    (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),
+    (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
+    (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
+    (["--bridge-steps", "4"], "--bridge-steps needs --bridge clip"),
+    (["--bridge", "clip", "--bridge-steps", "4", "--ramp", "4"], "choose one"),
+    (["--bridge", "smooth", "--bridge-steps", "4"], "--bridge must be one of"),
+    (["--split-mlp", "GELU"], "needs a gated (SwiGLU) MLP"),
+])
+def test_bad_method_options_are_one_line_exit_2_and_write_nothing(swiglu_run, tmp_path, tiny_corpus, capsys, argv,
+                                                                   message):
+    src = swiglu_run
+    if "GELU" in argv:
+        argv = [a for a in argv if a != "GELU"]
+        src = tmp_path / "gelu"
+        workbench.train("pre-rms", src, steps=2, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
+                        train_overrides=TINY_TRAIN, progress=False)
+    out = tmp_path / "out"
+    code = main(["remove-ln", str(src), "--out", str(out), "--corpus", str(tiny_corpus), "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not list(tmp_path.glob(".out*"))
