@@ -70,6 +70,24 @@ def test_taper_bridge_blends_the_outputs_with_a_cosine_weight():
     torch.testing.assert_close(_bridged("taper", 1.0)(x, lambda s: s), x / 2.0)
 
 
+def test_special_positions_hand_over_geometrically_then_switch_off():
+    x = torch.randn(1, 4, 8) * 3
+    pos = SpecialPositions(eot_id=9)
+    pos.update(torch.tensor([[1, 2, 9, 3]]))
+    st = FrozenStandardize(2.0, centers=False, positions=pos, sigma_bos=8.0, sigma_eot=0.5)
+    st.special_blend = 0.25
+    want = torch.tensor([8.0 ** 0.75 * 2.0 ** 0.25, 2.0, 0.5 ** 0.75 * 2.0 ** 0.25, 2.0]).reshape(1, 4, 1)
+    torch.testing.assert_close(st(x, lambda s: s), x / want)
+    from workbench.removal.finetune import _hand_over
+
+    rc = RemovalConfig(special_steps=4)
+    _hand_over([st], 12, rc, special_off=10)  # the third step of the hand-over
+    assert st.special and st.special_blend == 0.75
+    _hand_over([st], 13, rc, special_off=10)
+    assert not st.special  # complete: one σ for every position, foldable
+    torch.testing.assert_close(st(x, lambda s: s), x / 2.0)
+
+
 # --- the one-sided penalty ---------------------------------------------------------------------------
 
 def test_mlp_penalty_is_one_sided_above_one_plus_delta_sigma():
@@ -209,6 +227,7 @@ def test_taper_end_to_end_folds_exactly(swiglu_run, tmp_path, tiny_corpus):
     (["--bridge-steps", "4"], "--bridge-steps needs --bridge clip"),
     (["--bridge", "clip", "--bridge-steps", "4", "--ramp", "4"], "choose one"),
     (["--bridge", "smooth", "--bridge-steps", "4"], "--bridge must be one of"),
+    (["--special-steps", "-2"], "--special-steps must be ≥ 0"),
     (["--split-mlp", "GELU"], "needs a gated (SwiGLU) MLP"),
 ])
 def test_bad_method_options_are_one_line_exit_2_and_write_nothing(swiglu_run, tmp_path, tiny_corpus, capsys, argv,

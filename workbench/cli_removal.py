@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--bridge", default="none", help="hand-over to the frozen scale: none, clip (only positions "
                    "above σ stay normalized, annealed away) or taper (outputs blended, cosine to 0)")
     r.add_argument("--bridge-steps", type=int, default=0, help="steps over which --bridge is annealed away")
+    r.add_argument("--special-steps", type=int, default=0,
+                   help="hand the special positions (BOS, EOT) over to the shared σ over N steps (default 0: at once)")
     r.add_argument("--checkpoint-every", type=int, default=None,
                    help="save a resumable checkpoint to OUT.partial every N steps (default 50; 0: off); the same "
                    "command resumes it")
@@ -70,7 +72,7 @@ def _removal_config(args):
                          control=not args.no_control, fsdp=args.fsdp, ramp=args.ramp,
                          scale_loss=args.scale_loss, precondition=args.precondition, dtype=args.dtype,
                          split_mlp=args.split_mlp, mlp_penalty=args.mlp_penalty, penalty_delta=args.penalty_delta,
-                         bridge=args.bridge, bridge_steps=args.bridge_steps)
+                         bridge=args.bridge, bridge_steps=args.bridge_steps, special_steps=args.special_steps)
 
 
 def cmd_remove_ln(args) -> int:

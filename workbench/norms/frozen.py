@@ -62,6 +62,9 @@ class FrozenStandardize(Standardize):
         self.live_eps: float | None = None
         self.frozen_at = 0  # the fine-tuning step at which the hand-over began
         self.clipped: Tensor | None = None  # clip bridge: share of positions still normalized, last forward
+        # Gradual special-off (``--special-steps``): the special positions' σ moves geometrically to σ,
+        # σ_special^(1−b) · σ^b with b rising to 1; then ``special`` is switched off.
+        self.special_blend = 0.0
 
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
@@ -70,7 +73,11 @@ class FrozenStandardize(Standardize):
         if not self.special:
             return self.sigma.reshape(1, 1, 1)
         p = self.positions
-        return torch.where(p.bos, self.sigma_bos, torch.where(p.eot, self.sigma_eot, self.sigma))
+        bos, eot = self.sigma_bos, self.sigma_eot
+        if self.special_blend > 0:
+            b = self.special_blend
+            bos, eot = bos.pow(1 - b) * self.sigma.pow(b), eot.pow(1 - b) * self.sigma.pow(b)
+        return torch.where(p.bos, bos, torch.where(p.eot, eot, self.sigma))
 
     @torch.no_grad()
     def _follow(self, xc: Tensor) -> None:

@@ -76,6 +76,8 @@ class RemovalConfig:
     # the positions above σ, annealed away; "taper" blends the two outputs with a cosine-decayed weight.
     bridge: str = "none"
     bridge_steps: int = 0
+    # >0: the special positions lose their own σ over this many steps (geometrically), not at once.
+    special_steps: int = 0
     # Checkpoint every N steps into OUT.partial/ (resumed by the same command); None: 50 (0 under FSDP).
     checkpoint_every: int | None = None
 
@@ -118,6 +120,9 @@ class RemovalConfig:
             raise WorkbenchError("--bridge-steps needs --bridge clip or --bridge taper")
         if self.bridge != "none" and self.ramp:
             raise WorkbenchError("--ramp and --bridge are two hand-overs; choose one")
+        if self.special_steps < 0:
+            raise WorkbenchError(f"--special-steps must be ≥ 0 (0: switch the special positions off at once), got "
+                                 f"{self.special_steps}")
         if self.checkpoint_every is None:
             self.checkpoint_every = 0 if self.fsdp else DEFAULT_EVERY
         if self.checkpoint_every < 0:
@@ -297,11 +302,24 @@ def _freeze(event, entry: dict[str, Any], rc: RemovalConfig, positions: SpecialP
     return st
 
 
-def _hand_over(frozen: list[FrozenStandardize], step: int, rc: RemovalConfig) -> None:
-    """Each bridged norm's progress at ``step``: a function of the step alone, so a resume recomputes it."""
+class Diverged(WorkbenchError):
+    """The fine-tune overflowed: a one-line error for the CLI, with the schedule and per-step metrics up
+    to that point for whoever calls ``remove_ln`` from Python (nothing is written to ``--out``)."""
+
+    def __init__(self, schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], message: str):
+        super().__init__(message)
+        self.schedule, self.metrics = schedule, metrics
+
+
+def _hand_over(frozen: list[FrozenStandardize], step: int, rc: RemovalConfig, special_off: int | None) -> None:
+    """Each bridged norm's progress at ``step``, and the special positions': functions of the step alone,
+    so a resume recomputes them."""
     for f in frozen:
         if f.live_eps is not None:
             f.blend = min(1.0, (step - f.frozen_at + 1) / (rc.ramp or rc.bridge_steps))
+        if special_off is not None and f.special:
+            f.special_blend = min(1.0, (step - special_off + 1) / rc.special_steps)
+            f.special = f.special_blend < 1.0
 
 
 def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: torch.device, remove: bool,
@@ -332,7 +350,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     frozen: list[FrozenStandardize] = []
     removal_steps = rc.precondition + len(events) * K
     # every hand-over completes before the fold
-    final_steps = max(rc.cooldown(len(events) * K), rc.ramp, rc.bridge_steps)
+    final_steps = max(rc.cooldown(len(events) * K), rc.ramp, rc.bridge_steps, rc.special_steps)
     plan = ([("precondition", rc.precondition)] if rc.precondition else []) + [(e, K) for e in events] + \
         ([("final", final_steps)] if final_steps else [])
     saved = ckpt.load() if ckpt is not None else None
@@ -341,6 +359,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     metrics: list[dict[str, Any]] = list(saved["metrics"]) if saved else []
     skipped_in_a_row, skipped = (saved["skipped_in_a_row"], saved["skipped"]) if saved else (0, 0)
     restored = saved is None
+    special_off: int | None = None  # the step at which the special positions began losing their own σ
     if saved and progress and rank == 0:
         tqdm.write(f"{label}: resuming at step {start} from {ckpt.path}")
 
@@ -378,8 +397,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                         entry.update(calibrate(adapter, event.norm, first.to(device), positions, rc.micro_batch, rc.sigma))
                     schedule.append(entry)
                 if remove and event == SPECIAL_OFF:
+                    special_off = entry["step"]
                     for f in frozen:
-                        f.special = False
+                        f.special = f.special and rc.special_steps > 0  # else: handed over by _hand_over
                 elif remove and not isinstance(event, str):
                     frozen.append(_freeze(event, entry, rc, positions, device))
             what = {"final": "cool-down", "precondition": "preconditioning"}.get(
@@ -393,7 +413,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 batch = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
-                _hand_over(frozen, step, rc)
+                _hand_over(frozen, step, rc, special_off)
                 opt.zero_grad(set_to_none=True)
                 loss, total, peak = _accumulate(model, batch, rc, positions, watch, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rc.grad_clip)
@@ -410,7 +430,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     skipped_in_a_row += 1
                     skipped += 1
                     if skipped_in_a_row > rc.max_skipped:
-                        raise WorkbenchError(
+                        raise Diverged(schedule, metrics,
                             f"the fine-tune diverged at step {step + 1} ({name}, event {i + 1} of {len(plan)}): "
                             f"{skipped_in_a_row} non-finite losses or gradients in a row; lower --lr or raise "
                             "--steps-per-ln"
@@ -435,7 +455,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 if on_step is not None:
                     on_step(step)
         restore()  # a checkpoint of a finished phase: nothing left to run
-        _hand_over(frozen, step - 1, rc)  # as the last step left them
+        _hand_over(frozen, step - 1, rc, special_off)  # as the last step left them
         if ckpt is not None and start < step:
             ckpt.save(state(step, done=True))
             if world > 1:
@@ -471,4 +491,4 @@ def control_copy(adapter):
     return copy.deepcopy(adapter)
 
 
-__all__ = ["RemovalConfig", "calibrate", "config_record", "control_copy", "evaluate", "finetune"]
+__all__ = ["Diverged", "RemovalConfig", "calibrate", "config_record", "control_copy", "evaluate", "finetune"]
