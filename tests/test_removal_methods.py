@@ -91,18 +91,21 @@ def test_special_positions_hand_over_geometrically_then_switch_off():
 # --- the one-sided penalty ---------------------------------------------------------------------------
 
 def test_mlp_penalty_is_one_sided_above_one_plus_delta_sigma():
-    s = torch.tensor([1.0, 1.0, 1.0, 3.0, 9.0]).reshape(1, 5, 1)  # position 0 is BOS: not ordinary
+    s = torch.tensor([20.0, 1.0, 1.0, 3.0, 9.0]).reshape(1, 5, 1)  # position 0 is BOS: not ordinary
     keep = torch.tensor([False, True, True, True, True]).reshape(1, 5, 1)
-    sigma = math.sqrt((1 + 1 + 9 + 81) / 4)  # rms over the ordinary positions
+    sigma = math.sqrt((1 + 1 + 9 + 81) / 4)  # rms over the ordinary positions: BOS does not set σ…
     delta = 0.2
-    want = sum(max(0.0, v / sigma - 1.2) ** 2 for v in (1.0, 1.0, 3.0, 9.0)) / 4
+    want = sum(max(0.0, v / sigma - 1.2) ** 2 for v in (20.0, 1.0, 1.0, 3.0, 9.0)) / 5  # …but is penalised
     assert mlp_scale_penalty([s], keep, delta).item() == pytest.approx(want, rel=1e-6)
-    assert want > 0 and max(0.0, 3.0 / sigma - 1.2) == 0  # only the 9 is above (1 + δ)·σ
+    assert max(0.0, 3.0 / sigma - 1.2) == 0 and max(0.0, 9.0 / sigma - 1.2) > 0  # only 9 and BOS's 20 are above
     uniform = torch.full((1, 5, 1), 4.0)
     assert mlp_scale_penalty([uniform], keep, 0.0).item() == 0.0
+    two = mlp_scale_penalty([s, 2 * uniform], keep, delta).item()
+    assert two == pytest.approx(want / 2, rel=1e-6)  # the mean over sites
     s2 = s.clone().requires_grad_()
     mlp_scale_penalty([s2], keep, delta).backward()
-    assert s2.grad[0, 4, 0] > 0 and torch.all(s2.grad[0, :4] == 0)  # σ is held constant: only outliers move
+    g = s2.grad[0, :, 0]
+    assert g[0] > 0 and g[4] > 0 and torch.all(g[1:4] == 0)  # σ is held constant: only outliers move
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(token_scale(x, centers=False), x.pow(2).mean(-1, keepdim=True).sqrt())
 

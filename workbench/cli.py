@@ -187,6 +187,9 @@ def _cmd_zoo(args) -> int:
                         corpus=args.corpus, progress=not args.quiet, model_overrides=_architecture(args) or None,
                         trust_pickle=args.trust_pickle, seeds=args.seeds, dtype=args.dtype, device=args.device)
     print(format_table(results))
+    arch = _architecture(args)
+    if arch:  # every member shares it: the zoo compares norms, nothing else
+        print(f"(architecture of every member: {arch.get('mlp', 'gelu')} MLP, {arch.get('pos', 'learned')} positions)")
     print(f"wrote {args.out}/{ZOO_FILE} and {args.out}/{FIGURE_FILE}")
     return 0
 

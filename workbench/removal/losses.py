@@ -50,16 +50,18 @@ def scale_spread(log_scales: list[Tensor], keep: Bool[Tensor, "batch pos 1"]) ->
     return torch.stack(out).mean()
 
 
-def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], keep: Bool[Tensor, "batch pos 1"],
+def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], ordinary: Bool[Tensor, "batch pos 1"],
                       delta: float) -> Tensor:
-    """Mean over sites of mean over kept positions of relu(s_t / σ − (1 + δ))², σ = sqrt(mean s_t²) of
-    the kept positions (held constant: only the outliers are pushed down, not the scale as a whole)."""
-    k = keep.float()
+    """Mean over sites of mean over **every** position of relu(s_t / σ − (1 + δ))², σ = sqrt(mean s_t²)
+    over the ordinary positions — the σ the site will be frozen at — held constant, so only the outliers
+    are pushed down, not the scale as a whole. BOS and end-of-text tokens are included: they are the
+    loudest positions, and after the special positions lose their own σ they are divided by this one."""
+    k = ordinary.float()
     n = k.sum().clamp_min(1)
     out = []
     for s in scales:
         sigma = ((s.detach().pow(2) * k).sum() / n).sqrt().clamp_min(1e-12)
-        out.append((torch.relu(s / sigma - (1 + delta)).pow(2) * k).sum() / n)
+        out.append(torch.relu(s / sigma - (1 + delta)).pow(2).mean())
     return torch.stack(out).mean()
 
 
