@@ -246,3 +246,17 @@ def test_bad_method_options_are_one_line_exit_2_and_write_nothing(swiglu_run, tm
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists() and not (tmp_path / "out.partial").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_overflow_summary_counts_the_norms_frozen_before_the_first_non_finite_step():
+    from workbench.removal.api import overflow
+
+    schedule = [{"event": 0, "norm": "precondition", "step": 0}] + [
+        {"event": i + 1, "norm": f"site{i}", "step": 2 + 2 * i, "sigma": 1.0} for i in range(4)] + [
+        {"event": 5, "norm": "special positions", "step": 10}]
+    metrics = [{"step": s, "loss": 1.0} for s in range(1, 13)]
+    assert overflow(schedule, metrics, 4) == {"first_overflow_step": None, "norms_frozen_before_overflow": 4,
+                                              "norms_total": 4}
+    metrics[6]["skipped"] = True  # metrics' step 7 is the step run at index 6: sites 0–2 (steps 2, 4, 6) frozen
+    assert overflow(schedule, metrics, 4)["norms_frozen_before_overflow"] == 3
+    assert overflow(schedule, metrics, 4)["first_overflow_step"] == 7

@@ -192,7 +192,7 @@ def overflow(schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], n_si
     none overflowed), for the removal tables."""
     bad = next((m["step"] for m in metrics if m.get("skipped")), None)
     frozen = [e for e in schedule if "sigma" in e]
-    before = n_sites if bad is None else sum(1 for e in frozen if e["step"] < bad - 1)
+    before = n_sites if bad is None else sum(1 for e in frozen if e["step"] <= bad - 1)  # metrics count from 1
     return {"first_overflow_step": bad, "norms_frozen_before_overflow": before, "norms_total": n_sites}
 
 

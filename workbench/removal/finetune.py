@@ -431,7 +431,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     skipped += 1
                     if skipped_in_a_row > rc.max_skipped:
                         raise Diverged(schedule, metrics,
-                            f"the fine-tune diverged at step {step + 1} ({name}, event {i + 1} of {len(plan)}): "
+                            f"the fine-tune diverged at step {step + 1} ({name}, event {i + 1} of {len(plan)}, "
+                            f"{len(frozen)} of {len(adapter.sites)} norms frozen): "
                             f"{skipped_in_a_row} non-finite losses or gradients in a row; lower --lr or raise "
                             "--steps-per-ln"
                         )
