@@ -177,7 +177,7 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
     summary["dtype"] = rc.dtype
     if ddp.main:
         export = family.export if family is not None and family.removal_output == "export" else None
-        _write_result(out, ln_free, control, summary, metrics, rc, export)
+        _write_result(out, ln_free, control, summary, metrics, rc, export, val)
     if ddp.world > 1:
         torch.distributed.barrier()
     return summary
@@ -196,6 +196,18 @@ def overflow(schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], n_si
     return {"first_overflow_step": bad, "norms_frozen_before_overflow": before, "norms_total": n_sites}
 
 
+@torch.no_grad()
+def _stock_ce(directory: Path, val: list[torch.Tensor]) -> float:
+    """Validation CE of an exported directory read back by transformers' own classes (no workbench code)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..model.gpt import lm_cross_entropy
+
+    hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    losses = [lm_cross_entropy(hf(input_ids=b.cpu()).logits, b.cpu()).item() for b in val]
+    return sum(losses) / len(losses)
+
+
 def _cpu_copy(adapter):
     twin = control_copy(adapter)
     twin.net.cpu()
@@ -209,10 +221,12 @@ def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:
     io.save_weights(model, d / io.MODEL_FILE)
 
 
-def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export=None) -> None:
+def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export=None, val=None) -> None:
     with io.atomic_dir(out) as tmp:
         if export is not None:  # a stock directory of the model's family (e.g. a Llama for SmolLM2)
             summary["export"] = export(ln_free.cpu(), tmp)
+            if val is not None:  # what stock transformers computes from the files just written
+                summary["ce_stock_reload"] = _stock_ce(tmp, val)
         else:
             _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
         if control is not None:
