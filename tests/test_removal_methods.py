@@ -14,9 +14,9 @@ from workbench.config import ModelConfig
 from workbench.model import GPT
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
-from workbench.removal.finetune import _freeze, _Watch, calibrate
+from workbench.removal.finetune import _freeze, calibrate
 from workbench.removal.gpt_sites import GPTRemoval
-from workbench.removal.losses import mlp_scale_penalty, token_scale
+from workbench.removal.losses import LossWatch, mlp_scale_penalty, token_scale
 
 SWIGLU = dict(mlp="swiglu", act_fn="silu", pos="rope")
 
@@ -114,7 +114,7 @@ def test_mlp_penalty_watches_only_the_mlp_norms_not_yet_frozen():
     m = heavy_swiglu()
     adapter = GPTRemoval(m, split_mlp=True)
     rc = RemovalConfig(mlp_penalty=1.0)
-    watch = _Watch(adapter, rc)
+    watch = LossWatch(adapter, mlp=rc.mlp_penalty)
     pos = SpecialPositions(eot_id=None)
     t = tokens()
     pos.update(t)

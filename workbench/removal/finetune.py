@@ -25,7 +25,7 @@ from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
 from ..optim import adamw
 from ..precision import autocast, check_dtype, resolve_dtype
-from .losses import aux_std_loss, log_scale, mlp_scale_penalty, scale_spread, token_scale
+from .losses import LossWatch
 from .resume import DEFAULT_EVERY, PhaseCheckpoint
 from .schedule import SPECIAL_OFF
 
@@ -201,53 +201,7 @@ def calibrate(adapter, norm, batch: Tensor, positions: SpecialPositions, chunk: 
     return out
 
 
-class _Watch:
-    """What the auxiliary losses read during one forward: the final residual, every site's log scale
-    (``--scale-loss``) and the scales of the MLP-norm inputs still live (``--mlp-penalty``)."""
-
-    def __init__(self, adapter, rc: RemovalConfig):
-        self.final: list[Tensor] = []
-        self.log_scales: list[Tensor] = []
-        self.mlp_scales: list[Tensor] = []
-        self.handles = [adapter.final_norm.register_forward_pre_hook(self._final)]
-        if rc.scale_loss > 0:
-            self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites]
-        if rc.mlp_penalty > 0:
-            self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
-
-    def _final(self, mod, args) -> None:
-        self.final.append(args[0])
-
-    def _log_scale(self, mod, args) -> None:
-        self.log_scales.append(log_scale(args[0], mod.standardize.centers))
-
-    def _mlp_scale(self, mod, args) -> None:
-        if not isinstance(mod.standardize, FrozenStandardize):  # only until the norm is frozen
-            self.mlp_scales.append(token_scale(args[0], mod.standardize.centers))
-
-    def clear(self) -> None:
-        self.final.clear()
-        self.log_scales.clear()
-        self.mlp_scales.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _objective(loss: Tensor, rc: RemovalConfig, watch: _Watch, positions: SpecialPositions) -> Tensor:
-    total = loss
-    keep = positions.ordinary()
-    if rc.aux_loss > 0 and watch.final:
-        total = total + rc.aux_loss * aux_std_loss(watch.final[-1], positions)
-    if rc.scale_loss > 0 and watch.log_scales:
-        total = total + rc.scale_loss * scale_spread(watch.log_scales, keep)
-    if rc.mlp_penalty > 0 and watch.mlp_scales:
-        total = total + rc.mlp_penalty * mlp_scale_penalty(watch.mlp_scales, keep, rc.penalty_delta)
-    return total
-
-
-def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: _Watch,
+def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: LossWatch,
                 world: int) -> tuple[Tensor, Tensor, float]:
     """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss, objective and
     the largest |entry| of the final residual (where an overflow shows first)."""
@@ -261,7 +215,7 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
         with sync:
             with autocast(chunk.device, resolve_dtype(rc.dtype, chunk.device)):
                 loss = lm_cross_entropy(model(chunk).float(), chunk)
-                total = _objective(loss, rc, watch, positions)
+                total = watch.objective(loss, positions)
             weight = len(chunk) / len(batch)
             (total * weight).backward()  # always: under DDP every rank must join the all-reduce
         peak = max(peak, watch.final[-1].detach().abs().max().float().item())
@@ -346,7 +300,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
     else:
         model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = _optimizer(net, rc, lr)
-    watch = _Watch(adapter, rc)
+    watch = LossWatch(adapter, aux=rc.aux_loss, scale=rc.scale_loss, mlp=rc.mlp_penalty, delta=rc.penalty_delta)
     frozen: list[FrozenStandardize] = []
     removal_steps = rc.precondition + len(events) * K
     # every hand-over completes before the fold

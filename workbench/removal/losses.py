@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..norms.frozen import SpecialPositions
+from ..norms.frozen import FrozenStandardize, SpecialPositions
 
 
 def token_scale(x: Float[Tensor, "batch pos d"], centers: bool) -> Float[Tensor, "batch pos 1"]:
@@ -65,4 +65,52 @@ def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], ordinary: Bool
     return torch.stack(out).mean()
 
 
-__all__ = ["aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]
+class LossWatch:
+    """What the auxiliary losses read during one forward — the final residual (``aux``), every site's
+    log scale (``scale``) and the scales of the MLP-norm inputs still live (``mlp``) — and the objective
+    they add to the language-model loss, each with its weight."""
+
+    def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1):
+        self.weights = {"aux": aux, "scale": scale, "mlp": mlp}
+        self.delta = delta
+        self.final: list[Tensor] = []
+        self.log_scales: list[Tensor] = []
+        self.mlp_scales: list[Tensor] = []
+        self.handles = [adapter.final_norm.register_forward_pre_hook(self._final)]
+        if scale > 0:
+            self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites]
+        if mlp > 0:
+            self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
+
+    def _final(self, mod, args) -> None:
+        self.final.append(args[0])
+
+    def _log_scale(self, mod, args) -> None:
+        self.log_scales.append(log_scale(args[0], mod.standardize.centers))
+
+    def _mlp_scale(self, mod, args) -> None:
+        if not isinstance(mod.standardize, FrozenStandardize):  # only until the norm is frozen
+            self.mlp_scales.append(token_scale(args[0], mod.standardize.centers))
+
+    def objective(self, loss: Tensor, positions: SpecialPositions) -> Tensor:
+        w = self.weights
+        total = loss
+        if w["aux"] > 0 and self.final:
+            total = total + w["aux"] * aux_std_loss(self.final[-1], positions)
+        if w["scale"] > 0 and self.log_scales:
+            total = total + w["scale"] * scale_spread(self.log_scales, positions.ordinary())
+        if w["mlp"] > 0 and self.mlp_scales:
+            total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta)
+        return total
+
+    def clear(self) -> None:
+        self.final.clear()
+        self.log_scales.clear()
+        self.mlp_scales.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+__all__ = ["LossWatch", "aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]
