@@ -121,14 +121,17 @@ def test_checkpoints_are_safetensors_with_json_bookkeeping(source, tmp_path, tin
     assert json.loads(json.dumps(state["fingerprint"])) == state["fingerprint"]
 
 
-def test_a_diverged_run_leaves_nothing(source, tmp_path, tiny_corpus, capsys):
+def test_a_diverged_run_leaves_nothing_but_the_trace_asked_for(source, tmp_path, tiny_corpus, capsys):
     out = tmp_path / "free"
     code = main(["remove-ln", str(source), "--out", str(out), "--lr", "1e30", "--steps-per-ln", "2",
                  "--tokens-per-step", "64", "--checkpoint-every", "1", "--corpus", str(tiny_corpus), "--quiet",
-                 "--no-control"])
+                 "--no-control", "--trace", str(tmp_path / "trace.json")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "diverged" in err, err
+    assert code == 2 and err.count("\n") == 1 and "diverged" in err and "norms frozen" in err, err
     assert not out.exists() and not (tmp_path / "free.partial").exists()
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert trace["diverged"] in err and trace["metrics"][-1]["skipped"]
+    assert sum(1 for m in trace["metrics"] if m.get("skipped")) == 6  # max_skipped + 1 in a row, then the stop
 
 
 @pytest.mark.parametrize("argv,message", [

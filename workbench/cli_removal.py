@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--checkpoint-every", type=int, default=None,
                    help="save a resumable checkpoint to OUT.partial every N steps (default 50; 0: off); the same "
                    "command resumes it")
+    r.add_argument("--trace", help="also write the schedule and per-step metrics (loss, resid_max, …) to this JSON "
+                   "file, and when the run diverges: how far it got and where the residual grew")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     r.add_argument("--no-control", action="store_true", help="skip the control run (LN kept)")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
@@ -78,8 +80,19 @@ def _removal_config(args):
 def cmd_remove_ln(args) -> int:
     from .removal import remove_ln
 
+    from . import io
+    from .removal.finetune import Diverged
+
     rc = _removal_config(args)
-    s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
+    try:
+        s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
+    except Diverged as e:
+        if args.trace:
+            io.atomic_write_json(Path(args.trace), {"diverged": str(e), "schedule": e.schedule, "metrics": e.metrics})
+        raise
+    if args.trace:
+        metrics = [json.loads(line) for line in (Path(args.out) / io.METRICS_FILE).read_text().splitlines()]
+        io.atomic_write_json(Path(args.trace), {"diverged": None, "schedule": s["schedule"], "metrics": metrics})
     if s["first_overflow_step"] is not None:
         print(f"note: the first non-finite step was {s['first_overflow_step']}, after {s['norms_frozen_before_overflow']}"
               f" of {s['norms_total']} norms were frozen (skipped steps: {s['skipped_steps']})")

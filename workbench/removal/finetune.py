@@ -383,13 +383,6 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 else:  # an overflowing loss or gradient: skip this update rather than poison the weights
                     skipped_in_a_row += 1
                     skipped += 1
-                    if skipped_in_a_row > rc.max_skipped:
-                        raise Diverged(schedule, metrics,
-                            f"the fine-tune diverged at step {step + 1} ({name}, event {i + 1} of {len(plan)}, "
-                            f"{len(frozen)} of {len(adapter.sites)} norms frozen): "
-                            f"{skipped_in_a_row} non-finite losses or gradients in a row; lower --lr or raise "
-                            "--steps-per-ln"
-                        )
                 step += 1
                 seen = loss.detach().clone()
                 if world > 1:  # record the global batch's loss, as a single process would
@@ -401,6 +394,11 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                 if clipping:  # the clip bridge: share of positions still normalized, mean over its norms
                     record["clipped"] = sum(clipping) / len(clipping)
                 metrics.append({**record, **({} if finite else {"skipped": True})})
+                if skipped_in_a_row > rc.max_skipped:
+                    raise Diverged(schedule, metrics,
+                                   f"the fine-tune diverged at step {step} ({name}, event {i + 1} of {len(plan)}, "
+                                   f"{len(frozen)} of {len(adapter.sites)} norms frozen): {skipped_in_a_row} non-finite "
+                                   "losses or gradients in a row; lower --lr or raise --steps-per-ln")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if ckpt is not None and ckpt.due(step) and step < removal_steps + final_steps:
