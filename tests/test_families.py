@@ -223,8 +223,8 @@ def test_gpt_neox_removal_writes_a_workbench_run(hf_dirs, tmp_path, tiny_corpus)
     data = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)
     with torch.no_grad():
         ce = [lm_cross_entropy(free(b), b).item() for b in data.val_batches(2, 4, s["n_ctx"])]
-    assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4)
-    assert s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)  # the summary reports the reload and free.b_U.abs().max() > 0
+    assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4) and free.b_U.abs().max() > 0
+    assert "ce_stock_reload" not in s  # a workbench run, not a stock directory
     r = direct_logit_attribution(free, PROMPT, " the")
     assert r.nmae <= 1e-5
     with pytest.raises(WorkbenchError, match="gpt_neox family has no exporter"):
