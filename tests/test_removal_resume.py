@@ -136,6 +136,7 @@ def test_a_diverged_run_leaves_nothing_but_the_trace_asked_for(source, tmp_path,
 
 @pytest.mark.parametrize("argv,message", [
     (["--checkpoint-every", "-1"], "--checkpoint-every must be ≥ 0"),
+    (["--trace", "no/such/dir/t.json"], "give a file in an existing directory"),
 ])
 def test_bad_checkpoint_options(source, tmp_path, capsys, argv, message):
     code = main(["remove-ln", str(source), "--out", str(tmp_path / "o"), *argv])

@@ -84,6 +84,10 @@ def cmd_remove_ln(args) -> int:
     from .removal.finetune import Diverged
 
     rc = _removal_config(args)
+    if args.trace and (Path(args.trace).is_dir() or not Path(args.trace).resolve().parent.is_dir()):
+        from .errors import WorkbenchError
+
+        raise WorkbenchError(f"--trace {args.trace}: give a file in an existing directory")
     try:
         s = remove_ln(args.model, args.out, rc, corpus=args.corpus, device=args.device, progress=not args.quiet)
     except Diverged as e:
