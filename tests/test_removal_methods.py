@@ -260,3 +260,14 @@ def test_overflow_summary_counts_the_norms_frozen_before_the_first_non_finite_st
     metrics[6]["skipped"] = True  # metrics' step 7 is the step run at index 6: sites 0–2 (steps 2, 4, 6) frozen
     assert overflow(schedule, metrics, 4)["norms_frozen_before_overflow"] == 3
     assert overflow(schedule, metrics, 4)["first_overflow_step"] == 7
+
+
+def test_dla_on_a_prompt_that_overflows_is_one_clear_error():
+    """A norm-free gated model can square a loud position into inf (the failure this file is about):
+    DLA then says so in one line instead of failing its sum check."""
+    cfg = ModelConfig(norm="none", n_layers=3, d_model=32, n_heads=4, n_ctx=24, d_vocab=64, **SWIGLU)
+    model = scale_gpt(GPT(cfg))
+    with torch.no_grad():
+        model.W_E.mul_(1e12)  # residual entries ~1e11: the first MLP squares them past float32's range
+    with pytest.raises(workbench.WorkbenchError, match=r"overflows on this prompt \(non-finite from L\d"):
+        direct_logit_attribution(model, tokens(1)[:, :8], 3)

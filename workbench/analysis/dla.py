@@ -117,6 +117,11 @@ def direct_logit_attribution(
     model.eval()
     direction, u_bias = answer_direction(model, answer, contrast)
     names, comps, final = residual_components(model, tokens, pos)
+    if not (torch.isfinite(final).all() and torch.isfinite(comps).all()):
+        bad = (~torch.isfinite(comps).all(-1)).tolist()
+        first = next((n for n, b in zip(names, bad) if b), "the final residual")
+        raise WorkbenchError(f"the residual stream overflows on this prompt (non-finite from {first}); DLA needs "
+                             "finite activations — try another prompt, or a model whose norms were not removed")
     if not torch.allclose(comps.sum(0), final, atol=1e-4 * max(1.0, final.abs().max().item())):
         raise RuntimeError("components do not sum to the final residual; the decomposition is incomplete")
     linear, gain, offset = _final_norm_parts(model, final)
