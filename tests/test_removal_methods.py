@@ -271,3 +271,25 @@ def test_dla_on_a_prompt_that_overflows_is_one_clear_error():
         model.W_E.mul_(1e12)  # residual entries ~1e11: the first MLP squares them past float32's range
     with pytest.raises(workbench.WorkbenchError, match=r"overflows on this prompt \(non-finite from L\d"):
         direct_logit_attribution(model, tokens(1)[:, :8], 3)
+
+
+def test_a_non_finite_calibration_stops_the_run_at_once(swiglu_run, tmp_path, tiny_corpus, monkeypatch):
+    """An overflow in the calibration forward gives σ = NaN; installing it would only waste the next
+    steps (SmolLM2 run S3): the run stops at that event, saying so."""
+    from workbench.removal import finetune as ft
+
+    real = ft.calibrate
+    calls = []
+
+    def poisoned(adapter, norm, batch, *a, **k):
+        calls.append(1)
+        out = real(adapter, norm, batch, *a, **k)
+        return {**out, "sigma": float("nan")} if len(calls) == 3 else out
+
+    monkeypatch.setattr(ft, "calibrate", poisoned)
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       control=False)
+    with pytest.raises(ft.Diverged, match="overflows on the calibration batch") as e:
+        remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    assert len(e.value.metrics) == 2 and math.isnan(e.value.schedule[-1]["sigma"])  # stopped before step 3
+    assert not (tmp_path / "free").exists() and not (tmp_path / "free.partial").exists()

@@ -349,6 +349,11 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     elif remove and not isinstance(event, str):
                         first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local]
                         entry.update(calibrate(adapter, event.norm, first.to(device), positions, rc.micro_batch, rc.sigma))
+                        if not all(math.isfinite(v) for k, v in entry.items() if k.startswith("sigma") and v is not None):
+                            raise Diverged(schedule + [entry], metrics, f"the fine-tune diverged at step {step + 1} ({name}, "
+                                           f"event {i + 1} of {len(plan)}, {len(frozen)} of {len(adapter.sites)} norms "
+                                           "frozen): the model overflows on the calibration batch, so its scale is not "
+                                           "finite; lower --lr or raise --steps-per-ln")
                     schedule.append(entry)
                 if remove and event == SPECIAL_OFF:
                     special_off = entry["step"]
