@@ -1,6 +1,7 @@
 """remove-ln survives a kill: checkpoints in OUT.partial, resumed by the same command to the same weights."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -130,8 +131,11 @@ def test_a_diverged_run_leaves_nothing_but_the_trace_asked_for(source, tmp_path,
     assert code == 2 and err.count("\n") == 1 and "diverged" in err and "norms frozen" in err, err
     assert not out.exists() and not (tmp_path / "free.partial").exists()
     trace = json.loads((tmp_path / "trace.json").read_text())
-    assert trace["diverged"] in err and trace["metrics"][-1]["skipped"]
-    assert sum(1 for m in trace["metrics"] if m.get("skipped")) == 6  # max_skipped + 1 in a row, then the stop
+    assert trace["diverged"] in err and trace["metrics"]
+    if "calibration batch" in err:  # the overflowing weights already poison the next norm's σ
+        assert not math.isfinite(trace["schedule"][-1]["sigma"])
+    else:
+        assert sum(1 for m in trace["metrics"] if m.get("skipped")) == 6  # max_skipped + 1 in a row, then the stop
 
 
 @pytest.mark.parametrize("argv,message", [
