@@ -8,10 +8,11 @@ from the live scale s(x) = sqrt(mean x² + ε) to σ gradually, with progress a 
 
     ramp   scale = s^(1−a) · σ^a                          (geometric blend)
     clip   scale = max(σ, (1−a) · s)                      (only positions above σ are still normalized)
-    taper  y = g · x/s + (1 − g) · x/σ,  g = ½(1 + cos πa) (the outputs blended, TaperNorm-style) Until ``special`` is
-switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen σ: their residual
-norms are far from the others' (attention sinks), so one scalar for all positions would be too
-large a step at once. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
+    taper  y = g · x/s + (1 − g) · x/σ,  g = ½(1 + cos πa) (the outputs blended, TaperNorm-style)
+
+Until ``special`` is switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen
+σ: their residual norms are far from the others' (attention sinks), so one scalar for all positions
+would be too large a step at once; ``special_blend`` may move their σ to the shared one gradually. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
 """
 
 from __future__ import annotations

@@ -260,8 +260,10 @@ class Diverged(WorkbenchError):
     """The fine-tune overflowed: a one-line error for the CLI, with the schedule and per-step metrics up
     to that point for whoever calls ``remove_ln`` from Python (nothing is written to ``--out``)."""
 
-    def __init__(self, schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], message: str):
-        super().__init__(message)
+    def __init__(self, schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], where: str, n_frozen: int,
+                 n_sites: int, why: str):
+        super().__init__(f"the fine-tune diverged at {where}, {n_frozen} of {n_sites} norms frozen): {why}; "
+                         "lower --lr or raise --steps-per-ln")
         self.schedule, self.metrics = schedule, metrics
 
 
@@ -350,10 +352,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                         first = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local]
                         entry.update(calibrate(adapter, event.norm, first.to(device), positions, rc.micro_batch, rc.sigma))
                         if not all(math.isfinite(v) for k, v in entry.items() if k.startswith("sigma") and v is not None):
-                            raise Diverged(schedule + [entry], metrics, f"the fine-tune diverged at step {step + 1} ({name}, "
-                                           f"event {i + 1} of {len(plan)}, {len(frozen)} of {len(adapter.sites)} norms "
-                                           "frozen): the model overflows on the calibration batch, so its scale is not "
-                                           "finite; lower --lr or raise --steps-per-ln")
+                            where = f"step {step + 1} ({name}, event {i + 1} of {len(plan)}"
+                            raise Diverged(schedule + [entry], metrics, where, len(frozen), len(adapter.sites),
+                                           "the model overflows on the calibration batch, so its scale is not finite")
                     schedule.append(entry)
                 if remove and event == SPECIAL_OFF:
                     special_off = entry["step"]
@@ -400,10 +401,9 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     record["clipped"] = sum(clipping) / len(clipping)
                 metrics.append({**record, **({} if finite else {"skipped": True})})
                 if skipped_in_a_row > rc.max_skipped:
-                    raise Diverged(schedule, metrics,
-                                   f"the fine-tune diverged at step {step} ({name}, event {i + 1} of {len(plan)}, "
-                                   f"{len(frozen)} of {len(adapter.sites)} norms frozen): {skipped_in_a_row} non-finite "
-                                   "losses or gradients in a row; lower --lr or raise --steps-per-ln")
+                    raise Diverged(schedule, metrics, f"step {step} ({name}, event {i + 1} of {len(plan)}",
+                                   len(frozen), len(adapter.sites),
+                                   f"{skipped_in_a_row} non-finite losses or gradients in a row")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if ckpt is not None and ckpt.due(step) and step < removal_steps + final_steps:
