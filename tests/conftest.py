@@ -107,10 +107,13 @@ def _hf_config(family: str, vocab: int):
     return {
         "gpt2": lambda: GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
                                    eos_token_id=0),
-        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True),
-        "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False),
+        # rotary bases other than the default 10000 (SmolLM2's is 100000): a reader or exporter that
+        # drops the base computes another model
+        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0),
+        "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=250000.0),
         "gpt_neox": lambda: GPTNeoXConfig(**common, rotary_pct=0.5, use_parallel_residual=True,
-                                          tie_word_embeddings=False),
+                                          tie_word_embeddings=False, rope_parameters=dict(
+                                              rope_type="default", rope_theta=20000.0, partial_rotary_factor=0.5)),
     }[family]()
 
 

@@ -92,14 +92,16 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
     return model.to(device).eval()
 
 
-def export(model: GPT, out: str | Path) -> dict:
+def export(model: GPT, out: str | Path, check_tokens: torch.Tensor | None = None) -> dict:
     """Write ``model`` as a stock Hugging Face directory of its family (GPT-2 for the workbench's own
-    Pre-LN and LN-free models); returns what the exporter measured (``max_abs_logit_diff``, ...)."""
+    Pre-LN and LN-free models); returns what the exporter measured (``max_abs_logit_diff``, ...). The
+    directory is read back by transformers and compared with ``model`` on ``check_tokens`` (default: fixed
+    random tokens) before it appears; a difference above ``EXPORT_TOLERANCE`` refuses, nothing written."""
     family = family_named(model.cfg.family) or GPT2
     if family.export is None:
         raise WorkbenchError(f"the {family.name} family has no exporter; models of it are saved as workbench run "
                              "directories")
-    return family.export(model, Path(out))
+    return family.export(model, Path(out), check_tokens)
 
 
 __all__ = ["FAMILIES", "Family", "export", "family_named", "family_of", "fetch_smollm2", "is_hf_spec", "load",

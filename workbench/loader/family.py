@@ -33,8 +33,9 @@ class Family:
     config: Callable[[dict], dict[str, Any]]
     # HF state dict (+ the ModelConfig built above) → state dict in the workbench's names and layout.
     weights: Callable[[dict[str, Tensor], "ModelConfig", dict], dict[str, Tensor]]
-    # Writes a workbench model of this family as a stock HF directory (None: the family has no exporter).
-    export: Callable[["GPT", Path], dict] | None = None
+    # Writes a workbench model of this family as a stock HF directory, checked on the given tokens (None:
+    # fixed random ones) by ``verify_export`` (None: the family has no exporter).
+    export: Callable[["GPT", Path, Tensor | None], dict] | None = None
     # Runs after loading (e.g. recognising our own LN-free export and folding it back).
     finish: Callable[["GPT", dict], "GPT"] | None = None
     # LayerNorm removal of this family's checkpoints: defaults for what the user did not set, and where
@@ -50,3 +51,47 @@ def read_back_ln_free(model: "GPT", hf_config: dict) -> "GPT":
     from ..model.fold import as_norm_free
 
     return as_norm_free(model, model.cfg.eps) if hf_config.get(MARKER) else model
+
+
+# An export must reproduce the model it was written from: the stock reload's logits may differ from the
+# workbench model's by at most this fraction of the logit scale (float32 round-off, and the identity norms
+# of norm-free exports, cost ≤ 3e-5 on the tested models; docs/ln_removal.md).
+EXPORT_TOLERANCE = 1e-4
+
+
+def check_tokens(model: "GPT", tokens: Tensor | None = None) -> Tensor:
+    """The tokens an export is checked on: ``tokens`` when given, else two fixed random windows."""
+    import torch
+
+    if tokens is not None:
+        return tokens.cpu()
+    return torch.randint(0, model.cfg.d_vocab, (2, min(model.cfg.n_ctx, 64)), generator=torch.Generator().manual_seed(0))
+
+
+def verify_export(model: "GPT", directory: Path, tokens: Tensor | None = None) -> float:
+    """Read ``directory`` back with transformers' own classes and compare its logits with ``model``'s on
+    fixed tokens; returns the largest difference. Refuses (``WorkbenchError``) where the difference is
+    above ``EXPORT_TOLERANCE`` of the logit scale, or where one side overflows and the other does not:
+    the written directory is then not this model. Positions where the model itself overflows are not
+    compared (an overflowing norm-free model still exports; ``workbench dla`` names such prompts)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..errors import WorkbenchError
+
+    t = check_tokens(model, tokens)
+    stock = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours, ref = model.cpu()(t).float(), stock(input_ids=t).logits.float()
+    finite = torch.isfinite(ours)
+    if not finite.any():
+        raise WorkbenchError("the model's logits are not finite on the export check tokens, so the export cannot "
+                             "be checked; nothing was written")
+    diff = (ours[finite] - ref[finite]).abs().max().item() if torch.isfinite(ref[finite]).all() else float("inf")
+    scale = ours[finite].abs().max().item()
+    if not diff <= EXPORT_TOLERANCE * max(scale, 1e-30) or not torch.equal(torch.isfinite(ref), finite):
+        raise WorkbenchError(
+            f"the exported {type(stock).__name__} does not reproduce this model (its logits, read back by "
+            f"transformers, differ by {diff:.3g} = {diff / max(scale, 1e-30):.2g} of the logit scale; tolerance "
+            f"{EXPORT_TOLERANCE:g}): the model has something that format cannot represent; nothing was written")
+    return diff

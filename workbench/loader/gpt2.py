@@ -25,7 +25,7 @@ from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Affine
 from ..tokenizer import EOT
-from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, verify_export
 
 def config(cfg: dict) -> dict:
     act = cfg.get("activation_function", "gelu_new")
@@ -85,7 +85,8 @@ def _readers_centered(model: GPT) -> float:
 
 @torch.no_grad()
 def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None) -> dict:
-    """Write ``model`` as a stock ``GPT2LMHeadModel`` directory; returns ``{"max_abs_logit_diff", ...}``."""
+    """Write ``model`` as a stock ``GPT2LMHeadModel`` directory; returns ``{"max_abs_logit_diff", ...}``, the
+    difference of the directory read back by transformers on ``check_tokens`` (``verify_export``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ..io import atomic_dir, check_out_dir
@@ -156,13 +157,11 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith("masked_bias")]
     if missing or unexpected:
         raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
-    tokens = check_tokens if check_tokens is not None else torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)),
-                                                                          generator=torch.Generator().manual_seed(0))
-    diff = (hf(tokens).logits - model(tokens)).abs().max().item()
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         if model.tokenizer is not None:
             model.tokenizer.save(str(tmp / "tokenizer.json"))
+        diff = verify_export(model, tmp, check_tokens)
     return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
 
 

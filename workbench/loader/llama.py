@@ -22,7 +22,7 @@ from ..config import ModelConfig
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Affine
-from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, verify_export
 
 # The working context of a rotary model: the window every analysis cuts text into (diagnose, confidence,
 # studies). 256 keeps those analyses as fast and comparable as before; longer texts are one argument away
@@ -95,8 +95,9 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
 
 
 @torch.no_grad()
-def export_llama(model: GPT, out: Path) -> dict:
-    """Write ``model`` as a stock Llama (or Qwen2) directory; returns ``{"max_abs_logit_diff", ...}``."""
+def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> dict:
+    """Write ``model`` as a stock Llama (or Qwen2) directory; returns ``{"max_abs_logit_diff", ...}``, the
+    difference of the directory read back by transformers on ``check_tokens`` (``verify_export``)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from ..io import atomic_dir
@@ -153,12 +154,11 @@ def export_llama(model: GPT, out: Path) -> dict:
     missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{cls.__name__} export mismatch: missing {missing}, unexpected {unexpected}")
-    tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=torch.Generator().manual_seed(0))
-    diff = (hf(input_ids=tokens).logits - model.cpu()(tokens)).abs().max().item()
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         if tok is not None:
             PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=cfg.bos_token, eos_token=cfg.bos_token).save_pretrained(tmp)
+        diff = verify_export(model, tmp, check_tokens)
     return {"max_abs_logit_diff": diff, "ln_free": ln_free, "rms_norm_eps": eps, "architecture": cls.__name__}
 
 

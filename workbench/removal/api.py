@@ -224,7 +224,8 @@ def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:
 def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export=None, val=None) -> None:
     with io.atomic_dir(out) as tmp:
         if export is not None:  # a stock directory of the model's family (e.g. a Llama for SmolLM2)
-            summary["export"] = export(ln_free.cpu(), tmp)
+            # checked on validation text: a norm-free model may overflow on random tokens (docs/ln_removal.md S2)
+            summary["export"] = export(ln_free.cpu(), tmp, val[0][:2] if val else None)
             if val is not None:  # what stock transformers computes from the files just written
                 summary["ce_stock_reload"] = _stock_ce(tmp, val)
         else:
