@@ -11,11 +11,12 @@ from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
-from workbench.data import load_token_data
+from workbench.data import batch_fingerprint, batches_digest, load_token_data
 from workbench.errors import WorkbenchError
 from workbench.model import GPT
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+from workbench.removal.api import same_batches
 from workbench.removal.finetune import calibrate, evaluate
 from workbench.removal.gpt_sites import GPTRemoval
 
@@ -127,6 +128,24 @@ def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
     assert abs(r.dla_sum - r.logit) <= 1e-4 and r.nmae <= 1e-5
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == len(names) + s["final_steps"] and all("control_loss" in m for m in metrics)
+    # Both arms saw the batches that (seed, step) defines, step for step: ΔCE compares like with like.
+    train = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)
+    expected = [batch_fingerprint(train.train_batch(i, bs, free.cfg.n_ctx, RemovalConfig().seed))
+                for i in range(len(metrics))]
+    assert [m["batch"] for m in metrics] == expected and len(set(expected)) == len(expected)
+    assert s["batches"] == {"removal": batches_digest(expected), "control": batches_digest(expected), "same": True,
+                            "first_different_step": None}
+
+
+def test_same_batches_names_the_first_step_the_arms_differ():
+    run = {"steps": 3, "batches": "r", "metrics": [{"step": 1, "batch": "a"}, {"step": 2, "batch": "b"},
+                                                    {"step": 3, "batch": "c"}]}
+    control = {"steps": 3, "batches": "c", "metrics": [{"step": 1, "batch": "a"}, {"step": 2, "batch": "x"},
+                                                        {"step": 3, "batch": "c"}]}
+    assert same_batches(run, control) == {"removal": "r", "control": "c", "same": False, "first_different_step": 2}
+    longer = {**run, "batches": "r", "metrics": run["metrics"] + [{"step": 4, "batch": "d"}]}
+    assert same_batches(run, longer)["first_different_step"] == 4
+    assert same_batches(run, {**run})["same"] is True
 
 
 def test_remove_ln_on_rms_and_mix_ln(runs, tmp_path, tiny_corpus):

@@ -222,6 +222,34 @@ def test_taper_end_to_end_folds_exactly(swiglu_run, tmp_path, tiny_corpus):
     assert s["fold_max_abs_logit_diff"] <= 1e-4 and s["config"]["bridge"] == "taper"
 
 
+@pytest.mark.parametrize("method", [dict(bridge="clip", bridge_steps=3), dict(bridge="taper", bridge_steps=3),
+                                    dict(ramp=3)])
+def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_corpus, monkeypatch, method):
+    """The written-out schedule: in the j-th training step after a norm is frozen the progress is
+    a = min(1, j / R) — 1/R in the first step, fully frozen from the R-th on — whatever the bridge."""
+    import workbench.removal.api as api
+
+    step, seen = [0], []  # seen: (training step index, norm's frozen_at, blend) per bridged forward
+    blended = FrozenStandardize._blended
+
+    def spy(self, xc, frozen):
+        if torch.is_grad_enabled():  # a training forward, not calibration or evaluation
+            seen.append((step[0], self.frozen_at, self.blend))
+        return blended(self, xc, frozen)
+
+    monkeypatch.setattr(FrozenStandardize, "_blended", spy)
+    monkeypatch.setitem(api._ON_STEP, "removal", lambda n: step.__setitem__(0, n))
+    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                       control=False, **method)
+    s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    R = 3
+    frozen_at = {e["step"] for e in s["schedule"] if e["norm"] != "special positions"}
+    assert {f for _, f, _ in seen} == frozen_at and len(seen) > 3 * len(frozen_at)
+    for t, f, a in seen:
+        assert a == pytest.approx(min(1.0, (t - f + 1) / R)), (t, f, a)
+    assert s["fold_max_abs_logit_diff"] <= 1e-4
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mlp-penalty", "1", "--penalty-delta", "-0.1"], "--penalty-delta δ must be ≥ 0"),
     (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),

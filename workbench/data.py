@@ -75,6 +75,21 @@ class TokenData:
         return float(-logp[self.val].mean())
 
 
+def batch_fingerprint(tokens: torch.Tensor) -> str:
+    """A short hash of a batch of token ids (values and shape): two runs with equal fingerprints at every
+    step trained on the same data."""
+    h = hashlib.sha256(str(tuple(tokens.shape)).encode())
+    h.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def batches_digest(fingerprints: list[str | None]) -> str | None:
+    """One hash of a run's per-step batch fingerprints, in step order; None if any step lacks one."""
+    if not fingerprints or any(f is None for f in fingerprints):
+        return None
+    return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:16]
+
+
 def tokenize_works(tok: Tokenizer, works) -> np.ndarray:
     """Token stream of ``works`` joined by <|endoftext|>."""
     eot = eot_id(tok)
@@ -116,4 +131,4 @@ def load_token_data(corpus: str | Corpus, vocab_size: int, tokenizer: Tokenizer 
     return data
 
 
-__all__ = ["TokenData", "cache_dir", "load_token_data", "tokenize_works"]
+__all__ = ["TokenData", "batch_fingerprint", "batches_digest", "cache_dir", "load_token_data", "tokenize_works"]

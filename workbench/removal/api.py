@@ -133,6 +133,7 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
         "n_ctx": n_ctx,
         "ce_original": ce_original,
         "ce_control": None,
+        "batches": {"removal": run["batches"], "control": None, "same": None, "first_different_step": None},
         "ce_ln_free": ce_ln_free,
         "ce_ln_free_before_fold": ce_unfolded,
         "fold_max_abs_logit_diff": fold_diff,
@@ -166,6 +167,7 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
         if rc.fsdp:
             gather_into(control, control_twin)
             control = control_twin
+        summary["batches"] = same_batches(run, crun)
         by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
         metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
     if model.cfg.norm == "mix-ln":
@@ -185,6 +187,17 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
 
 # Test seam: a callable per phase called after every step (a test raises from it to simulate a kill).
 _ON_STEP: dict[str, Any] = {}
+
+
+def same_batches(run: dict[str, Any], crun: dict[str, Any]) -> dict[str, Any]:
+    """Whether the removal and the control trained on the same batches (what makes ΔCE a fair comparison):
+    both arms' digests, and the first step whose batch differs."""
+    theirs = {m["step"]: m.get("batch") for m in crun["metrics"]}
+    differ = [m["step"] for m in run["metrics"] if theirs.get(m["step"]) != m.get("batch")]
+    differ += [s for s in theirs if s > run["steps"]]
+    return {"removal": run["batches"], "control": crun["batches"],
+            "same": not differ and run["batches"] is not None and run["batches"] == crun["batches"],
+            "first_different_step": min(differ) if differ else None}
 
 
 def overflow(schedule: list[dict[str, Any]], metrics: list[dict[str, Any]], n_sites: int) -> dict[str, Any]:

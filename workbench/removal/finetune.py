@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..data import TokenData
+from ..data import TokenData, batch_fingerprint, batches_digest
 from ..errors import WorkbenchError
 from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
@@ -370,7 +370,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     step += 1
                     continue
                 restore()
-                batch = data.train_batch(step, bs, adapter.n_ctx, rc.seed)[rank * local:(rank + 1) * local].to(device)
+                whole = data.train_batch(step, bs, adapter.n_ctx, rc.seed)  # the global batch, before sharding
+                batch = whole[rank * local:(rank + 1) * local].to(device)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, removal_steps, final_steps, rc, lr)
                 _hand_over(frozen, step, rc, special_off)
@@ -395,7 +396,7 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
                     dist.all_reduce(seen)
                     seen /= world
                 record = {"step": step, "norm": name, "loss": seen.item(), "resid_max": peak,
-                          "lr": _lr_at(step - 1, removal_steps, final_steps, rc, lr)}
+                          "lr": _lr_at(step - 1, removal_steps, final_steps, rc, lr), "batch": batch_fingerprint(whole)}
                 clipping = [f.clipped.item() for f in frozen if f.clipped is not None]
                 if clipping:  # the clip bridge: share of positions still normalized, mean over its norms
                     record["clipped"] = sum(clipping) / len(clipping)
@@ -423,7 +424,8 @@ def finetune(adapter, data: TokenData, rc: RemovalConfig, lr: float, device: tor
         watch.remove()
     net.eval()
     return {"schedule": schedule, "metrics": metrics, "steps": step, "final_steps": final_steps, "skipped_steps": skipped,
-            "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs, "resumed_from_step": start or None}
+            "tokens": step * bs * (adapter.n_ctx - 1), "batch_size": bs, "resumed_from_step": start or None,
+            "batches": batches_digest([m.get("batch") for m in metrics])}
 
 
 def config_record(rc: RemovalConfig) -> dict[str, Any]:
