@@ -63,6 +63,36 @@ def test_residual_statistics_equal_direct_computation():
     assert r["n_tokens"] == 3 * 4 * CFG["n_ctx"]
 
 
+@pytest.mark.parametrize("norm", ["pre-ln", "pre-rms"])
+def test_scales_updates_and_every_angular_distance_equal_direct_computation(norm):
+    """Norm scales from the residual stream itself (sqrt(var + eps) for LayerNorm, sqrt(mean x² + eps) for
+    RMSNorm — not from the norm's own hook), update ratios ‖h_{l+1} − h_l‖ / ‖h_l‖, and the angular
+    distance at every (n, layer)."""
+    m, bs, L, far = model(norm), batches(), CFG["n_layers"], 2
+    r = residual_statistics(m, bs, far=far)
+    caches = [m.run_with_cache(t)[1] for t in bs]
+    cat = lambda name: torch.cat([c[name] for c in caches]).double()  # noqa: E731
+    eps = m.cfg.eps
+
+    def scale(h):
+        spread = h.var(-1, unbiased=False) if norm == "pre-ln" else h.pow(2).mean(-1)
+        return (spread + eps).sqrt().mean().item()
+
+    h = [cat(f"blocks.{l}.hook_resid_pre") for l in range(L)] + [cat(f"blocks.{L - 1}.hook_resid_post")]
+    for l in range(L):
+        rec = r["layers"][l]
+        assert rec["ln1_scale"] == pytest.approx(scale(h[l]), rel=1e-5)
+        assert rec["ln2_scale"] == pytest.approx(scale(cat(f"blocks.{l}.hook_resid_mid")), rel=1e-5)
+        ratio = ((h[l + 1] - h[l]).norm(dim=-1) / h[l].norm(dim=-1)).mean().item()
+        assert rec["block_update_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert r["layers"][L]["ln_final_scale"] == pytest.approx(scale(h[L]), rel=1e-5)
+    assert sorted(r["angular_distance"]) == ["1", str(far)]
+    for n in (1, far):
+        expected = [(torch.arccos(torch.cosine_similarity(h[l][:, -1], h[l + n][:, -1], dim=-1).clamp(-1, 1))
+                     / math.pi).mean().item() for l in range(L + 1 - n)]
+        assert r["angular_distance"][str(n)] == pytest.approx(expected, rel=1e-5)
+
+
 def test_massive_activation_dimension_is_found():
     """Plant a huge value in one residual dimension at position 0: it must be reported."""
     m = model()

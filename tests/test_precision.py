@@ -42,6 +42,41 @@ def test_auto_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     assert precision.resolve_dtype("bfloat16", cpu) == "bfloat16"  # asked for: honoured, only slower
 
 
+def test_bfloat16_autocast_computes_in_bfloat16():
+    """The arithmetic itself, against an explicit bf16 matmul: float16 (more mantissa, less range) would
+    give other digits and another dtype."""
+    a, b = torch.randn(8, 16) * 3, torch.randn(16, 4) * 3
+    with precision.autocast(torch.device("cpu"), "bfloat16"):
+        got = a @ b
+    assert got.dtype == torch.bfloat16 and torch.equal(got, a.bfloat16() @ b.bfloat16())
+    model = scale_gpt(GPT(ModelConfig(norm="pre-ln", **TINY_MODEL)), seed=1)
+    seen = {}
+
+    def dtype_of(key):
+        return lambda x, hook: seen.update({key: x.dtype})  # returns None: the activation is unchanged
+
+    with precision.autocast(torch.device("cpu"), "bfloat16"), \
+            model.hooks(fwd_hooks=[("blocks.0.attn.hook_q", dtype_of("q")), ("blocks.0.hook_mlp_out", dtype_of("mlp"))]):
+        model(torch.randint(0, TINY_MODEL["d_vocab"], (2, 8)))
+    assert seen == {"q": torch.bfloat16, "mlp": torch.bfloat16}
+
+
+def test_asking_for_bf16_on_a_cpu_without_it_says_it_is_emulated_once(monkeypatch, tmp_path, tiny_corpus, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setattr(precision, "_SAID", set())
+    line = precision.emulated("bfloat16", cpu)
+    assert "emulated" in line and "avx512_bf16" in line and "2.8×" in line and "--dtype auto" in line
+    assert precision.why("bfloat16", cpu) == line
+    assert precision.emulated("float32", cpu) is None and precision.emulated("auto", cpu) is None
+    run(tmp_path / "a", tiny_corpus, "bfloat16", steps=2)
+    run(tmp_path / "b", tiny_corpus, "bfloat16", steps=2)
+    err = capsys.readouterr().err.splitlines()
+    assert [e for e in err if "emulated" in e] == [f"workbench: warning: {line}"]
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    assert precision.emulated("bfloat16", cpu) is None and precision.why("bfloat16", cpu) == "bfloat16 (asked for)"
+
+
 def test_cpu_flags_come_from_proc_cpuinfo():
     from pathlib import Path
 

@@ -11,6 +11,7 @@ fast float16 also has fast bfloat16.
 from __future__ import annotations
 
 import contextlib
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,11 +61,36 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
+# Measured: a `small` zoo step in bf16 on a CPU without AVX-512, where bf16 is emulated (issue 25).
+EMULATED_SLOWDOWN = 2.8
+
+
+def emulated(name: str, device: torch.device) -> str | None:
+    """A line saying ``name`` will be emulated (and slow) on ``device``, or None where it is native."""
+    if check_dtype(name) != "bfloat16" or native_bf16(device):
+        return None
+    what = f"this CPU has no {' or '.join(CPU_BF16_FLAGS)}" if device.type == "cpu" else \
+        f"this {device.type} device has no native bf16"
+    return (f"--dtype bfloat16 is emulated here ({what}): several times slower than float32 "
+            f"({EMULATED_SLOWDOWN}× for a `small` step); --dtype auto picks float32 on this machine")
+
+
+def warn_if_emulated(name: str, device: torch.device) -> None:
+    """Say :func:`emulated`'s line once on stderr (the run goes on: it was asked for)."""
+    line = emulated(name, device)
+    if line is not None and line not in _SAID:
+        _SAID.add(line)
+        print(f"workbench: warning: {line}", file=sys.stderr)
+
+
+_SAID: set[str] = set()
+
+
 def why(name: str, device: torch.device) -> str:
     """One line saying which precision ``auto`` chose on this device, and why."""
     chosen = resolve_dtype(name, device)
     if name != "auto":
-        return f"{chosen} (asked for)"
+        return emulated(name, device) or f"{chosen} (asked for)"
     if chosen == "bfloat16":
         has = "a CUDA GPU with bf16" if device.type == "cuda" else f"a CPU with {'/'.join(cpu_bf16_flags())}"
         return f"bfloat16 autocast, float32 weights ({has}; --dtype float32 to turn it off)"

@@ -30,7 +30,7 @@ from .data import TokenData, load_token_data
 from .errors import WorkbenchError
 from .optim import param_groups
 from .model import GPT
-from .precision import autocast, check_dtype, resolve_dtype
+from .precision import autocast, check_dtype, resolve_dtype, warn_if_emulated
 from .presets import get_preset
 
 __version__ = "0.1.0"
@@ -171,6 +171,8 @@ def train(
     check_dtype(dtype)
     ddp = init_distributed()
     dev = resolve_device(device, ddp)  # before the corpus is tokenized: a bad device fails at once
+    if ddp.main:
+        warn_if_emulated(dtype, dev)
     train_overrides = {**(train_overrides or {}), "dtype": resolve_dtype(dtype, dev)}
     model_cfg, train_cfg = build_configs(norm, preset, steps, seed, corpus, model_overrides, train_overrides)
     out = Path(out)

@@ -16,7 +16,7 @@ from ..errors import WorkbenchError
 from ..io import check_out_dir
 from ..model import GPT
 from ..norms.frozen import SpecialPositions
-from ..precision import resolve_dtype
+from ..precision import resolve_dtype, warn_if_emulated
 from ..train import __version__
 from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
 from .gpt_sites import GPTRemoval, check_removable
@@ -64,6 +64,8 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
     check_out_dir(out)
     ddp = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
     dev = _device(device)
+    if ddp.main:
+        warn_if_emulated(rc.dtype, dev)
     rc = dataclasses.replace(rc, dtype=resolve_dtype(rc.dtype, dev))  # the summary records what ran
     model = load_source(spec, dev)
     family = family_named(model.cfg.family)  # None: the workbench's own models
