@@ -139,6 +139,29 @@ def test_patching_invariants_on_a_one_token_change():
     assert -1 <= r.correlation <= 1
 
 
+def test_last_layer_heads_patch_as_the_written_out_formula_and_attribution_agrees():
+    """Norm-free, parallel attention + MLP: the metric is linear in the last layer's z, so patching head h
+    changes it by exactly (z_clean − z_corrupt)[last, h] · W_O[h] · (W_U[:, a] − W_U[:, b]), and attribution
+    patching (first order) must equal activation patching head for head."""
+    m = model("none", parallel=True, n_layers=3)
+    clean = toks()
+    corrupt = clean.clone()
+    corrupt[0, 2], corrupt[0, 6] = (clean[0, 2] + 7) % CFG["d_vocab"], (clean[0, 6] + 3) % CFG["d_vocab"]
+    r = patching(m, clean, corrupt, 5, 9)
+    heads = r.table[(r.table.kind == "head") & (r.table.layer == 2)].set_index("head")
+    key = "blocks.2.attn.hook_z"
+    with torch.no_grad():
+        zc = m.run_with_cache(clean, names_filter=key)[1][key][0, -1]
+        zk = m.run_with_cache(corrupt, names_filter=key)[1][key][0, -1]
+        u = m.unembed.W_U[:, 5] - m.unembed.W_U[:, 9]
+        formula = torch.einsum("hd,hdm,m->h", zc - zk, m.blocks[2].attn.W_O, u)
+    assert formula.abs().min() > 1e-3 and len(set(formula.round(decimals=3).tolist())) == CFG["n_heads"]
+    np.testing.assert_allclose(heads.activation.to_numpy(), formula.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(heads.attribution.to_numpy(), formula.numpy(), rtol=1e-4, atol=1e-4)
+    last_mlp = r.table[(r.table.kind == "mlp") & (r.table.layer == 2)].iloc[0]
+    assert last_mlp.attribution == pytest.approx(last_mlp.activation, rel=1e-4, abs=1e-4)
+
+
 def test_patching_needs_equal_lengths():
     with pytest.raises(WorkbenchError, match="same number of tokens"):
         patching(model("pre-ln"), toks(n=8), toks(n=9), 5, 9)
