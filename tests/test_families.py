@@ -231,25 +231,6 @@ def test_gpt_neox_removal_writes_a_workbench_run(hf_dirs, tmp_path, tiny_corpus)
         export(free, tmp_path / "hf")
 
 
-def test_smollm2_from_its_gguf_when_cached():
-    """The real model: the GGUF read into the surface has the logits transformers computes from the
-    same file; DLA sums to the logit (skipped unless `workbench fetch smollm2` has run)."""
-    from workbench.loader import smollm2_cached
-    from workbench.loader.hub import SMOLLM2_GGUF, smollm2_dir
-
-    if not smollm2_cached():
-        pytest.skip("SmolLM2 is not cached (workbench fetch smollm2)")
-    m = workbench.load("smollm2")
-    assert (m.cfg.family, m.cfg.n_layers, m.cfg.n_key_value_heads, m.cfg.mlp) == ("llama", 30, 3, "swiglu")
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-    t = m.to_tokens("The quick brown fox jumps over the lazy dog because")
-    with torch.no_grad():
-        ref, ours = hf(input_ids=t).logits, m(t)
-    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    r = direct_logit_attribution(m, "The capital of France is", " Paris")
-    assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit)) and r.nmae > 1e-3
-
-
 def _write_tiny_gguf(path, hf_dir) -> "torch.nn.Module":
     """A random Llama written as llama.cpp writes one (F32 tensors, Q/K rows permuted for its rotary
     layout, a gpt2-style BPE vocabulary); returns the transformers model it was written from."""
