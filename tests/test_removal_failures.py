@@ -18,7 +18,8 @@ from workbench.removal import RemovalConfig, remove_ln
 from workbench.removal.gpt_sites import GPTRemoval
 from workbench.tokenizer import train_tokenizer
 
-RC = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1, control=False)
+# float32 whatever the CPU (the default is auto): these tests compare exact arithmetic
+RC = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, dtype="float32", warmup_steps=1, control=False)
 STEPS = 3 * TINY_MODEL["n_layers"] + 2 + 6  # one step per norm and the special positions, then 6 cool-down
 
 

@@ -18,6 +18,7 @@ from ..model import GPT
 from ..norms.frozen import SpecialPositions
 from ..precision import resolve_dtype, warn_if_emulated
 from ..train import __version__
+from .recipes import explain, resolve
 from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
 from .gpt_sites import GPTRemoval, check_removable
 from .resume import PhaseCheckpoint, discard, partial_dir
@@ -52,24 +53,32 @@ def load_source(spec: str | Path | GPT, device: torch.device) -> GPT:
 
 
 def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None = None, corpus: str | None = None,
-              device: str | None = None, progress: bool = True, data: TokenData | None = None) -> dict[str, Any]:
+              device: str | None = None, progress: bool = True, data: TokenData | None = None,
+              options: dict[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
     """Remove every norm of a Pre-norm model by fine-tuning; write the LN-free model, a control run and
-    ``summary.json`` to ``out``. Returns the summary."""
+    ``summary.json`` to ``out``. Returns the summary.
+
+    The method is ``rc`` as given, or (without ``rc``) the recipe for the model's capabilities — or the
+    one named by ``recipe`` — with the family's defaults and then ``options`` (RemovalConfig fields) on top."""
     from ..train import init_distributed
 
     from ..loader import family_named
 
-    rc = rc or RemovalConfig()
+    if rc is not None and (options or recipe):
+        raise WorkbenchError("give either a RemovalConfig or a recipe and options, not both")
     out = Path(out)
     check_out_dir(out)
     ddp = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
     dev = _device(device)
-    if ddp.main:
-        warn_if_emulated(rc.dtype, dev)
-    rc = dataclasses.replace(rc, dtype=resolve_dtype(rc.dtype, dev))  # the summary records what ran
     model = load_source(spec, dev)
     family = family_named(model.cfg.family)  # None: the workbench's own models
     defaults = family.removal_defaults if family is not None else {}
+    chosen = None
+    if rc is None:
+        rc, _, chosen = resolve(model.cfg, options or {}, recipe, defaults)
+    if ddp.main:
+        warn_if_emulated(rc.dtype, dev)
+    rc = dataclasses.replace(rc, dtype=resolve_dtype(rc.dtype, dev))  # the summary records what ran
     check_removable(model.cfg)
     if model.tokenizer is None:
         raise WorkbenchError("the model has no tokenizer; remove-ln needs one to read the fine-tuning corpus")
@@ -93,7 +102,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         c.check()
     try:
         summary = _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp,
-                          progress, ckpts, t0)
+                          progress, ckpts, t0, recipe=chosen.name if chosen else None)
     except WorkbenchError:
         if ddp.main:
             discard(partial)  # a diverged or refused run is not resumable: the same command fails the same way
@@ -104,7 +113,7 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
 
 
 def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp, progress, ckpts,
-            t0) -> dict[str, Any]:
+            t0, recipe: str | None = None) -> dict[str, Any]:
     control = control_copy(adapter) if rc.control else None
     if control is not None:
         control.net.cpu()  # the control waits on the CPU: the device holds one model while the removal runs
@@ -150,6 +159,7 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
         "lr": lr,
         "schedule": run["schedule"],
         "config": config_record(rc),
+        "recipe": recipe,  # None: a RemovalConfig given whole
         "corpus": corpus,
         "eval_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in val),
     }
@@ -189,6 +199,20 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
 
 # Test seam: a callable per phase called after every step (a test raises from it to simulate a kill).
 _ON_STEP: dict[str, Any] = {}
+
+
+def explain_method(spec: str | Path | GPT, options: dict[str, Any] | None = None, recipe: str | None = None) -> str:
+    """What ``remove-ln`` would run on ``spec``: the recipe, every field and where its value came from."""
+    from ..loader import family_named
+
+    model = load_source(spec, torch.device("cpu"))
+    family = family_named(model.cfg.family)
+    defaults = family.removal_defaults if family is not None else {}
+    rc, source, chosen = resolve(model.cfg, options or {}, recipe, defaults)
+    text = explain(rc, source, chosen, asked=recipe not in (None, "auto"))
+    if rc.lr is None:
+        text += "\n  (lr None: 0.4 × the pre-training peak learning rate, 6e-4 if the run does not record it)"
+    return text
 
 
 def same_batches(run: dict[str, Any], crun: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -32,54 +32,62 @@ from .schedule import SPECIAL_OFF
 BRIDGES = ("none", "clip", "taper")
 
 
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    """A field that is also a ``remove-ln`` flag: its default and help are written here only."""
+    return field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
+
+
 @dataclass
 class RemovalConfig:
-    steps_per_ln: int = 2  # K: fine-tuning steps after each norm is frozen
-    tokens_per_step: int = 1024  # global batch, in tokens (rounded down to whole sequences)
-    lr: float | None = None  # None: 0.4 × the pre-training peak (6e-4 if unknown); 2e-5 for Hugging Face Llama models
+    steps_per_ln: int = _opt(2, "fine-tuning steps after each norm is frozen (K)")
+    tokens_per_step: int = _opt(1024, "tokens per optimizer step: the global batch, rounded down to whole sequences")
+    lr: float | None = _opt(None, "learning rate (default: the family's, else 0.4 × the pre-training peak, "
+                                  "else 6e-4)")
     warmup_steps: int = 5
-    micro_batch: int | None = None  # sequences per forward pass (gradient accumulation); None = all at once
-    # After the last removal: a cool-down with cosine decay to lr·min_lr_ratio. None: 30 % of the removal steps.
-    final_steps: int | None = None
+    micro_batch: int | None = _opt(None, "sequences per forward pass (gradient accumulation; default: all at once)")
+    # After the last removal: a cool-down with cosine decay to lr·min_lr_ratio.
+    final_steps: int | None = _opt(None, "cool-down steps after the last removal (default: 30 % of the removal "
+                                         "steps, at least the longest hand-over)")
     min_lr_ratio: float = 0.1
     max_skipped: int = 5  # steps with a non-finite gradient are skipped; more than this many in a row is divergence
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # How the ordinary positions' per-token scales become one σ: "rms" (root mean square, the pooled std
-    # of the paper), "median" (robust to a few tokens with massive activations) or "qNN" (the NN-th
-    # percentile: most tokens are then scaled down, almost none up).
-    sigma: str = "rms"
-    # Positions 0 … special_positions−1 keep their own σ until the last event (with end-of-text tokens).
-    special_positions: int = 1
-    aux_loss: float = 0.0  # weight of the final-residual std-uniformity loss
-    # Weight of a loss on the spread of log per-token scale at *every* norm site (ordinary positions):
-    # it teaches the model to stop relying on a few high-norm tokens before one σ replaces their scale.
-    scale_loss: float = 0.0
-    precondition: int = 0  # steps with that loss (and every norm live) before the first norm is frozen
-    ema: float = 0.0  # 0: σ fixed at calibration; else the EMA rate towards the live scale
+    # "median" is robust to a few tokens with massive activations; with "qNN" most tokens are scaled
+    # down and almost none up.
+    sigma: str = _opt("rms", "frozen std from the ordinary tokens' scales: rms (pooled std), median, or qNN "
+                             "(percentile)")
+    special_positions: int = _opt(1, "the first N positions keep their own std until the last event (with "
+                                     "end-of-text tokens; 1: BOS)")
+    aux_loss: float = _opt(0.0, "weight of the final-residual std-uniformity loss")
+    # Teaches the model to stop relying on a few high-norm tokens before one σ replaces their scale.
+    scale_loss: float = _opt(0.0, "weight of a loss on the spread of log per-token scale at every norm")
+    precondition: int = _opt(0, "steps with --scale-loss and every norm live before the first is frozen")
+    ema: float = _opt(0.0, "EMA rate of the frozen std towards the live scale while fine-tuning (0: fixed)")
     seed: int = 1  # batch seed; pre-training used seed 0's batches
     eval_batches: int = 16
     eval_batch_size: int = 8
-    control: bool = True
-    ramp: int = 0  # >0: each frozen norm blends from its live scale to σ over this many steps (geometric)
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
-    # Fine-tuning precision: float32, bfloat16 (autocast over float32 weights) or auto (bf16 where the
-    # device computes it natively; workbench.precision). Evaluations are always float32.
-    dtype: str = "float32"
-    # Gated (SwiGLU) MLPs: the up path's input gets its own norm, frozen first with the MLP norms; the
-    # gate's input stays live until every other norm is frozen, so meanwhile the MLP grows like ‖x‖, not ‖x‖².
-    split_mlp: bool = False
-    # One-sided penalty on per-position scales above (1 + δ)·σ at every MLP-norm input not yet frozen.
-    mlp_penalty: float = 0.0
-    penalty_delta: float = 0.1
-    # Hand-over from the live scale to σ over bridge_steps steps (norms/frozen.py): "clip" normalizes only
-    # the positions above σ, annealed away; "taper" blends the two outputs with a cosine-decayed weight.
-    bridge: str = "none"
-    bridge_steps: int = 0
-    # >0: the special positions lose their own σ over this many steps (geometrically), not at once.
-    special_steps: int = 0
-    # Checkpoint every N steps into OUT.partial/ (resumed by the same command); None: 50 (0 under FSDP).
-    checkpoint_every: int | None = None
+    control: bool = _opt(True, "skip the control run (norms kept)", flag="--no-control")
+    ramp: int = _opt(0, "hand each norm over from its live scale to the frozen one over R steps (geometric; "
+                        "0: at once)")
+    fsdp: bool = _opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead "
+                             "of DDP")
+    # Evaluations are always float32.
+    dtype: str = _opt("auto", "float32 | bfloat16 (autocast over float32 weights) | auto (bfloat16 where the "
+                              "device computes it natively, else float32)")
+    # While the gate's input stays live, the MLP grows like ‖x‖, not ‖x‖².
+    split_mlp: bool = _opt(False, "gated MLPs: the up path's input gets its own norm, frozen first; the gate's "
+                                  "stays live until last")
+    mlp_penalty: float = _opt(0.0, "weight of a one-sided penalty on per-position scales above (1+δ)·σ at "
+                                   "MLP-norm inputs not yet frozen")
+    penalty_delta: float = _opt(0.1, "δ of --mlp-penalty")
+    bridge: str = _opt("none", "hand-over to the frozen scale: none, clip (only positions above σ stay "
+                               "normalized, annealed away) or taper (outputs blended, cosine to 0)")
+    bridge_steps: int = _opt(0, "steps over which --bridge is annealed away")
+    special_steps: int = _opt(0, "hand the special positions (BOS, EOT) over to the shared σ over N steps "
+                                 "(0: at once)")
+    checkpoint_every: int | None = _opt(None, "save a resumable checkpoint to OUT.partial every N steps (default "
+                                              f"{DEFAULT_EVERY}, 0 under --fsdp; 0: off); the same command "
+                                              "resumes it")
 
     def __post_init__(self) -> None:
         if self.steps_per_ln <= 0:

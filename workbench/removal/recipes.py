@@ -1,0 +1,81 @@
+"""Named removal recipes, chosen by what the model can do, and the one place a method is resolved.
+
+A recipe is data: the fields of :class:`RemovalConfig` it sets, the capability it is for, and the
+measurement that made it the default. :func:`resolve` layers, lowest first: the fields' own defaults,
+the recipe, the family's defaults, and the fields the user gave; it returns the config and where each
+value came from (``remove-ln --explain`` prints that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import WorkbenchError
+from .finetune import RemovalConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    gated: bool  # the capability it is chosen for: a gated MLP (ModelConfig.gated_mlp) or not
+    chosen_for: str  # that capability, in words
+    fields: dict[str, Any] = field(default_factory=dict)
+    evidence: str = ""
+
+    def applies(self, cfg: ModelConfig) -> bool:
+        return cfg.gated_mlp == self.gated
+
+
+RECIPES = {
+    "gpt2": Recipe("gpt2", False, "an ungated (GELU) MLP", {},
+                   "the GPT-2 schedule of Heimersheim 2024 (ln2 → ln1 Q/K → ln1 V → ln_final → special positions, "
+                   "K = 2); every GELU zoo result in docs/ln_removal.md"),
+    "gated": Recipe("gated", True, "a gated (SwiGLU) MLP",
+                    {"split_mlp": True, "mlp_penalty": 1.0, "special_steps": 16, "steps_per_ln": 4},
+                    "docs/ln_removal.md, SwiGLU test bed: defaults fail (NaN); split MLP norm + MLP penalty + "
+                    "16-step special hand-over at K = 4: +0.019 nats vs control"),
+}
+
+
+def choose(cfg: ModelConfig) -> Recipe:
+    return next(r for r in RECIPES.values() if r.applies(cfg))
+
+
+def recipe_named(name: str | None, cfg: ModelConfig) -> Recipe:
+    if name in (None, "auto"):
+        return choose(cfg)
+    if name not in RECIPES:
+        raise WorkbenchError(f"unknown --recipe {name!r}; choose one of: auto, {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def resolve(cfg: ModelConfig, given: dict[str, Any], recipe: str | None = None,
+            family: dict[str, Any] | None = None) -> tuple[RemovalConfig, dict[str, str], Recipe]:
+    """The config for ``cfg`` and, per field, where its value came from: default, recipe NAME, family, flag."""
+    r = recipe_named(recipe, cfg)
+    names = {f.name for f in dataclasses.fields(RemovalConfig)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise WorkbenchError(f"remove-ln has no option {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    source = {n: "default" for n in names}
+    for layer, how in ((r.fields, f"recipe {r.name}"), ({k: v for k, v in (family or {}).items() if k in names},
+                                                        "family"), (given, "given")):
+        for k, v in layer.items():
+            values[k], source[k] = v, how
+    return RemovalConfig(**values), source, r
+
+
+def explain(rc: RemovalConfig, source: dict[str, str], r: Recipe, asked: bool) -> str:
+    """Every field of the resolved method, with where its value came from, as lines of text."""
+    how = "asked for" if asked else f"chosen by capability: the model has {r.chosen_for}"
+    lines = [f"recipe {r.name} ({how}; {r.evidence})"]
+    for f in dataclasses.fields(rc):
+        lines.append(f"  {f.name:<18} {getattr(rc, f.name)!r:<10} ({source[f.name]})")
+    return "\n".join(lines)
+
+
+__all__ = ["RECIPES", "Recipe", "choose", "explain", "recipe_named", "resolve"]
