@@ -11,9 +11,10 @@ import sys
 
 import pandas as pd
 
-from workbench.analysis.compare import SUMMARY_METRICS, depth_intervals, depth_paired, depth_summary, zoo_diagnostics
+from workbench.analysis.compare import SUMMARY_METRICS, depth_intervals, depth_paired, depth_summary
 from workbench.analysis.intervals import format_interval
 from workbench.errors import WorkbenchError
+from workbench.studies import zoo_diagnostics
 from workbench.zoo import run_dirs, run_groups, run_seeds
 
 METRICS = ("final_val_loss", *SUMMARY_METRICS)

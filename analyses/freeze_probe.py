@@ -14,11 +14,12 @@ import sys
 
 import torch
 
-from workbench.data import TokenData, tokenize_works
-from workbench.corpora import load_corpus
+from workbench.batches import TokenData, tokenize_works
+from workbench.corpus_spec import load_corpus
 import workbench
-from workbench.norms.frozen import FrozenStandardize, SpecialPositions
-from workbench.removal.finetune import calibrate, evaluate
+from workbench.norms.frozen import SpecialPositions
+from workbench.removal.calibrate import calibrate_and_freeze
+from workbench.removal.finetune import evaluate
 from workbench.removal.gpt_sites import GPTRemoval
 
 
@@ -47,9 +48,7 @@ def main() -> int:
     print(f"{'#':>3} {'site':<45}{'sigma':>10}{'sigma_bos':>11}{'sigma_eot':>11}{'val CE':>9}")
     print(f"{'':>3} {'(live norms)':<45}{'':>32}{evaluate(adapter.net, evals, pos, dev):>9.3f}")
     for i, site in enumerate(adapter.sites[: args.sites]):
-        sig = calibrate(adapter, site.norm, calib, pos, statistic=args.sigma)
-        site.norm.standardize = FrozenStandardize(sig["sigma"], site.norm.standardize.centers, pos, sig["sigma_bos"],
-                                                  sig["sigma_eot"] or sig["sigma_bos"])
+        sig, _ = calibrate_and_freeze(adapter, site.norm, calib, pos, statistic=args.sigma)
         ce = evaluate(adapter.net, evals, pos, dev)
         fmt = lambda v: f"{v:>11.4g}" if v is not None else f"{'—':>11}"  # noqa: E731
         print(f"{i:>3} {site.name:<45}{sig['sigma']:>10.4g}{fmt(sig['sigma_bos'])}{fmt(sig['sigma_eot'])}{ce:>9.3f}",

@@ -14,10 +14,11 @@ import time
 import torch
 
 import workbench
-from workbench.data import load_token_data
+from workbench.batches import load_token_data
 from workbench.model.gpt import lm_cross_entropy
-from workbench.norms.frozen import FrozenStandardize, SpecialPositions
-from workbench.removal.finetune import calibrate, evaluate
+from workbench.norms.frozen import SpecialPositions
+from workbench.removal.calibrate import calibrate_and_freeze
+from workbench.removal.finetune import evaluate
 from workbench.removal.losses import log_scale, scale_spread
 from workbench.removal.gpt_sites import GPTRemoval
 
@@ -63,9 +64,7 @@ def main() -> int:
         probe = copy.deepcopy(ad)
         ces = []
         for i, site in enumerate(probe.sites[:n_mlp]):
-            sig = calibrate(probe, site.norm, calib, pos)
-            site.norm.standardize = FrozenStandardize(sig["sigma"], site.norm.standardize.centers, pos,
-                                                      sig["sigma_bos"], sig["sigma_eot"] or sig["sigma_bos"])
+            calibrate_and_freeze(probe, site.norm, calib, pos)
             if i in PROBED:
                 ces.append(f"{i}: {evaluate(probe.net, evals, pos, cpu):.3f}")
         print(f"{tag}: val CE with the MLP norms frozen through layer (no fine-tuning) — {', '.join(ces)}", flush=True)

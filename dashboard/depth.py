@@ -6,9 +6,10 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.common import diagnose_spec, load_json, manifest, missing
-from workbench.analysis.compare import (DIAGNOSE_FILE, METRICS, SUMMARY_METRICS, SUMMARY_TITLES, compare_figure,
-                                        compare_table, depth_intervals, depth_paired, depth_summary, interval_bars)
+from workbench.analysis.compare import (METRICS, SUMMARY_METRICS, SUMMARY_TITLES, compare_figure, compare_table,
+                                        depth_intervals, depth_paired, depth_summary, interval_bars)
 from workbench.errors import WorkbenchError
+from workbench.studies import DIAGNOSE_FILE
 from workbench.zoo import run_dirs, run_groups, run_seeds
 
 st.title("Depth diagnostics")

@@ -31,7 +31,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A folder corpus of five short 'works' cut from the bundled English text."""
-    from workbench.corpora import load_corpus
+    from workbench.corpus_spec import load_corpus
 
     d = tmp_path_factory.mktemp("corpus")
     works = load_corpus("english").train[:5]

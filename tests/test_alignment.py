@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL, save_run, scale_gpt
 from workbench.cli import main
 from workbench.config import ModelConfig
-from workbench.corpora import load_corpus
+from workbench.corpus_spec import load_corpus
 from workbench.languages.alignment import cosine, cosine_interval, partial_spearman, retrieval_hits, spearman
 from workbench.languages.encode import POOLINGS, encode_texts, text_model
-from workbench.languages.parallel import Language, ParallelCorpus, load_parallel
+from workbench.languages.aligned import Language, ParallelCorpus
+from workbench.languages.parallel import load_parallel
 from workbench.languages.ranker import encode_languages, rank_languages, score_languages
 from workbench.model import GPT
 from workbench.tokenizer import train_tokenizer

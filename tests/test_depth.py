@@ -139,7 +139,7 @@ def test_diagnose_bad_input():
 def hf_llama_dir(tmp_path_factory, tiny_corpus):
     """A randomly initialised Llama (RMSNorm) saved as a local Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from workbench.data import load_token_data
+    from workbench.batches import load_token_data
 
     d = tmp_path_factory.mktemp("hf-llama")
     tok = load_token_data(str(tiny_corpus), 320).tokenizer

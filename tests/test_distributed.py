@@ -34,7 +34,7 @@ def removals(tmp_path_factory, tiny_corpus):
     d = tmp_path_factory.mktemp("distributed")
     workbench.train("pre-ln", d / "run", steps=8, corpus=str(tiny_corpus), model_overrides=TINY_MODEL,
                     train_overrides=TINY_TRAIN, progress=False)
-    single = remove_ln(d / "run", d / "single", RemovalConfig(**RC), corpus=str(tiny_corpus), progress=False)
+    single = remove_ln(d / "run", d / "single", RemovalConfig.of(**RC), corpus=str(tiny_corpus), progress=False)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                         str(ROOT / "tests" / "torchrun_removal_worker.py"), str(d / "run"), str(tiny_corpus),
                         str(d / "dist"), json.dumps(RC)], capture_output=True, text=True, timeout=300, cwd=ROOT)

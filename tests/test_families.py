@@ -162,12 +162,12 @@ def test_unsupported_family_is_refused_in_one_line(tmp_path, hf_dirs, capsys):
 def test_llama_removal_writes_a_stock_llama_with_exact_dla(hf_dirs, tmp_path, tiny_corpus):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from workbench.data import load_token_data
+    from workbench.batches import load_token_data
     from workbench.loader.family import LN_FREE_EPS
     from workbench.model.gpt import lm_cross_entropy
     from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
     s = remove_ln(hf_dirs["llama"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     assert s["family"] == "llama" and s["n_ctx"] == 64 and s["fold_max_abs_logit_diff"] <= 1e-4
     assert s["export"]["max_abs_logit_diff"] <= 1e-4
@@ -210,14 +210,14 @@ def test_gpt_neox_removal_writes_a_workbench_run(hf_dirs, tmp_path, tiny_corpus)
     from workbench.loader import export
     from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        control=False)
     s = remove_ln(hf_dirs["gpt_neox"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     free = workbench.load(tmp_path / "free")
     assert is_norm_free(free) and free.cfg.parallel and free.cfg.family == "gpt_neox" and s["fold_max_abs_logit_diff"] <= 1e-4
     # the saved run computes what was evaluated: LayerNorm's β folded into a bias GPT-NeoX lacks (b_U)
     # must survive the save
-    from workbench.data import load_token_data
+    from workbench.batches import load_token_data
     from workbench.model.gpt import lm_cross_entropy
 
     data = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)

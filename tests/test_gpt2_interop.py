@@ -43,7 +43,7 @@ def test_loaded_gpt2_has_the_logits_of_transformers(gpt2_dir):
 
 
 def test_round_trip_gpt2_to_ln_free_to_stock_transformers(gpt2_dir, tmp_path, tiny_corpus):
-    s = remove_ln(gpt2_dir, tmp_path / "free", RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2,
+    s = remove_ln(gpt2_dir, tmp_path / "free", RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2,
                                                                   eval_batch_size=4),
                   corpus=str(tiny_corpus), progress=False)
     free = workbench.load(tmp_path / "free")

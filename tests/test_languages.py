@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import workbench
 from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.cli import main
-from workbench.corpora import load_corpus
+from workbench.corpus_spec import load_corpus
 from workbench.errors import WorkbenchError
 from workbench.languages.encode import _windows, encode_texts, text_model
 from workbench.languages.mixture import heldout_parallel, mixture_corpus, parse_mixture
@@ -242,7 +242,7 @@ def test_hugging_face_model_through_transformer_bridge(llama_dir):
 
 
 def _udhr_rows():
-    from workbench.corpus import bundled_path, read_jsonl_xz
+    from workbench.texts import bundled_path, read_jsonl_xz
 
     return read_jsonl_xz(bundled_path("udhr.jsonl.xz"))
 

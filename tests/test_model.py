@@ -199,7 +199,7 @@ def test_swiglu_rope_member_trains_and_attributes_exactly(tmp_path, tiny_corpus,
     assert torch.allclose(cache["blocks.0.mlp.hook_post"], torch.nn.functional.silu(gate) * up, atol=1e-5)
     r = direct_logit_attribution(m, "And God said unto the", " the")
     assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit))
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        control=False)
     s = remove_ln(run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     assert s["fold_max_abs_logit_diff"] <= 1e-4

@@ -181,7 +181,7 @@ def test_remove_ln_in_bf16_fine_tunes_in_bf16_and_still_folds_exactly(tmp_path, 
 
     run(tmp_path / "src", tiny_corpus, "float32", steps=8)
     rc = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1, control=False)
-    s = {dt: remove_ln(tmp_path / "src", tmp_path / dt, RemovalConfig(**rc, dtype=dt), corpus=str(tiny_corpus),
+    s = {dt: remove_ln(tmp_path / "src", tmp_path / dt, RemovalConfig.of(**rc, dtype=dt), corpus=str(tiny_corpus),
                        device="cpu", progress=False) for dt in ("float32", "bfloat16")}
     assert s["bfloat16"]["dtype"] == "bfloat16" and s["bfloat16"]["config"]["dtype"] == "bfloat16"
     assert s["bfloat16"]["ce_original"] == s["float32"]["ce_original"]  # evaluation is float32 in both
@@ -190,6 +190,6 @@ def test_remove_ln_in_bf16_fine_tunes_in_bf16_and_still_folds_exactly(tmp_path, 
     assert s["bfloat16"]["fold_max_abs_logit_diff"] < 1e-4
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "bfloat16" / "model.safetensors")).values())
     # "auto" is resolved against the device before anything runs, and the summary says what ran
-    auto = remove_ln(tmp_path / "src", tmp_path / "auto", RemovalConfig(**rc, dtype="auto"), corpus=str(tiny_corpus),
+    auto = remove_ln(tmp_path / "src", tmp_path / "auto", RemovalConfig.of(**rc, dtype="auto"), corpus=str(tiny_corpus),
                      device="cpu", progress=False)
     assert auto["dtype"] == precision.resolve_dtype("auto", torch.device("cpu"))

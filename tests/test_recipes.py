@@ -19,17 +19,18 @@ GELU = ModelConfig(norm="pre-ln", **TINY_MODEL)
 
 def test_the_recipe_follows_the_mlp_and_flags_and_family_go_on_top():
     rc, source, r = resolve(GELU, {})
-    assert r.name == "gpt2" and rc == RemovalConfig() and set(source.values()) == {"default"}
+    assert r.name == "gpt2" and rc == RemovalConfig.of() and set(source.values()) == {"default"}
     rc, source, r = resolve(GATED, {})
-    assert r.name == "gated" and (rc.split_mlp, rc.mlp_penalty, rc.special_steps, rc.steps_per_ln) == (True, 1.0, 16, 4)
+    assert r.name == "gated" and (rc.schedule.split_mlp, rc.losses.mlp_penalty, rc.calibration.special_steps,
+                               rc.schedule.steps_per_ln) == (True, 1.0, 16, 4)
     assert source["split_mlp"] == "recipe gated" and source["sigma"] == "default"
     rc, source, _ = resolve(GATED, {"steps_per_ln": 3}, family={"lr": 2e-5, "n_ctx": 128})
-    assert (rc.steps_per_ln, rc.lr, source["steps_per_ln"], source["lr"]) == (3, 2e-5, "given", "family")
+    assert (rc.schedule.steps_per_ln, rc.optimization.lr, source["steps_per_ln"], source["lr"]) == (3, 2e-5, "given", "family")
     rc, _, r = resolve(GATED, {}, recipe="gpt2")
-    assert r.name == "gpt2" and not rc.split_mlp
+    assert r.name == "gpt2" and not rc.schedule.split_mlp
     # every recipe field is a real field, and a recipe is a valid config on a model it applies to
     for recipe in RECIPES.values():
-        assert set(recipe.fields) <= {f.name for f in dataclasses.fields(RemovalConfig)}
+        assert set(recipe.fields) <= {f.name for _, f in RemovalConfig.fields()}
     with pytest.raises(WorkbenchError, match="unknown --recipe 'fast'; choose one of: auto, gpt2, gated"):
         resolve(GATED, {}, recipe="fast")
     with pytest.raises(WorkbenchError, match="--steps-per-ln must be at least 1"):
@@ -39,9 +40,9 @@ def test_the_recipe_follows_the_mlp_and_flags_and_family_go_on_top():
 def test_every_flag_is_its_field_with_its_default_written_once():
     """Unset flags are absent (the recipe decides them); a set flag is the field, typed as the field."""
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["remove-ln"]
-    fields = {f.name: f for f in dataclasses.fields(RemovalConfig) if "help" in f.metadata}
+    fields = {f.name: f for _, f in RemovalConfig.fields() if "help" in f.metadata}
     flags = {a.dest: a for a in sub._actions if a.dest in fields}
-    assert set(flags) == set(fields) and len(fields) >= 22
+    assert set(flags) == set(fields) and len(fields) >= 21  # 22 before --ramp became --bridge ramp
     for name, action in flags.items():
         f = fields[name]
         if f.type != "bool" and f.default is not None and "default" not in f.metadata["help"]:
@@ -67,8 +68,10 @@ def test_explain_prints_the_method_and_writes_nothing(gated_run, tmp_path, capsy
     assert main(["remove-ln", str(gated_run), "--explain"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("recipe gated (chosen by capability: the model has a gated (SwiGLU) MLP;")
-    rows = {line.split()[0]: line for line in out[1:] if line.startswith("  ") and not line.startswith("  (")}
-    assert set(rows) == {f.name for f in dataclasses.fields(RemovalConfig)}
+    rows = {line.split()[0]: line for line in out[1:] if line.startswith("    ")}
+    assert set(rows) == {f.name for _, f in RemovalConfig.fields()}
+    parts = [line.strip() for line in out[1:] if line.startswith("  ") and not line.startswith(("    ", "  ("))]
+    assert parts == ["schedule", "calibration", "handover", "losses", "optimization", "runtime"]
     assert rows["split_mlp"].endswith("(recipe gated)") and rows["sigma"].endswith("(default)")
     assert main(["remove-ln", str(gated_run), "--explain", "--recipe", "gpt2", "--steps-per-ln", "3"]) == 0
     out = capsys.readouterr().out
@@ -84,4 +87,4 @@ def test_remove_ln_without_a_config_takes_the_recipe(gated_run, tmp_path, tiny_c
     assert s["config"]["steps_per_ln"] == 1 and s["fold_max_abs_logit_diff"] <= 1e-4
     assert json.loads((tmp_path / "free" / "summary.json").read_text())["recipe"] == "gated"
     with pytest.raises(WorkbenchError, match="either a RemovalConfig or a recipe"):
-        remove_ln(gated_run, tmp_path / "other", RemovalConfig(), recipe="gpt2")
+        remove_ln(gated_run, tmp_path / "other", RemovalConfig.of(), recipe="gpt2")

@@ -11,13 +11,15 @@ from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
-from workbench.data import batch_fingerprint, batches_digest, load_token_data
+from workbench.batches import batch_fingerprint, batches_digest, load_token_data
 from workbench.errors import WorkbenchError
 from workbench.model import GPT
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
+from workbench.norms.handover import handover
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 from workbench.removal.api import same_batches
-from workbench.removal.finetune import calibrate, evaluate
+from workbench.removal.calibrate import calibrate
+from workbench.removal.finetune import evaluate
 from workbench.removal.gpt_sites import GPTRemoval
 
 # float32 whatever the CPU (the default is auto): these tests compare exact arithmetic
@@ -103,7 +105,7 @@ def test_fold_of_frozen_norms_is_exact(norm):
 
 def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
     out = tmp_path / "free"
-    s = remove_ln(runs / "pre-ln", out, RemovalConfig(**RC), corpus=str(tiny_corpus), progress=False)
+    s = remove_ln(runs / "pre-ln", out, RemovalConfig.of(**RC), corpus=str(tiny_corpus), progress=False)
     L = TINY_MODEL["n_layers"]
     names = [e["norm"] for e in s["schedule"]]
     assert names == ([f"blocks.{i}.ln2" for i in range(L)] + [f"blocks.{i}.ln1" for i in range(L)]
@@ -131,7 +133,7 @@ def test_remove_ln_end_to_end(runs, tmp_path, tiny_corpus):
     assert len(metrics) == len(names) + s["final_steps"] and all("control_loss" in m for m in metrics)
     # Both arms saw the batches that (seed, step) defines, step for step: ΔCE compares like with like.
     train = load_token_data(str(tiny_corpus), free.cfg.d_vocab, tokenizer=free.tokenizer)
-    expected = [batch_fingerprint(train.train_batch(i, bs, free.cfg.n_ctx, RemovalConfig().seed))
+    expected = [batch_fingerprint(train.train_batch(i, bs, free.cfg.n_ctx, RemovalConfig.of().optimization.seed))
                 for i in range(len(metrics))]
     assert [m["batch"] for m in metrics] == expected and len(set(expected)) == len(expected)
     assert s["batches"] == {"removal": batches_digest(expected), "control": batches_digest(expected), "same": True,
@@ -150,13 +152,13 @@ def test_same_batches_names_the_first_step_the_arms_differ():
 
 
 def test_remove_ln_on_rms_and_mix_ln(runs, tmp_path, tiny_corpus):
-    s = remove_ln(runs / "pre-rms", tmp_path / "rms", RemovalConfig(**RC, control=False), corpus=str(tiny_corpus),
+    s = remove_ln(runs / "pre-rms", tmp_path / "rms", RemovalConfig.of(**RC, control=False), corpus=str(tiny_corpus),
                   progress=False)
     assert s["ce_control"] is None and s["fold_max_abs_logit_diff"] < 1e-4
     assert is_norm_free(workbench.load(tmp_path / "rms"))
-    s = remove_ln(runs / "mix-ln", tmp_path / "mix", RemovalConfig(**RC, control=False), corpus=str(tiny_corpus),
+    s = remove_ln(runs / "mix-ln", tmp_path / "mix", RemovalConfig.of(**RC, control=False), corpus=str(tiny_corpus),
                   progress=False)
-    assert "Post-LN blocks keep" in s["note"]
+    assert "Post-norm blocks [0] keep their live norm" in s["note"]
     assert [e["norm"] for e in s["schedule"]][:3] == ["blocks.1.ln2", "blocks.2.ln2", "blocks.3.ln2"]
     m = workbench.load(tmp_path / "mix")
     assert m.cfg.norm_kwargs == {"pre_ln_free": True}
@@ -197,10 +199,12 @@ def test_out_dir_must_be_new(runs, tmp_path, capsys):
 def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
     import math
 
-    from workbench.removal.finetune import _lr_at
+    rc = RemovalConfig.of(warmup_steps=4, min_lr_ratio=0.1)
 
-    rc = RemovalConfig(warmup_steps=4, min_lr_ratio=0.1)
-    assert rc.cooldown(40) == 12 and RemovalConfig(final_steps=0).cooldown(40) == 0
+    def _lr_at(step, removal_steps, final_steps, rc, peak):
+        return rc.schedule.lr_at(step, removal_steps, final_steps, peak)
+
+    assert rc.schedule.cooldown(40) == 12 and RemovalConfig.of(final_steps=0).schedule.cooldown(40) == 0
     assert _lr_at(0, 40, 10, rc, 1.0) == pytest.approx(0.25) and _lr_at(3, 40, 10, rc, 1.0) == 1.0
     assert all(_lr_at(s, 40, 10, rc, 1.0) == 1.0 for s in range(4, 40))
     assert _lr_at(44, 40, 10, rc, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -209,8 +213,8 @@ def test_lr_is_warmup_then_constant_during_removal_then_cosine_cool_down():
 
 def test_micro_batches_accumulate_to_the_full_batch(runs, tmp_path, tiny_corpus):
     rc = dict(RC, tokens_per_step=128, control=False)
-    full = remove_ln(runs / "pre-ln", tmp_path / "full", RemovalConfig(**rc), corpus=str(tiny_corpus), progress=False)
-    micro = remove_ln(runs / "pre-ln", tmp_path / "micro", RemovalConfig(**rc, micro_batch=1), corpus=str(tiny_corpus),
+    full = remove_ln(runs / "pre-ln", tmp_path / "full", RemovalConfig.of(**rc), corpus=str(tiny_corpus), progress=False)
+    micro = remove_ln(runs / "pre-ln", tmp_path / "micro", RemovalConfig.of(**rc, micro_batch=1), corpus=str(tiny_corpus),
                       progress=False)
     assert full["batch_size"] == micro["batch_size"] == 4
     assert [e["sigma"] for e in micro["schedule"][:-1]] == pytest.approx([e["sigma"] for e in full["schedule"][:-1]], rel=1e-5)
@@ -230,7 +234,7 @@ def test_median_calibration_is_the_median_token_scale():
     q = calibrate(adapter, adapter.net.blocks[1].ln2, tokens, SpecialPositions(eot_id=0), statistic="q90")
     assert q["sigma"] == pytest.approx(torch.quantile(scale.flatten().double(), 0.9).item(), rel=1e-5)
     with pytest.raises(WorkbenchError, match="qNN"):
-        RemovalConfig(sigma="q150")
+        RemovalConfig.of(sigma="q150")
 
 
 def test_ema_and_aux_loss_follow_their_formulas():
@@ -254,19 +258,23 @@ def test_ema_and_aux_loss_follow_their_formulas():
     assert _aux_std_loss(y, pos).item() == pytest.approx(0.25)
 
 
-def test_fsdp_needs_several_processes():
+def test_fsdp_needs_several_processes(runs, tmp_path, tiny_corpus):
+    # checked against the process group when the run starts (the config itself reads no environment)
     with pytest.raises(WorkbenchError, match="torchrun"):
-        RemovalConfig(fsdp=True)
+        RemovalConfig.of(fsdp=True).runtime.check_world(1)
+    with pytest.raises(WorkbenchError, match="torchrun"):
+        remove_ln(runs / "pre-ln", tmp_path / "x", RemovalConfig.of(fsdp=True), corpus=str(tiny_corpus), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_ramp_blends_live_and_frozen_scale_geometrically(runs, tmp_path, tiny_corpus):
     x = torch.randn(2, 5, 8) * 3
-    st = FrozenStandardize(2.0, centers=True)
-    st.live_eps, st.blend = 1e-5, 0.25
+    st = FrozenStandardize(2.0, centers=True, handover=handover("ramp", 4), live_eps=1e-5)
+    st.progress = 0.25
     xc = x - x.mean(-1, keepdim=True)
     live = (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
     torch.testing.assert_close(st(x, lambda s: s), xc / (live.pow(0.75) * 2.0 ** 0.25))
-    s = remove_ln(runs / "pre-ln", tmp_path / "ramp", RemovalConfig(**RC, ramp=4, final_steps=0, control=False),
+    s = remove_ln(runs / "pre-ln", tmp_path / "ramp", RemovalConfig.of(**RC, bridge="ramp", bridge_steps=4, final_steps=0, control=False),
                   corpus=str(tiny_corpus), progress=False)
     assert s["final_steps"] == 4 and s["fold_max_abs_logit_diff"] < 1e-4  # the cool-down covers the last ramp
 
@@ -289,10 +297,10 @@ def test_scale_spread_is_the_variance_of_log_scale_averaged_over_sites():
 
 
 def test_preconditioning_steps_come_first_and_count(runs, tmp_path, tiny_corpus):
-    rc = RemovalConfig(**{**RC, "precondition": 3, "scale_loss": 0.5, "control": False})
+    rc = RemovalConfig.of(**{**RC, "precondition": 3, "scale_loss": 0.5, "control": False})
     s = remove_ln(runs / "pre-ln", tmp_path / "pc", rc, corpus=str(tiny_corpus), progress=False)
     events = 3 * TINY_MODEL["n_layers"] + 2
     assert s["schedule"][0] == {"event": 0, "norm": "precondition", "step": 0}
     assert s["schedule"][1]["step"] == 3 and len(s["schedule"]) == events + 1
-    assert s["steps"] == 3 + events * rc.steps_per_ln + s["final_steps"]
+    assert s["steps"] == 3 + events * rc.schedule.steps_per_ln + s["final_steps"]
     assert is_norm_free(workbench.load(tmp_path / "pc"))

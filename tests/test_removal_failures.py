@@ -14,6 +14,7 @@ from workbench.config import ModelConfig
 from workbench.errors import WorkbenchError
 from workbench.model import GPT
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
+from workbench.norms.handover import handover
 from workbench.removal import RemovalConfig, remove_ln
 from workbench.removal.gpt_sites import GPTRemoval
 from workbench.tokenizer import train_tokenizer
@@ -60,7 +61,7 @@ def test_five_non_finite_steps_in_a_row_are_skipped_and_the_count_restarts(sourc
     bad = {2, 3, 4, 5, 6} | {8, 9, 10, 11, 12}  # 5 in a row, one good step, 5 in a row again
     poison(monkeypatch, bad)
     out = tmp_path / "free"
-    s = remove_ln(source, out, RemovalConfig(**RC, final_steps=6), corpus=str(tiny_corpus), progress=False)
+    s = remove_ln(source, out, RemovalConfig.of(**RC, final_steps=6), corpus=str(tiny_corpus), progress=False)
     assert s["steps"] == STEPS and s["skipped_steps"] == len(bad)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {m["step"] for m in metrics if m.get("skipped")} == bad
@@ -72,7 +73,7 @@ def test_six_non_finite_steps_in_a_row_abort_and_write_nothing(source, tmp_path,
     poison(monkeypatch, {2, 3, 4, 5, 6, 7})
     out = tmp_path / "free"
     with pytest.raises(WorkbenchError, match=r"diverged at step 7 \(.*\): 6 non-finite losses or gradients in a row"):
-        remove_ln(source, out, RemovalConfig(**RC, final_steps=6), corpus=str(tiny_corpus), progress=False)
+        remove_ln(source, out, RemovalConfig.of(**RC, final_steps=6), corpus=str(tiny_corpus), progress=False)
     assert nothing_written(out)
 
 
@@ -92,7 +93,7 @@ def test_a_diverging_cli_run_is_one_line_exit_2_and_writes_nothing(source_run, t
 def test_remove_ln_without_a_tokenizer_is_refused_before_anything_is_written(tmp_path):
     m = scale_gpt(GPT(ModelConfig(norm="pre-ln", **TINY_MODEL)))
     with pytest.raises(WorkbenchError, match="the model has no tokenizer"):
-        remove_ln(m, tmp_path / "free", RemovalConfig(**RC), progress=False)
+        remove_ln(m, tmp_path / "free", RemovalConfig.of(**RC), progress=False)
     assert nothing_written(tmp_path / "free")
 
 
@@ -107,7 +108,7 @@ def refused(adapter, match: str) -> None:
 
 
 def test_fold_refuses_norms_that_are_not_affine_yet(source):
-    """Folding needs every norm frozen at one σ, special positions off and any --ramp hand-over done."""
+    """Folding needs every norm frozen at one σ, special positions off and any --bridge hand-over done."""
     adapter = GPTRemoval(source)
     *frozen, last = adapter.sites
     for site in frozen:
@@ -116,9 +117,10 @@ def test_fold_refuses_norms_that_are_not_affine_yet(source):
     last.norm.standardize = _frozen(last, positions=SpecialPositions(eot_id=0), sigma_bos=5.0)
     refused(adapter, "^ln_final still keeps its own BOS/EOT scale; switch the special positions off first")
     last.norm.standardize.special = False
-    last.norm.standardize.blend = 0.5
-    refused(adapter, r"^ln_final is still being handed over from its live scale \(--ramp\)")
-    last.norm.standardize.blend = 1.0
+    last.norm.standardize.handover = handover("ramp", 4)
+    last.norm.standardize.progress = 0.5
+    refused(adapter, r"^ln_final is still being handed over from its live scale \(--bridge ramp\)")
+    last.norm.standardize.progress = 1.0
     folded = adapter.fold()
     t = torch.randint(0, TINY_MODEL["d_vocab"], (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

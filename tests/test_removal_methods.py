@@ -14,7 +14,8 @@ from workbench.config import ModelConfig
 from workbench.model import GPT
 from workbench.norms.frozen import FrozenStandardize, SpecialPositions
 from workbench.removal import RemovalConfig, is_norm_free, remove_ln
-from workbench.removal.finetune import _freeze, calibrate
+from workbench.norms.handover import handover
+from workbench.removal.calibrate import calibrate, freeze
 from workbench.removal.gpt_sites import GPTRemoval
 from workbench.removal.losses import LossWatch, mlp_scale_penalty, token_scale
 
@@ -35,8 +36,8 @@ def tokens(n=3, seed=1):
 # --- bridges -----------------------------------------------------------------------------------------
 
 def _bridged(kind: str, a: float, sigma=2.0):
-    st = FrozenStandardize(sigma, centers=False)
-    st.bridge, st.live_eps, st.blend = kind, 1e-6, a
+    st = FrozenStandardize(sigma, centers=False, handover=handover(kind, 4), live_eps=1e-6)
+    st.progress = a
     return st
 
 
@@ -48,14 +49,14 @@ def test_clip_bridge_normalizes_only_the_positions_above_sigma():
         y = st(x, lambda s: s)
         ref = x / torch.maximum(torch.tensor(2.0), (1 - a) * live)
         torch.testing.assert_close(y, ref)
-        assert st.clipped.item() == pytest.approx(((1 - a) * live > 2.0).float().mean().item())
+        assert st.observed["clipped"].item() == pytest.approx(((1 - a) * live > 2.0).float().mean().item())
     # at a = 0 the quiet positions are already divided by σ, the loud ones still by their own scale
     y0 = _bridged("clip", 0.0)(x, lambda s: s)
     loud = live > 2.0
     torch.testing.assert_close(y0.pow(2).mean(-1, keepdim=True).sqrt()[loud], torch.ones(int(loud.sum())), atol=1e-4, rtol=0)
     done = _bridged("clip", 1.0)
     torch.testing.assert_close(done(x, lambda s: s), x / 2.0)
-    assert done.clipped is None
+    assert "clipped" not in done.observed
 
 
 def test_taper_bridge_blends_the_outputs_with_a_cosine_weight():
@@ -78,12 +79,10 @@ def test_special_positions_hand_over_geometrically_then_switch_off():
     st.special_blend = 0.25
     want = torch.tensor([8.0 ** 0.75 * 2.0 ** 0.25, 2.0, 0.5 ** 0.75 * 2.0 ** 0.25, 2.0]).reshape(1, 4, 1)
     torch.testing.assert_close(st(x, lambda s: s), x / want)
-    from workbench.removal.finetune import _hand_over
-
-    rc = RemovalConfig(special_steps=4)
-    _hand_over([st], 12, rc, special_off=10)  # the third step of the hand-over
+    rc = RemovalConfig.of(special_steps=4)
+    st.hand_over_at(12, special_off=10, special_steps=rc.calibration.special_steps)  # the hand-over's third step
     assert st.special and st.special_blend == 0.75
-    _hand_over([st], 13, rc, special_off=10)
+    st.hand_over_at(13, special_off=10, special_steps=rc.calibration.special_steps)
     assert not st.special  # complete: one σ for every position, foldable
     torch.testing.assert_close(st(x, lambda s: s), x / 2.0)
 
@@ -113,8 +112,8 @@ def test_mlp_penalty_is_one_sided_above_one_plus_delta_sigma():
 def test_mlp_penalty_watches_only_the_mlp_norms_not_yet_frozen():
     m = heavy_swiglu()
     adapter = GPTRemoval(m, split_mlp=True)
-    rc = RemovalConfig(mlp_penalty=1.0)
-    watch = LossWatch(adapter, mlp=rc.mlp_penalty)
+    rc = RemovalConfig.of(mlp_penalty=1.0)
+    watch = rc.losses.watch(adapter)
     pos = SpecialPositions(eot_id=None)
     t = tokens()
     pos.update(t)
@@ -123,7 +122,7 @@ def test_mlp_penalty_watches_only_the_mlp_norms_not_yet_frozen():
     up0 = adapter.sites[0]
     assert up0.name == "blocks.0.ln2_up" and up0.kind == "mlp"
     sig = calibrate(adapter, up0.norm, t, pos)
-    _freeze(up0, {**sig, "step": 0}, rc, pos, torch.device("cpu"))
+    freeze(up0.norm, {**sig, "step": 0}, pos)
     watch.clear()
     adapter.net(t)
     assert len(watch.mlp_scales) == 5
@@ -195,7 +194,7 @@ def swiglu_run(tmp_path_factory, tiny_corpus):
 
 
 def test_remove_ln_with_split_penalty_and_clip_bridge(swiglu_run, tmp_path, tiny_corpus):
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        split_mlp=True, mlp_penalty=1.0, penalty_delta=0.05, bridge="clip", bridge_steps=3,
                        final_steps=0)
     s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
@@ -216,30 +215,30 @@ def test_remove_ln_with_split_penalty_and_clip_bridge(swiglu_run, tmp_path, tiny
 
 
 def test_taper_end_to_end_folds_exactly(swiglu_run, tmp_path, tiny_corpus):
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        bridge="taper", bridge_steps=2, control=False)
     s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     assert s["fold_max_abs_logit_diff"] <= 1e-4 and s["config"]["bridge"] == "taper"
 
 
 @pytest.mark.parametrize("method", [dict(bridge="clip", bridge_steps=3), dict(bridge="taper", bridge_steps=3),
-                                    dict(ramp=3)])
+                                    dict(bridge="ramp", bridge_steps=3)])
 def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_corpus, monkeypatch, method):
     """The written-out schedule: in the j-th training step after a norm is frozen the progress is
     a = min(1, j / R) — 1/R in the first step, fully frozen from the R-th on — whatever the bridge."""
     import workbench.removal.api as api
 
-    step, seen = [0], []  # seen: (training step index, norm's frozen_at, blend) per bridged forward
-    blended = FrozenStandardize._blended
+    step, seen = [0], []  # seen: (training step index, norm's frozen_at, progress) per bridged forward
+    blended = FrozenStandardize._handed_over
 
     def spy(self, xc, frozen):
         if torch.is_grad_enabled():  # a training forward, not calibration or evaluation
-            seen.append((step[0], self.frozen_at, self.blend))
+            seen.append((step[0], self.frozen_at, self.progress))
         return blended(self, xc, frozen)
 
-    monkeypatch.setattr(FrozenStandardize, "_blended", spy)
+    monkeypatch.setattr(FrozenStandardize, "_handed_over", spy)
     monkeypatch.setitem(api._ON_STEP, "removal", lambda n: step.__setitem__(0, n))
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        control=False, **method)
     s = remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     R = 3
@@ -255,8 +254,8 @@ def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_cor
     (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),
     (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
     (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
-    (["--bridge-steps", "4"], "--bridge-steps needs --bridge clip"),
-    (["--bridge", "clip", "--bridge-steps", "4", "--ramp", "4"], "choose one"),
+    (["--bridge-steps", "4"], "--bridge-steps needs a hand-over (ramp, clip, taper)"),
+    (["--bridge", "ramp"], "--bridge ramp needs --bridge-steps"),
     (["--bridge", "smooth", "--bridge-steps", "4"], "--bridge must be one of"),
     (["--special-steps", "-2"], "--special-steps must be ≥ 0"),
     (["--split-mlp", "GELU"], "needs a gated (SwiGLU) MLP"),
@@ -315,7 +314,7 @@ def test_a_non_finite_calibration_stops_the_run_at_once(swiglu_run, tmp_path, ti
         return {**out, "sigma": float("nan")} if len(calls) == 3 else out
 
     monkeypatch.setattr(ft, "calibrate", poisoned)
-    rc = RemovalConfig(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        control=False)
     with pytest.raises(ft.Diverged, match="overflows on the calibration batch") as e:
         remove_ln(swiglu_run, tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)

@@ -16,7 +16,7 @@ from workbench.removal import api
 
 # float32 whatever the CPU (the default is auto): these tests compare exact arithmetic
 RC = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, dtype="float32", warmup_steps=1, final_steps=3,
-          ema=0.1, ramp=2, special_steps=4)
+          ema=0.1, bridge="ramp", bridge_steps=2, special_steps=4)
 
 
 class Killed(BaseException):
@@ -34,7 +34,7 @@ def source(tmp_path_factory, tiny_corpus):
 @pytest.fixture(scope="module")
 def uninterrupted(source, tmp_path_factory, tiny_corpus):
     out = tmp_path_factory.mktemp("ref") / "free"
-    s = remove_ln(source, out, RemovalConfig(**RC, checkpoint_every=0), corpus=str(tiny_corpus), progress=False)
+    s = remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=0), corpus=str(tiny_corpus), progress=False)
     assert s["resumed_from_step"] is None
     return out, s
 
@@ -68,13 +68,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(source, uninterrupted
     every = 5 if phase == "control" else 9  # removal: resumed halfway through the special positions' hand-over
     _kill_at(phase, kill_at, monkeypatch)
     with pytest.raises(Killed):
-        remove_ln(source, out, RemovalConfig(**RC, checkpoint_every=every), corpus=str(tiny_corpus), progress=False)
+        remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=every), corpus=str(tiny_corpus), progress=False)
     assert not out.exists() and not list(tmp_path.glob(".free.tmp-*"))  # a kill leaves no half-written --out
     partial = tmp_path / "free.partial"
     assert (partial / "removal.safetensors").exists()
     monkeypatch.setitem(api._ON_STEP, phase, None)
     ran = _kill_at(phase, -1, monkeypatch)  # records the steps the resumed phase executes
-    s = remove_ln(source, out, RemovalConfig(**RC, checkpoint_every=every), corpus=str(tiny_corpus), progress=False)
+    s = remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=every), corpus=str(tiny_corpus), progress=False)
     total = ref["steps"]
     assert ran == list(range(resumes_from + 1, total + 1))  # only the steps after the checkpoint ran again
     if phase == "removal":
@@ -91,7 +91,7 @@ def test_a_checkpoint_of_another_command_is_refused_and_kept(source, tmp_path, t
     out = tmp_path / "free"
     _kill_at("removal", 3, monkeypatch)
     with pytest.raises(Killed):
-        remove_ln(source, out, RemovalConfig(**RC, checkpoint_every=2), corpus=str(tiny_corpus), progress=False)
+        remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=2), corpus=str(tiny_corpus), progress=False)
     monkeypatch.setitem(api._ON_STEP, "removal", None)
     before = (tmp_path / "free.partial" / "removal.safetensors").read_bytes()
     code = main(["remove-ln", str(source), "--out", str(out), "--steps-per-ln", "2", "--corpus", str(tiny_corpus),
@@ -102,7 +102,7 @@ def test_a_checkpoint_of_another_command_is_refused_and_kept(source, tmp_path, t
     assert (tmp_path / "free.partial" / "removal.safetensors").read_bytes() == before and not out.exists()
     (tmp_path / "free.partial" / "removal.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(WorkbenchError, match="corrupt or not a workbench checkpoint"):
-        remove_ln(source, out, RemovalConfig(**RC, checkpoint_every=2), corpus=str(tiny_corpus), progress=False)
+        remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=2), corpus=str(tiny_corpus), progress=False)
 
 
 def test_checkpoints_are_safetensors_with_json_bookkeeping(source, tmp_path, tiny_corpus, monkeypatch):
@@ -110,7 +110,7 @@ def test_checkpoints_are_safetensors_with_json_bookkeeping(source, tmp_path, tin
 
     _kill_at("removal", 4, monkeypatch)
     with pytest.raises(Killed):
-        remove_ln(source, tmp_path / "free", RemovalConfig(**RC, checkpoint_every=4), corpus=str(tiny_corpus),
+        remove_ln(source, tmp_path / "free", RemovalConfig.of(**RC, checkpoint_every=4), corpus=str(tiny_corpus),
                   progress=False)
     path = tmp_path / "free.partial" / "removal.safetensors"
     assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle

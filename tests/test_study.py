@@ -5,7 +5,8 @@ import pytest
 import workbench
 from conftest import TINY_MODEL, TINY_TRAIN
 from workbench.analysis.depth import skip_block_delta_ce
-from workbench.analysis.study import load_study, run_study
+from workbench.analysis.study import load_study
+from workbench.studies import run_study
 from workbench.cli import main
 
 

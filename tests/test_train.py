@@ -63,7 +63,7 @@ def test_run_directory_contents_and_load(tmp_path, tiny_corpus):
     loss = m(t, return_type="loss")
     assert torch.isfinite(loss)
     # The loaded model reproduces the trainer's final validation loss exactly.
-    from workbench.data import load_token_data
+    from workbench.batches import load_token_data
     from workbench.train import evaluate
     data = load_token_data(str(tiny_corpus), TINY_MODEL["d_vocab"])
     batches = data.val_batches(TINY_TRAIN["eval_batches"], TINY_TRAIN["batch_size"], TINY_MODEL["n_ctx"])
@@ -177,7 +177,7 @@ def test_one_weight_decay_rule_for_training_and_fine_tuning():
 
     m = GPT(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=64, n_ctx=8))
     names = {id(p): n for n, p in m.named_parameters()}
-    for groups in (param_groups(m, 0.1), _optimizer(m, RemovalConfig(), 1e-3).param_groups):
+    for groups in (param_groups(m, 0.1), _optimizer(m, RemovalConfig.of(), 1e-3).param_groups):
         decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
         kept = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
         assert "blocks.0.attn.W_Q" in decayed and "embed.W_E" in decayed and "unembed.W_U" in decayed
@@ -343,7 +343,7 @@ def test_learning_rates_adam_cannot_take_are_one_line(tmp_path, capsys, lr):
     assert err.count("\n") == 0 and "no larger than 1e30" in err, err
     assert not (tmp_path / "x").exists()
     with pytest.raises(WorkbenchError, match="no larger than 1e30"):
-        RemovalConfig(lr=float(lr))
+        RemovalConfig.of(lr=float(lr))
 
 
 def test_medium_preset_is_deep_and_trains_a_step():

@@ -62,7 +62,7 @@ def main() -> None:
         made = finetune._optimizer
         _record_first_step(held)
         try:
-            remove_ln(run, out / mode, RemovalConfig(**rc, fsdp=mode == "fsdp"), corpus=corpus, progress=False)
+            remove_ln(run, out / mode, RemovalConfig.of(**rc, fsdp=mode == "fsdp"), corpus=corpus, progress=False)
         finally:
             finetune._optimizer = made
         rank = dist.get_rank()

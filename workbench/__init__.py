@@ -8,7 +8,8 @@ from .config import ModelConfig
 from .errors import WorkbenchError
 from .model import GPT
 from .norms import get_scheme, scheme_names
-from .train import TrainConfig, __version__, train
+from .train import TrainConfig, train
+from .version import __version__
 
 
 def load(spec: str | Path, device: str = "cpu", n_ctx: int | None = None, download: bool = True) -> GPT:
@@ -21,9 +22,10 @@ def load(spec: str | Path, device: str = "cpu", n_ctx: int | None = None, downlo
     return _load(spec, device=device, n_ctx=n_ctx, download=download)
 
 
-def norms() -> dict[str, str]:
+def norm_schemes() -> dict[str, str]:
     """Every registered normalization scheme with its one-line description."""
     return {name: get_scheme(name).description for name in scheme_names()}
 
 
-__all__ = ["GPT", "ModelConfig", "TrainConfig", "WorkbenchError", "load", "norms", "train", "__version__"]
+__all__ = ["GPT", "ModelConfig", "TrainConfig", "WorkbenchError", "load", "norm_schemes", "train",
+           "__version__"]

@@ -150,10 +150,10 @@ def _architecture(args) -> dict:
 
 
 def _cmd_norms(args) -> int:
-    from . import norms
+    from .norms import all_schemes
 
-    for name, description in norms().items():
-        print(f"{name:<10} {description}")
+    for scheme in all_schemes():
+        print(f"{scheme.name:<10} {scheme.description}")
     return 0
 
 
@@ -195,12 +195,12 @@ def _cmd_zoo(args) -> int:
 
 
 def _cmd_dla(args) -> int:
-    import workbench
     from .analysis.dla import direct_logit_attribution, format_dla
+    from .loader import load
 
     if args.top < 1:
         raise WorkbenchError(f"--top must be a positive number of rows, got {args.top}")
-    model = workbench.load(args.model)
+    model = load(args.model)
     answer = args.answer
     if answer is None:
         answer = int(model(model.to_tokens(args.prompt))[0, -1].argmax())
@@ -210,36 +210,36 @@ def _cmd_dla(args) -> int:
 
 
 def _cmd_patch(args) -> int:
-    import workbench
     from .analysis.patching import format_patching, patching
+    from .loader import load
 
-    model = workbench.load(args.model)
+    model = load(args.model)
     r = patching(model, args.clean, args.corrupt, args.answer, args.contrast)
     print(json.dumps(r.to_json(), indent=1) if args.json else format_patching(r))
     return 0
 
 
 def _cmd_confidence(args) -> int:
-    import workbench
     from .analysis.confidence import confidence_neurons, validation_tokens
+    from .loader import load
 
     if args.sequences <= 0 or args.top <= 0:
         raise WorkbenchError("--sequences and --top must be positive")
-    model = workbench.load(args.model)
+    model = load(args.model)
     df = confidence_neurons(model, validation_tokens(model, args.corpus, args.sequences), top=args.top)
     print(df.to_json(orient="records", indent=1) if args.json else df.round(5).to_string(index=False))
     return 0
 
 
 def _cmd_diagnose(args) -> int:
-    import workbench
     from .analysis.depth import diagnose
     from .io import atomic_write_json
+    from .loader import load
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise WorkbenchError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    model = workbench.load(args.model)
+    model = load(args.model)
     result = diagnose(model, args.corpus, args.tokens, args.batches, args.far, model_id=str(args.model))
     atomic_write_json(out, result)
     layers = result["residual"]["layers"]
@@ -250,7 +250,7 @@ def _cmd_diagnose(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from .analysis.study import run_study
+    from .studies import run_study
 
     table = run_study(args.file, args.out, progress=not args.quiet)
     pivot = table[table.metric == table.metric.iloc[0]].pivot_table(index=["kind", "blocks"], columns="model",
@@ -284,7 +284,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .analysis.compare import compare_zoo
+    from .studies import compare_zoo
 
     table, paths = compare_zoo(args.zoo, args.metric, args.tokens, args.out)
     print(table.to_string(index=False))

@@ -36,12 +36,11 @@ def add_parsers(sub) -> None:
 def cmd_rank_languages(args) -> int:
     import torch
 
-    import workbench
-
     from .io import atomic_write_json, atomic_write_text
     from .languages.figures import layer_heatmap, score_vs, spearman_text
     from .languages.parallel import load_parallel
     from .languages.ranker import check_options, check_units, layer_table, rank_languages, ranking_table
+    from .loader import load
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
@@ -61,7 +60,7 @@ def cmd_rank_languages(args) -> int:
     corpus = load_parallel(args.corpus)  # bad corpus / languages fail before the model loads
     langs = [c.strip() for c in args.langs.split(",") if c.strip()] if args.langs else None
     corpus.resolve(langs, args.unit)
-    model = workbench.load(args.model, n_ctx=args.max_tokens or 1024)  # rotary models: read texts this long
+    model = load(args.model, n_ctx=args.max_tokens or 1024)  # rotary models: read texts this long
     if args.dtype != "float32":
         model.to(dtypes[args.dtype])
     result = rank_languages(model, corpus, langs, pooling=args.pooling, unit=args.unit, max_units=args.max_units,

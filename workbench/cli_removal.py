@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def _method_flags(parser) -> None:
     Unset flags are absent from the namespace, so the recipe (or the field's default) decides them."""
     from .removal import RemovalConfig
 
-    for f in dataclasses.fields(RemovalConfig):
+    for _, f in RemovalConfig.fields():
         if "help" not in f.metadata:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
@@ -65,7 +64,7 @@ def _method_flags(parser) -> None:
 def _method_options(args) -> dict:
     from .removal import RemovalConfig
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RemovalConfig) if hasattr(args, f.name)}
+    return {f.name: getattr(args, f.name) for _, f in RemovalConfig.fields() if hasattr(args, f.name)}
 
 
 def cmd_remove_ln(args) -> int:
@@ -75,7 +74,7 @@ def cmd_remove_ln(args) -> int:
     from .removal.finetune import Diverged
 
     options, recipe = _method_options(args), getattr(args, "recipe", None)
-    RemovalConfig(**options)  # a bad value fails here, before the model is loaded
+    RemovalConfig.of(**options)  # a bad value fails here, before the model is loaded
     if args.explain:
         from .removal.api import explain_method
 
@@ -118,11 +117,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import workbench
+    from .loader import export, load
 
-    from .loader import export
-
-    s = export(workbench.load(args.model), args.out)
+    s = export(load(args.model), args.out)
     print(json.dumps(s, indent=2))
     print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     return 0

@@ -70,13 +70,12 @@ def read_manifest(results: str | Path) -> dict[str, Any] | None:
 
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Every step of the demo; returns the manifest."""
-    import workbench
-    from .analysis.report import attribution_report
-    from .analysis.compare import zoo_diagnostics
     from .analysis.depth import diagnose
-    from .loader import smollm2_cached
+    from .analysis.report import attribution_report
     from .languages.ranker import rank_languages
+    from .loader import load, smollm2_cached
     from .removal import RemovalConfig, remove_ln
+    from .studies import zoo_diagnostics
     from .zoo import collect_existing, train_zoo
 
     from .presets import get_preset
@@ -109,7 +108,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         ln_free = out / "ln_free" / cfg.removal_norm
         log(f"[3/5] LayerNorm removal of {cfg.removal_norm} → {ln_free}")
         if not (ln_free / "summary.json").is_file():
-            remove_ln(zoo / cfg.removal_norm, ln_free, RemovalConfig(steps_per_ln=cfg.removal_steps_per_ln),
+            remove_ln(zoo / cfg.removal_norm, ln_free, RemovalConfig.of(steps_per_ln=cfg.removal_steps_per_ln),
                       progress=progress)
         removal[cfg.removal_norm] = str(ln_free)
     else:
@@ -121,7 +120,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         path = out / "diagnose_smollm2.json"
         log(f"      SmolLM2 is cached: its depth diagnostics too → {path}")
         if not path.is_file():
-            atomic_write_json(path, diagnose(workbench.load("smollm2"), corpus=cfg.corpus, tokens=cfg.smollm2_tokens,
+            atomic_write_json(path, diagnose(load("smollm2"), corpus=cfg.corpus, tokens=cfg.smollm2_tokens,
                                              model_id="smollm2"))
         diagnostics["smollm2"] = str(path)
 
@@ -131,7 +130,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     if smollm2_ready:  # a pretrained model beside the zoo, through the same surface
         models["smollm2"] = "smollm2"
     attribution = out / "attribution.csv"
-    table = attribution_report({label: workbench.load(p) for label, p in models.items()}, corpus=cfg.corpus)
+    table = attribution_report({label: load(p) for label, p in models.items()}, corpus=cfg.corpus)
     atomic_write_text(attribution, table.to_csv(index=False))
 
     log("[5/5] Language Ranker on the UDHR")
@@ -153,7 +152,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
 
             from .languages.parallel import load_parallel
 
-            model = workbench.load("smollm2", n_ctx=1024).to(torch.bfloat16)
+            model = load("smollm2", n_ctx=1024).to(torch.bfloat16)
             pc = load_parallel("udhr")
             codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
             r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,14 +24,15 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, io
 from .config import ModelConfig
-from .data import TokenData, load_token_data
+from .batches import TokenData, load_token_data
 from .errors import WorkbenchError
-from .optim import param_groups
+from .optim import adamw
 from .model import GPT
 from .precision import autocast, check_dtype, resolve_dtype, warn_if_emulated
 from .presets import get_preset
-
-__version__ = "0.1.0"
+from . import runtime
+from .runtime import Dist, init_distributed, resolve_device, warmup_cosine
+from .version import __version__
 
 
 @dataclass
@@ -68,46 +67,9 @@ class TrainConfig:
                 raise WorkbenchError(f"{name} must be positive, got {getattr(self, name)}")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(device: str | None, ddp: _Dist | None = None) -> torch.device:
-    """The device asked for (default: cuda if visible); under torchrun each rank takes its LOCAL_RANK GPU."""
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise WorkbenchError(f"unknown device {device!r}; use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if dev.type == "cuda" and ddp is not None and ddp.world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
+        """Learning rate for optimizer step ``step`` (0-based): warm-up, then cosine to the end."""
+        return warmup_cosine(step, self.lr, self.warmup_steps, self.warmup_steps, self.steps - self.warmup_steps,
+                             self.min_lr_ratio)
 
 
 def build_configs(
@@ -131,15 +93,14 @@ def build_configs(
         raise WorkbenchError(f"bad configuration override: {e}") from None
 
 
-@torch.no_grad()
 def evaluate(model: GPT, batches: list[torch.Tensor], device: torch.device) -> float:
     """Mean next-token cross-entropy (nats) over ``batches``, in eval mode and float32 whatever the training
     precision: the number then describes the weights every analysis will load, not the bf16 arithmetic."""
     was_training = model.training
     model.eval()
-    losses = [model(b.to(device), return_type="loss").item() for b in batches]
+    loss = runtime.evaluate(model, batches, device)
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return loss
 
 
 def train(
@@ -208,7 +169,7 @@ def _config_record(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, 
     return {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg), "workbench_version": __version__}
 
 
-def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ddp: _Dist, trust_pickle: bool):
+def _agree_on_run_dir(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ddp: Dist, trust_pickle: bool):
     """Rank 0 inspects the run directory; every rank learns the verdict (an error or what to resume)."""
     verdict: list[Any] = [None, False]
     state = None
@@ -262,9 +223,7 @@ def _read_checkpoint(out: Path, trust_pickle: bool) -> dict[str, Any] | None:
 def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step) -> dict[str, Any]:
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg, data.tokenizer).to(dev)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2)
-    )
+    optimizer = adamw(model, train_cfg.lr, train_cfg.weight_decay, betas=(train_cfg.beta1, train_cfg.beta2))
     start, metrics, seconds = 0, [], 0.0
     if state is not None:
         try:
@@ -279,7 +238,6 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     model.train()
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     val_batches = data.val_batches(train_cfg.eval_batches, train_cfg.batch_size, model_cfg.n_ctx)
-    local = train_cfg.batch_size // ddp.world
 
     if ddp.main and not (out / io.CHECKPOINT_FILE).exists():  # fresh, or resumed from a legacy pickle
         _save_checkpoint(out, model, optimizer, start, metrics, seconds)  # there is always a last good checkpoint
@@ -289,7 +247,7 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     diverged: dict[str, Any] | None = None
     for step in range(start, train_cfg.steps):
         batch = data.train_batch(step, train_cfg.batch_size, model_cfg.n_ctx, train_cfg.seed)
-        batch = batch[ddp.rank * local : (ddp.rank + 1) * local].to(dev)
+        batch = ddp.share(batch).to(dev)
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr_at(step)
         with autocast(dev, train_cfg.dtype):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import io
-from .data import load_token_data
+from .batches import load_token_data
 from .errors import WorkbenchError
 from .norms import get_scheme, scheme_names
 from .presets import get_preset
@@ -125,7 +125,7 @@ def train_zoo(
     Returns :func:`collect` of the members; with several seeds ``zoo.json`` also holds the intervals and
     the paired differences between norms."""
     from .precision import check_dtype, why
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     names = parse_norms(norms)
     seed_list = parse_seeds(seeds)

@@ -1,17 +1,14 @@
-"""One depth metric across every model of a zoo: a tidy table and an overlaid plotly figure."""
+"""One depth metric across the models of a zoo: a tidy table and an overlaid plotly figure, from
+``diagnose`` results (``workbench.studies.zoo_diagnostics`` computes and caches them, ``compare_zoo``
+writes the table and figure)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from ..errors import WorkbenchError
-from ..io import atomic_write_json, atomic_write_text
-from .depth import SCHEMA_VERSION, diagnose
 from .figures import add_band
 from .intervals import mean_interval, paired_table, seed_table
 
@@ -22,31 +19,6 @@ METRICS = {
     "angular_distance": ("angular_distance_n1", "angular distance to the next layer (last token)"),
     "ablation": ("ablation_delta_ce", "ΔCE when the block is skipped (nats)"),
 }
-DIAGNOSE_FILE = "diagnose.json"
-
-
-def zoo_diagnostics(zoo: str | Path, tokens: int = 16384) -> dict[str, dict]:
-    """``diagnose`` of every finished run in ``zoo`` (cached as ``<run>/diagnose.json``), keyed by the run's
-    label: ``<norm>``, or ``<norm>/seed<k>`` in a zoo trained with several seeds."""
-    import workbench
-    from ..zoo import run_dirs
-
-    zoo = Path(zoo)
-    runs = run_dirs(zoo)
-    if not runs:
-        raise WorkbenchError(f"no trained models in {zoo}; train them with `workbench zoo --out {zoo}`")
-    results = {}
-    for label, run in runs.items():
-        cached = run / DIAGNOSE_FILE
-        if cached.exists():
-            r = json.loads(cached.read_text())
-            if r.get("schema_version") == SCHEMA_VERSION and r["data"]["n_tokens"] >= tokens:
-                results[label] = r
-                continue
-        model = workbench.load(run)
-        results[label] = diagnose(model, tokens=tokens, model_id=str(run))
-        atomic_write_json(cached, results[label])
-    return results
 
 
 def compare_table(results: dict[str, dict], metric: str, groups: dict[str, str] | None = None) -> pd.DataFrame:
@@ -88,31 +60,6 @@ def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
                       template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear")
     return fig
-
-
-def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Path | None = None):
-    if metric not in METRICS:
-        raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    out = Path(out or zoo)
-    if not out.is_dir():
-        raise WorkbenchError(f"--out {out} is not a directory; create it first")
-    from ..zoo import run_groups
-
-    table = compare_table(zoo_diagnostics(zoo, tokens), metric, run_groups(zoo))
-    fig = compare_figure(table, metric)
-    paths = [out / f"compare_{metric}.csv", out / f"compare_{metric}.html"]
-    atomic_write_text(paths[0], table.to_csv(index=False))
-    atomic_write_text(paths[1], fig.to_html(include_plotlyjs=True))
-    if table.groupby("group").model.nunique().max() > 1:  # seeds: the band each curve shows, as numbers
-        paths.append(out / f"compare_{metric}_bands.csv")
-        atomic_write_text(paths[-1], band_table(table).to_csv(index=False))
-    try:  # a PNG too where kaleido (and its browser) is available
-        png = out / f"compare_{metric}.png"
-        fig.write_image(str(png))
-        paths.append(png)
-    except Exception:  # noqa: BLE001 — optional output; the HTML and CSV are the result
-        pass
-    return table, paths
 
 
 def depth_summary(results: dict[str, dict]) -> pd.DataFrame:

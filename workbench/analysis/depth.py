@@ -195,8 +195,8 @@ def depth_table(result: dict) -> pd.DataFrame:
 
 def corpus_batches(model: GPT, corpus: str, n_tokens: int, batch_size: int = 8) -> list[Tensor]:
     """Context-length windows spread over the corpus' validation works, in the model's tokenizer."""
-    from ..corpora import load_corpus
-    from ..data import TokenData, tokenize_works
+    from ..batches import TokenData, tokenize_works
+    from ..corpus_spec import load_corpus
 
     val = tokenize_works(model.tokenizer, load_corpus(corpus).val)
     data = TokenData(corpus, model.tokenizer, val, val)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..corpus import bundled_path
 from ..errors import WorkbenchError
 from ..model import GPT
+from ..texts import bundled_path
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Scripted layer-ablation studies: a TOML file names models, blocks (or spans of blocks), ablation
-kinds and metrics; running it gives one tidy table and a figure per ablation kind.
+kinds and metrics; ``study_table`` gives one tidy table and ``study_figure`` a figure per ablation kind
+(``workbench.studies.run_study`` loads the models and writes both).
 
     [study]
     name = "ablations"
@@ -32,7 +33,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import WorkbenchError
-from ..io import atomic_write_text
 from .depth import corpus_batches
 
 KINDS = ("skip", "zero", "mean")
@@ -177,21 +177,16 @@ def _evaluate(model, batches, hooks, base_logp) -> dict[str, float]:
     return {"ce": ce / n, "kl": kl / n, "top1_agreement": agree / n}
 
 
-def run_study(study: Study | str | Path, out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run every (model, ablation, unit); returns the tidy table and writes it (+ figures) to ``out``."""
-    import workbench
-
-    study = study if isinstance(study, Study) else load_study(study)
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise WorkbenchError(f"--out {out_dir} exists and is not a directory")
-    loaded = {spec: workbench.load(spec) for spec in study.models}
+def study_table(study: Study, models: dict, progress: bool = True) -> pd.DataFrame:
+    """Every (model, ablation, unit) of ``study`` over the loaded ``models`` (keyed by spec): tidy rows
+    (model, kind, blocks, first_block, metric, value). ``workbench.studies.run_study`` loads the models
+    and writes the table and figures."""
     plan = {spec: [(a.kind, resolve_units(a.blocks, m.cfg.n_layers, spec)) for a in study.ablations]
-            for spec, m in loaded.items()}  # validate every block before computing anything
+            for spec, m in models.items()}  # validate every block before computing anything
     rows = []
     total = sum(len(u) for p in plan.values() for _, u in p)
     bar = tqdm(total=total, desc=f"study {study.name}", disable=not progress, leave=False)
-    for spec, model in loaded.items():
+    for spec, model in models.items():
         model.eval()
         batches = corpus_batches(model, study.corpus, study.tokens)
         with torch.no_grad():
@@ -207,13 +202,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, progress
                           "value": values[k]} for k in study.metrics]
                 bar.update(1)
     bar.close()
-    table = pd.DataFrame(rows)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "study.csv", table.to_csv(index=False))
-        for kind in dict.fromkeys(table.kind):
-            atomic_write_text(out_dir / f"study_{kind}.html", study_figure(table, kind).to_html(include_plotlyjs=True))
-    return table
+    return pd.DataFrame(rows)
 
 
 def study_figure(table: pd.DataFrame, kind: str, metric: str = "delta_ce") -> go.Figure:

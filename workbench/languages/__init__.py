@@ -1,6 +1,7 @@
 """Language Ranker on parallel text, synthetic languages and training mixtures with shares we set."""
 
-from .parallel import Language, ParallelCorpus, load_parallel
+from .aligned import Language, ParallelCorpus
+from .parallel import load_parallel
 from .ranker import layer_table, rank_languages, ranking_table, spearman
 from .synthetic import FAMILIES, SyntheticLanguage
 

@@ -22,9 +22,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import Corpus, Work, load_text_corpus, unseen
 from ..errors import WorkbenchError
-from .parallel import ENGLISH, Language, ParallelCorpus
+from ..texts import Corpus, Work, load_text_corpus, unseen
+from .aligned import ENGLISH, Language, ParallelCorpus
 from .synthetic import SyntheticLanguage, is_synthetic
 
 HELDOUT_UNITS = 60

@@ -37,10 +37,11 @@ import pandas as pd
 import torch
 
 from ..errors import WorkbenchError
+from .aligned import UNITS, Language, ParallelCorpus
 from .alignment import (cosine, cosine_interval, mean_interval, partial_spearman, retrieval_hits, spearman,
                         spearman_interval)
 from .encode import POOLINGS, Encoded, TextModel, encode_texts, text_model
-from .parallel import UNITS, Language, ParallelCorpus, load_parallel
+from .parallel import load_parallel
 
 PAIRINGS = ("aligned", "shuffled")
 CENTERINGS = ("language", "none")
@@ -99,7 +100,7 @@ def encode_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[s
                      progress: bool = False, model_name: str | None = None) -> LanguageEncoding:
     """Run English and every language's units once, pooling every way asked (and, with ``length_match``,
     also over each pair's common token count)."""
-    import workbench
+    from ..loader import load
 
     check_options(unit=unit)
     for p in poolings:
@@ -109,7 +110,7 @@ def encode_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[s
     keys = _unit_keys(pc, unit, max_units)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model_name = model_name or str(model)
-        model = workbench.load(model, n_ctx=max_tokens or 1024)  # rotary models: read texts this long
+        model = load(model, n_ctx=max_tokens or 1024)  # rotary models: read texts this long
     tm = text_model(model, max_tokens)
     t0 = time.perf_counter()
     eng_units = pc.english.units(unit)

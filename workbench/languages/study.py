@@ -37,7 +37,7 @@ def mixture_study(out_dir: str | Path, families: tuple[str, ...] = tuple(FAMILIE
                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train (or reuse) one model per (family, norm) under ``out_dir`` and rank its languages.
     Returns (per-language rows, per-(family, norm) Spearman summary); both are also written as CSV."""
-    import workbench
+    from ..loader import load
     from ..train import train
 
     out = Path(out_dir)
@@ -49,7 +49,7 @@ def mixture_study(out_dir: str | Path, families: tuple[str, ...] = tuple(FAMILIE
             if not (run / "summary.json").is_file():
                 train(norm, run, preset=preset, steps=steps, seed=seed, corpus=spec,
                       model_overrides=model_overrides, train_overrides=train_overrides, progress=progress)
-            result = rank_languages(workbench.load(run), spec, pooling=pooling, model_name=str(run))
+            result = rank_languages(load(run), spec, pooling=pooling, model_name=str(run))
             for r in result["languages"]:
                 rows.append({"family": family, "norm": norm, "code": r["code"], "share": r["share"],
                              "log_share": math.log(r["share"]), "score": r["score"],

@@ -64,7 +64,7 @@ def _script(code: str) -> Transform:
 @functools.lru_cache(maxsize=1)
 def english_vocabulary() -> tuple[str, ...]:
     """Every lower-cased ASCII word type of the bundled English corpus, sorted (deterministic)."""
-    from ..corpus import bundled_path, read_jsonl_xz
+    from ..texts import bundled_path, read_jsonl_xz
 
     words: set[str] = set()
     for r in read_jsonl_xz(bundled_path("english.jsonl.xz")):

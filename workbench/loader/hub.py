@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 
-from ..data import cache_dir
+from ..batches import cache_dir
 from ..errors import WorkbenchError
 from ..tokenizer import EOT
 

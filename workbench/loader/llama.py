@@ -104,9 +104,9 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
 
     cfg = model.cfg
     qwen = cfg.family == "qwen2"
-    ln_free = cfg.norm == "none"
+    ln_free = cfg.scheme.stock == "identity"
     ok = (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
-          and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.norm in ("pre-rms", "none") and not cfg.unembed_bias
+          and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.scheme.stock in ("rmsnorm", "identity") and not cfg.unembed_bias
           and (cfg.qkv_bias, cfg.o_bias) in (((True, False),) if qwen else ((False, False), (True, True))))
     if not ok:
         raise WorkbenchError(f"this model is not of the {'Qwen2' if qwen else 'Llama'} family's shape (pre-rms or "

@@ -17,9 +17,7 @@ from torch import Tensor, nn
 
 from typing import TYPE_CHECKING
 
-from ..errors import WorkbenchError
 from ..norms import Affine, IdentityStandardize, Norm
-from ..norms.frozen import FrozenStandardize
 
 if TYPE_CHECKING:
     from .gpt import GPT
@@ -38,18 +36,7 @@ def norm_as_affine(norm: Norm, d_model: int, site: str = "a norm") -> AffineMap:
     """The affine map of a norm whose scale is one frozen scalar (or that has no scale at all);
     ``site`` names the norm in the refusal."""
     st = norm.standardize
-    if isinstance(st, FrozenStandardize):
-        if st.special:
-            raise WorkbenchError(f"{site} still keeps its own BOS/EOT scale; switch the special positions off first")
-        if st.blend < 1.0:
-            raise WorkbenchError(f"{site} is still being handed over from its live scale (--ramp); give the cool-down "
-                                 "at least as many steps as the ramp")
-        inv_sigma, centers = 1.0 / st.sigma.detach().double(), st.centers
-    elif isinstance(st, IdentityStandardize):
-        inv_sigma, centers = torch.tensor(1.0, dtype=torch.float64), False
-    else:
-        raise WorkbenchError(f"{site} still normalizes by a live statistic ({type(st).__name__}), so it is not an affine "
-                             "map to fold; freeze its scale first (workbench remove-ln)")
+    inv_sigma, centers = 1.0 / st.fold_scale(site), st.centers  # the norm refuses while its scale is live
     aff = norm.affine
     w = aff.w.detach().double() if isinstance(aff, Affine) else torch.ones(d_model, dtype=torch.float64)
     b = aff.b.detach().double() if isinstance(aff, Affine) and aff.b is not None else torch.zeros(d_model, dtype=torch.float64)
@@ -151,6 +138,6 @@ def as_norm_free(model: "GPT", eps: float) -> "GPT":
 def is_norm_free(model: nn.Module) -> bool:
     """True when no module of ``model`` computes a statistic or holds a norm parameter."""
     for m in model.modules():
-        if isinstance(m, Norm) and (not isinstance(m.standardize, IdentityStandardize) or any(True for _ in m.parameters())):
+        if isinstance(m, Norm) and (not m.standardize.is_identity or any(True for _ in m.parameters())):
             return False
     return True

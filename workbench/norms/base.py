@@ -17,6 +17,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ..errors import WorkbenchError
+
 HookFn = Callable[[Tensor], Tensor]
 
 
@@ -32,8 +34,24 @@ class Standardize(nn.Module):
     # the centering of such a norm and freezes only its scale.
     centers = False
 
+    # ε when the live scale is sqrt(mean((x − center)²) + ε), per token (LayerNorm, RMSNorm): what a
+    # gradual hand-over to a frozen scale needs to recompute it. None for every other statistic.
+    live_rms_eps: float | None = None
+
+    # True once the scale is one calibrated constant (LayerNorm removal's frozen norm), not a statistic.
+    scale_frozen = False
+
+    # True when the standardization is the identity (no statistic, nothing to fold).
+    is_identity = False
+
     def fused(self, x: Tensor, affine: nn.Module) -> Tensor:
         raise NotImplementedError
+
+    def fold_scale(self, site: str = "a norm") -> Float[Tensor, ""]:
+        """The one scalar this standardization divides by, once it computes no statistic (float64); folding
+        asks it. Refuses, naming ``site``, while the scale is still live."""
+        raise WorkbenchError(f"{site} still normalizes by a live statistic ({type(self).__name__}), so it is not an "
+                             "affine map to fold; freeze its scale first (workbench remove-ln)")
 
     def scale(self, x: Tensor) -> Tensor:
         """The per-token scale alone (fusable standardizations only)."""
@@ -106,3 +124,8 @@ class IdentityStandardize(Standardize):
 
     def frozen(self, x):
         return (lambda c: c), torch.zeros_like(x)
+
+    is_identity = True
+
+    def fold_scale(self, site: str = "a norm"):
+        return torch.tensor(1.0, dtype=torch.float64)

@@ -3,12 +3,9 @@
     FakeLN(x) = (x − mean(x)) / σ      (centering kept for LayerNorm; RMS-type norms do not center)
 
 σ is calibrated from the live norm (the root mean square of its per-token scale over ordinary
-positions) and may follow an exponential moving average while fine-tuning. A *bridge* may hand over
-from the live scale s(x) = sqrt(mean x² + ε) to σ gradually, with progress a rising from 0 to 1:
-
-    ramp   scale = s^(1−a) · σ^a                          (geometric blend)
-    clip   scale = max(σ, (1−a) · s)                      (only positions above σ are still normalized)
-    taper  y = g · x/s + (1 − g) · x/σ,  g = ½(1 + cos πa) (the outputs blended, TaperNorm-style)
+positions) and may follow an exponential moving average while fine-tuning. A *hand-over*
+(``workbench.norms.handover``) may move from the live scale s(x) = sqrt(mean x² + ε) to σ gradually,
+with progress a rising from 0 to 1; the norm holds one hand-over object and asks it for the scale.
 
 Until ``special`` is switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen
 σ: their residual norms are far from the others' (attention sinks), so one scalar for all positions
@@ -17,14 +14,14 @@ would be too large a step at once; ``special_blend`` may move their σ to the sh
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from jaxtyping import Bool
 from torch import Tensor
 
+from ..errors import WorkbenchError
 from .base import Standardize
+from .handover import AtOnce, HandOver
 
 
 class SpecialPositions:
@@ -47,8 +44,11 @@ class SpecialPositions:
 
 
 class FrozenStandardize(Standardize):
+    scale_frozen = True
+
     def __init__(self, sigma: float, centers: bool, positions: SpecialPositions | None = None,
-                 sigma_bos: float | None = None, sigma_eot: float | None = None, ema: float = 0.0):
+                 sigma_bos: float | None = None, sigma_eot: float | None = None, ema: float = 0.0,
+                 handover: HandOver | None = None, live_eps: float | None = None, frozen_at: int = 0):
         super().__init__()
         self.centers = centers
         self.positions = positions
@@ -57,15 +57,32 @@ class FrozenStandardize(Standardize):
         self.register_buffer("sigma_bos", torch.tensor(float(sigma_bos if sigma_bos is not None else sigma)))
         self.register_buffer("sigma_eot", torch.tensor(float(sigma_eot if sigma_eot is not None else sigma)))
         self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
-        # Gradual hand-over (``remove-ln --ramp`` / ``--bridge``): ``blend`` is the progress a, rising to 1.
-        self.bridge = "ramp"
-        self.blend = 1.0
-        self.live_eps: float | None = None
-        self.frozen_at = 0  # the fine-tuning step at which the hand-over began
-        self.clipped: Tensor | None = None  # clip bridge: share of positions still normalized, last forward
+        self.handover = handover if handover is not None else AtOnce()
+        if self.handover.needs_live and live_eps is None:
+            raise WorkbenchError(f"--bridge {self.handover.name} needs a LayerNorm or RMSNorm (a live scale "
+                                 "sqrt(mean x² + eps))")
+        self.live_eps = live_eps
+        self.frozen_at = frozen_at  # the fine-tuning step at which the hand-over began
+        self.progress = 0.0 if self.handover.needs_live else 1.0
+        self.observed: dict[str, Tensor] = {}  # what the hand-over reported on the last forward
         # Gradual special-off (``--special-steps``): the special positions' σ moves geometrically to σ,
         # σ_special^(1−b) · σ^b with b rising to 1; then ``special`` is switched off.
         self.special_blend = 0.0
+
+    def hand_over_at(self, step: int, special_off: int | None = None, special_steps: int = 0) -> None:
+        """Progress at fine-tuning ``step``: a function of the step alone, so a resume recomputes it."""
+        self.progress = self.handover.progress(step - self.frozen_at)
+        if special_off is not None and self.special:
+            self.special_blend = min(1.0, (step - special_off + 1) / special_steps)
+            self.special = self.special_blend < 1.0
+
+    def fold_scale(self, site: str = "a norm") -> Tensor:
+        if self.special:
+            raise WorkbenchError(f"{site} still keeps its own BOS/EOT scale; switch the special positions off first")
+        if self.progress < 1.0:
+            raise WorkbenchError(f"{site} is still being handed over from its live scale (--bridge "
+                                 f"{self.handover.name}); give the cool-down at least as many steps as the hand-over")
+        return self.sigma.detach().double()
 
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
@@ -95,31 +112,25 @@ class FrozenStandardize(Standardize):
             live = (stats[0] / stats[1]).sqrt()
             self.sigma.mul_(1 - self.ema).add_(self.ema * live)
 
-    def _blended(self, xc: Tensor, frozen: Tensor) -> Tensor:
-        if self.blend >= 1.0:
-            self.clipped = None
+    def _handed_over(self, xc: Tensor, frozen: Tensor) -> Tensor:
+        if self.progress >= 1.0:
+            self.observed = {}
             return frozen
-        a = self.blend
         live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
-        if self.bridge == "clip":
-            capped = (1 - a) * live
-            with torch.no_grad():
-                self.clipped = (capped > frozen).float().mean()
-            return torch.maximum(frozen, capped)
-        if self.bridge == "taper":
-            g = 0.5 * (1 + math.cos(math.pi * a))
-            return 1 / (g / live + (1 - g) / frozen)
-        return live.pow(1 - a) * frozen.pow(a)
+        with torch.no_grad():
+            self.observed = self.handover.observe(live, frozen, self.progress)
+        return self.handover.scale(live, frozen, self.progress)
 
     def forward(self, x, hook_scale):
         xc = self._center(x)
         if self.training and self.ema > 0:
             self._follow(xc.detach().float())
-        return xc / hook_scale(self._blended(xc, self._scale(x)))
+        return xc / hook_scale(self._handed_over(xc, self._scale(x)))
 
     def frozen(self, x):
         s = self._scale(x)
         return (lambda c: self._center(c) / s), torch.zeros_like(x)
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma.item():.4g}, centers={self.centers}, special={self.special}, ema={self.ema}"
+        return (f"sigma={self.sigma.item():.4g}, centers={self.centers}, special={self.special}, ema={self.ema}, "
+                f"handover={self.handover.name}")

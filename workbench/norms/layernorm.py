@@ -17,6 +17,7 @@ class LayerStandardize(Standardize):
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.live_rms_eps = float(eps)
 
     def forward(self, x, hook_scale):
         x = x - x.mean(-1, keepdim=True)
@@ -56,5 +57,6 @@ PRE_LN = register(
         reference="Radford et al. 2019; Xiong et al. 2020",
         make=layer_norm,
         accepts=("affine",),
+        stock="layernorm",
     )
 )

@@ -39,5 +39,6 @@ MIX_LN = register(
         placement=lambda ctx, layer: "post" if layer < n_post_blocks(ctx) else "pre",
         validate=_validate,
         accepts=("alpha", "pre_ln_free"),
+        pre_norm_free=lambda ctx: bool(ctx.kwargs.get("pre_ln_free")),
     )
 )

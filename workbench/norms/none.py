@@ -12,5 +12,7 @@ NONE = register(
         reference="baseline",
         make=lambda ctx, layer, site: Norm(IdentityStandardize(), None),
         tl_normalization_type=None,
+        stock="identity",
+        pre_norm_free=lambda ctx: True,
     )
 )

@@ -31,6 +31,10 @@ def _no_validation(ctx: "NormContext") -> None:
     return None
 
 
+def _never(ctx: "NormContext") -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class NormScheme:
     """Where the norms sit in the network and what each one is.
@@ -53,6 +57,11 @@ class NormScheme:
     validate: Callable[["NormContext"], None] = _no_validation
     # Names this scheme reads from ``ModelConfig.norm_kwargs``; anything else is a user error.
     accepts: tuple[str, ...] = ()
+    # What the norm is in a stock Hugging Face family, so an exporter asks the scheme and not its name:
+    # "layernorm" (GPT-2's Pre-LN), "rmsnorm" (Llama's Pre-RMSNorm), "identity" (no norm), None (no stock one).
+    stock: str | None = None
+    # True when no Pre-norm site normalizes any more: no norm at all, or what LayerNorm removal left.
+    pre_norm_free: Callable[["NormContext"], bool] = _never
 
     def check(self, ctx: "NormContext") -> None:
         unknown = sorted(set(ctx.kwargs) - set(self.accepts))
@@ -60,6 +69,10 @@ class NormScheme:
             takes = f"only {', '.join(self.accepts)}" if self.accepts else "none"
             raise WorkbenchError(f"norm {self.name!r} does not take {unknown}; it takes {takes}")
         self.validate(ctx)
+
+    def post_blocks(self, ctx: "NormContext") -> list[int]:
+        """The blocks that normalize the residual stream itself (Post-norm placement)."""
+        return [layer for layer in range(ctx.n_layers) if self.placement(ctx, layer) == "post"]
 
     def residual_is_sum(self, ctx: "NormContext") -> bool:
         """True when resid_post of the last block is embed + pos_embed + every sub-layer output."""

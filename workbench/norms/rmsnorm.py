@@ -13,6 +13,7 @@ class RMSStandardize(Standardize):
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.live_rms_eps = float(eps)
 
     def forward(self, x, hook_scale):
         scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
@@ -39,5 +40,6 @@ PRE_RMS = register(
         reference="Zhang & Sennrich 2019; Jiang et al. 2023",
         make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False)),
         tl_normalization_type="RMS",
+        stock="rmsnorm",
     )
 )

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import io
-from ..data import TokenData, load_token_data
+from ..batches import TokenData, load_token_data
 from ..errors import WorkbenchError
 from ..io import check_out_dir
 from ..model import GPT
 from ..norms.frozen import SpecialPositions
 from ..precision import resolve_dtype, warn_if_emulated
-from ..train import __version__
+from ..version import __version__
 from .recipes import explain, resolve
-from .finetune import RemovalConfig, config_record, control_copy, evaluate, finetune, gather_into
+from ..runtime import Dist, init_distributed, resolve_device
+from .finetune import Arm, config_record, control_copy, evaluate, finetune, gather_into
+from .method import RemovalConfig
 from .gpt_sites import GPTRemoval, check_removable
 from .resume import PhaseCheckpoint, discard, partial_dir
-
-
-def _device(device: str | None) -> torch.device:
-    from ..train import init_distributed, resolve_device
-
-    return resolve_device(device, init_distributed())
 
 
 def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
@@ -60,25 +56,73 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
 
     The method is ``rc`` as given, or (without ``rc``) the recipe for the model's capabilities — or the
     one named by ``recipe`` — with the family's defaults and then ``options`` (RemovalConfig fields) on top."""
-    from ..train import init_distributed
-
-    from ..loader import family_named
-
     if rc is not None and (options or recipe):
         raise WorkbenchError("give either a RemovalConfig or a recipe and options, not both")
-    out = Path(out)
+    job = _prepare(spec, Path(out), rc, corpus, device, progress, data, options, recipe)
+    partial = partial_dir(job.out)
+    fingerprint = {"source": job.source_name, "corpus": job.corpus, "n_ctx": job.n_ctx, "lr": job.lr,
+                   "world_size": job.group.world, "workbench_version": __version__,
+                   "config": {k: v for k, v in config_record(job.rc).items() if k != "checkpoint_every"}}
+    every = job.rc.runtime.checkpoint_every
+    job.ckpts = {phase: PhaseCheckpoint(partial, phase, fingerprint, every, job.group.main)
+                 for phase in ("removal", "control")} if every else {}
+    for c in job.ckpts.values():
+        c.check()
+    try:
+        summary = _remove(job)
+    except WorkbenchError:
+        if job.group.main:
+            discard(partial)  # a diverged or refused run is not resumable: the same command fails the same way
+        raise
+    if job.group.main:
+        discard(partial)
+    return summary
+
+
+@dataclass
+class _Job:
+    """Everything one ``remove_ln`` call resolved before fine-tuning starts."""
+
+    spec: str | Path | GPT
+    out: Path
+    model: GPT
+    family: Any  # the loader's Family, None for the workbench's own models
+    rc: RemovalConfig
+    recipe: str | None
+    source: dict[str, Any]
+    corpus: str
+    data: TokenData
+    n_ctx: int
+    lr: float
+    device: torch.device
+    group: Dist
+    progress: bool
+    t0: float = field(default_factory=time.perf_counter)
+    ckpts: dict[str, PhaseCheckpoint] = field(default_factory=dict)
+
+    @property
+    def source_name(self) -> str:
+        return str(self.spec) if isinstance(self.spec, (str, Path)) else "<in-memory model>"
+
+
+def _prepare(spec, out: Path, rc, corpus, device, progress, data, options, recipe) -> _Job:
+    """Resolve the method, the model, the data and the process group; refuse what cannot run, before
+    anything is trained or written."""
+    from ..loader import family_named
+
     check_out_dir(out)
-    ddp = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
-    dev = _device(device)
+    group = init_distributed()  # under torchrun: DDP over the global batch (gloo on CPU, nccl on GPU)
+    dev = resolve_device(device, group)
     model = load_source(spec, dev)
     family = family_named(model.cfg.family)  # None: the workbench's own models
     defaults = family.removal_defaults if family is not None else {}
     chosen = None
     if rc is None:
         rc, _, chosen = resolve(model.cfg, options or {}, recipe, defaults)
-    if ddp.main:
-        warn_if_emulated(rc.dtype, dev)
-    rc = dataclasses.replace(rc, dtype=resolve_dtype(rc.dtype, dev))  # the summary records what ran
+    rc.runtime.check_world(group.world)
+    if group.main:
+        warn_if_emulated(rc.runtime.dtype, dev)
+    rc = rc.replace(dtype=resolve_dtype(rc.runtime.dtype, dev))  # the summary records what ran
     check_removable(model.cfg)
     if model.tokenizer is None:
         raise WorkbenchError("the model has no tokenizer; remove-ln needs one to read the fine-tuning corpus")
@@ -88,60 +132,92 @@ def remove_ln(spec: str | Path | GPT, out: str | Path, rc: RemovalConfig | None 
         data = load_token_data(corpus, model.cfg.d_vocab, tokenizer=model.tokenizer)
     n_ctx = min(model.cfg.n_ctx, defaults.get("n_ctx", model.cfg.n_ctx))
     data.check_context(n_ctx)
-    lr = rc.lr or defaults.get("lr") or 0.4 * (source.get("lr") or 6e-4)
-    t0 = time.perf_counter()
-
-    adapter = GPTRemoval(model, n_ctx, split_mlp=rc.split_mlp)
-    partial = partial_dir(out)
-    fingerprint = {"source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>", "corpus": corpus,
-                   "n_ctx": n_ctx, "lr": lr, "world_size": ddp.world, "workbench_version": __version__,
-                   "config": {k: v for k, v in config_record(rc).items() if k != "checkpoint_every"}}
-    ckpts = {phase: PhaseCheckpoint(partial, phase, fingerprint, rc.checkpoint_every, ddp.main)
-             for phase in ("removal", "control")} if rc.checkpoint_every else {}
-    for c in ckpts.values():
-        c.check()
-    try:
-        summary = _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp,
-                          progress, ckpts, t0, recipe=chosen.name if chosen else None)
-    except WorkbenchError:
-        if ddp.main:
-            discard(partial)  # a diverged or refused run is not resumable: the same command fails the same way
-        raise
-    if ddp.main:
-        discard(partial)
-    return summary
+    lr = rc.optimization.lr or defaults.get("lr") or 0.4 * (source.get("lr") or 6e-4)
+    return _Job(spec, out, model, family, rc, chosen.name if chosen else None, source, corpus, data, n_ctx, lr, dev,
+                group, progress)
 
 
-def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, lr, dev, ddp, progress, ckpts,
-            t0, recipe: str | None = None) -> dict[str, Any]:
-    control = control_copy(adapter) if rc.control else None
+def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    phase = "removal" if remove else "control"
+    arm = Arm(remove, SpecialPositions(adapter.eot_id, job.rc.calibration.special_positions),
+              label="remove-ln" if remove else "control", val=val, ckpt=job.ckpts.get(phase),
+              on_step=_ON_STEP.get(phase), progress=job.progress)
+    run = finetune(adapter, job.data, job.rc, job.lr, job.device, arm)
+    run["positions"] = arm.positions
+    return run
+
+
+def _folded(job: _Job, adapter, twin, val) -> tuple[GPT | None, float | None, float | None]:
+    """The LN-free model folded from the trained adapter (on rank 0 under FSDP), its CE and the largest
+    logit difference the fold made."""
+    plain, plain_dev = adapter, job.device
+    if job.rc.runtime.fsdp:
+        gather_into(adapter, twin)
+        plain, plain_dev = twin, torch.device("cpu")
+    if not (job.group.main or not job.rc.runtime.fsdp):
+        return None, None, None
+    ln_free = plain.fold()
+    ce = evaluate(ln_free, val, None, plain_dev)
+    with torch.no_grad():
+        x = val[0].to(plain_dev)
+        diff = (ln_free(x) - plain.net(x)).abs().max().item()
+    return ln_free, ce, diff
+
+
+def _remove(job: _Job) -> dict[str, Any]:
+    rc, model, dev, fsdp = job.rc, job.model, job.device, job.rc.runtime.fsdp
+    adapter = GPTRemoval(model, job.n_ctx, split_mlp=rc.schedule.split_mlp)
+    control = control_copy(adapter) if rc.runtime.control else None
     if control is not None:
         control.net.cpu()  # the control waits on the CPU: the device holds one model while the removal runs
     # FSDP shards the modules in place; unsharded twins (on the CPU) receive the trained weights.
-    twin = _cpu_copy(adapter) if rc.fsdp else None
-    control_twin = _cpu_copy(control) if rc.fsdp and control is not None else None
-    positions = SpecialPositions(adapter.eot_id, rc.special_positions)
-    val = data.val_batches(rc.eval_batches, rc.eval_batch_size, n_ctx)
+    twin = _cpu_copy(adapter) if fsdp else None
+    control_twin = _cpu_copy(control) if fsdp and control is not None else None
+    val = job.data.val_batches(rc.runtime.eval_batches, rc.runtime.eval_batch_size, job.n_ctx)
     ce_original = evaluate(model, val, None, dev)
-    run = finetune(adapter, data, rc, lr, dev, remove=True, positions=positions, progress=progress, label="remove-ln",
-                   val=val, ckpt=ckpts.get("removal"), on_step=_ON_STEP.get("removal"))
-    ce_unfolded = evaluate(adapter.net, val, positions, dev)
-    plain, plain_dev = adapter, dev
-    if rc.fsdp:
-        gather_into(adapter, twin)
-        plain, plain_dev = twin, torch.device("cpu")
-    ln_free, ce_ln_free, fold_diff = None, None, None
-    if ddp.main or not rc.fsdp:
-        ln_free = plain.fold()
-        ce_ln_free = evaluate(ln_free, val, None, plain_dev)
-        with torch.no_grad():
-            x = val[0].to(plain_dev)
-            fold_diff = (ln_free(x) - plain.net(x)).abs().max().item()
-    summary: dict[str, Any] = {
-        "source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>",
+    run = _arm(job, adapter, remove=True, val=val)
+    ce_unfolded = evaluate(adapter.net, val, run.pop("positions"), dev)
+    ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val)
+    summary = _summary(job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff)
+    metrics = run["metrics"]
+    if control is not None:
+        if ln_free is not None:
+            ln_free.cpu()  # written from the CPU anyway; the device now holds only the control
+        if not fsdp:
+            adapter.net.cpu()
+        control.net.to(dev)
+        crun = _arm(job, control, remove=False)
+        summary["ce_control"] = evaluate(control.net, val, None, dev)
+        if ce_ln_free is not None:
+            summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
+        if fsdp:
+            gather_into(control, control_twin)
+            control = control_twin
+        summary["batches"] = same_batches(run, crun)
+        by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
+        metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
+    kept = model.cfg.scheme.post_blocks(model.cfg.norm_context)
+    if kept:
+        summary["note"] = (f"{model.cfg.norm}: the Pre-norm blocks and the final norm were removed; the Post-norm "
+                           f"blocks {kept} keep their live norm (it normalizes the residual stream itself)")
+    summary.update(seconds=round(time.perf_counter() - job.t0, 2), world_size=job.group.world, device=str(dev),
+                   dtype=rc.runtime.dtype)
+    if job.group.main:
+        family = job.family
+        export = family.export if family is not None and family.removal_output == "export" else None
+        _write_result(job.out, ln_free, control, summary, metrics, rc, export, val)
+    if job.group.world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _summary(job: _Job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff) -> dict[str, Any]:
+    source, model = job.source, job.model
+    return {
+        "source": job.source_name,
         "norm": model.cfg.norm,
         "family": model.cfg.family,
-        "n_ctx": n_ctx,
+        "n_ctx": job.n_ctx,
         "ce_original": ce_original,
         "ce_control": None,
         "batches": {"removal": run["batches"], "control": None, "same": None, "first_different_step": None},
@@ -156,45 +232,13 @@ def _remove(model, adapter, family, source, spec, out, rc, data, corpus, n_ctx, 
         "batch_size": run["batch_size"],
         "resumed_from_step": run["resumed_from_step"],
         **overflow(run["schedule"], run["metrics"], len(adapter.sites)),
-        "lr": lr,
+        "lr": job.lr,
         "schedule": run["schedule"],
-        "config": config_record(rc),
-        "recipe": recipe,  # None: a RemovalConfig given whole
-        "corpus": corpus,
+        "config": config_record(job.rc),
+        "recipe": job.recipe,  # None: a RemovalConfig given whole
+        "corpus": job.corpus,
         "eval_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in val),
     }
-    metrics = run["metrics"]
-    if control is not None:
-        cpos = SpecialPositions(adapter.eot_id, rc.special_positions)
-        if ln_free is not None:
-            ln_free.cpu()  # written from the CPU anyway; the device now holds only the control
-        if not rc.fsdp:
-            adapter.net.cpu()
-        control.net.to(dev)
-        crun = finetune(control, data, rc, lr, dev, remove=False, positions=cpos, progress=progress, label="control",
-                        ckpt=ckpts.get("control"), on_step=_ON_STEP.get("control"))
-        summary["ce_control"] = evaluate(control.net, val, None, dev)
-        if ce_ln_free is not None:
-            summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
-        if rc.fsdp:
-            gather_into(control, control_twin)
-            control = control_twin
-        summary["batches"] = same_batches(run, crun)
-        by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
-        metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
-    if model.cfg.norm == "mix-ln":
-        summary["note"] = ("mix-ln: the Pre-LN blocks and the final norm were removed; the Post-LN blocks keep "
-                           "their live LayerNorm (it normalizes the residual stream itself)")
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    summary["world_size"] = ddp.world
-    summary["device"] = str(dev)
-    summary["dtype"] = rc.dtype
-    if ddp.main:
-        export = family.export if family is not None and family.removal_output == "export" else None
-        _write_result(out, ln_free, control, summary, metrics, rc, export, val)
-    if ddp.world > 1:
-        torch.distributed.barrier()
-    return summary
 
 
 # Test seam: a callable per phase called after every step (a test raises from it to simulate a kill).
@@ -210,7 +254,7 @@ def explain_method(spec: str | Path | GPT, options: dict[str, Any] | None = None
     defaults = family.removal_defaults if family is not None else {}
     rc, source, chosen = resolve(model.cfg, options or {}, recipe, defaults)
     text = explain(rc, source, chosen, asked=recipe not in (None, "auto"))
-    if rc.lr is None:
+    if rc.optimization.lr is None:
         text += "\n  (lr None: 0.4 × the pre-training peak learning rate, 6e-4 if the run does not record it)"
     return text
 
@@ -271,9 +315,7 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export
             _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
         if control is not None:
             net = control.net.cpu()
-            import dataclasses
-
-            net.cfg = dataclasses.replace(net.cfg, split_ln1_v=True)
+            net.cfg = replace(net.cfg, split_ln1_v=True)
             _save_run(tmp / "control", net, {"train": None, "control_of_removal": config_record(rc)})
         io.atomic_write_text(tmp / io.METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
@@ -281,8 +323,8 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export
 
 def validation_windows(model: GPT, corpus: str = "english", n: int = 32, seed: int = 0) -> tuple[list[torch.Tensor], str]:
     """Up to ``n`` windows of validation text in the model's own tokenizer (random tokens without one)."""
-    from ..corpora import load_corpus
-    from ..data import tokenize_works
+    from ..batches import tokenize_works
+    from ..corpus_spec import load_corpus
 
     n_ctx = min(model.cfg.n_ctx, 128)
     if model.tokenizer is None:

@@ -20,10 +20,19 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..model import GPT
+from ..norms import Norm
 from ..model.fold import AffineMap, fold_heads, fold_reader, set_, with_biases_for
 
 TARGETS = ("folded", "pre-rms", "pre-crms")
-SOURCES = ("pre-ln", "lns")
+
+
+def _convertible(model: GPT) -> bool:
+    """Every norm a live LayerNorm (centering, per-token std) before its sub-layer, none configured away."""
+    cfg = model.cfg
+    norms = [m for m in model.modules() if isinstance(m, Norm)]
+    return (bool(norms) and cfg.scheme.residual_is_sum(cfg.norm_context) and not cfg.norm_kwargs
+            and not cfg.split_ln1_v and not cfg.split_ln2_up
+            and all(n.standardize.centers and n.standardize.live_rms_eps is not None for n in norms))
 
 
 def _affine_only(norm, d: int) -> AffineMap:
@@ -51,7 +60,7 @@ def convert(model: GPT, to: str) -> GPT:
     if to not in TARGETS:
         raise WorkbenchError(f"unknown conversion target {to!r}; choose one of: {', '.join(TARGETS)}")
     cfg = model.cfg
-    if cfg.norm not in SOURCES or cfg.norm_kwargs or cfg.split_ln1_v or cfg.split_ln2_up:
+    if not _convertible(model):
         raise WorkbenchError(
             f"convert needs a Pre-LN model (pre-ln, lns or a GPT-2 checkpoint), not {cfg.norm!r}"
             + (f" with {cfg.norm_kwargs}" if cfg.norm_kwargs else "")

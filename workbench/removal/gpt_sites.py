@@ -21,7 +21,7 @@ SUPPORTED = "pre-ln, lns, pre-rms, pre-crms, srms and the Pre-LN blocks of mix-l
 
 def check_removable(cfg: ModelConfig) -> None:
     """Refuse, in one line, every model whose norms remove-ln cannot freeze."""
-    if cfg.norm == "none" or cfg.norm_kwargs.get("pre_ln_free"):
+    if cfg.scheme.pre_norm_free(cfg.norm_context):
         raise WorkbenchError(f"the model is already LayerNorm-free (norm {cfg.norm!r}); there is nothing to remove")
     pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) == "pre"]
     if not pre:

@@ -10,11 +10,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..norms.frozen import FrozenStandardize, SpecialPositions
+from ..errors import WorkbenchError
+from ..norms.frozen import SpecialPositions
+from .options import opt
+
+
+@dataclass
+class Losses:
+    """The auxiliary objectives' weights: the part of the removal method this module owns. Adding an
+    objective is a field here, its formula below and its term in ``LossWatch.objective``."""
+
+    aux_loss: float = opt(0.0, "weight of the final-residual std-uniformity loss")
+    # Teaches the model to stop relying on a few high-norm tokens before one σ replaces their scale.
+    scale_loss: float = opt(0.0, "weight of a loss on the spread of log per-token scale at every norm")
+    mlp_penalty: float = opt(0.0, "weight of a one-sided penalty on per-position scales above (1+δ)·σ at "
+                                  "MLP-norm inputs not yet frozen")
+    penalty_delta: float = opt(0.1, "δ of --mlp-penalty")
+
+    def __post_init__(self) -> None:
+        for name in ("aux_loss", "scale_loss", "mlp_penalty"):
+            if getattr(self, name) < 0:
+                raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.penalty_delta < 1e6:
+            raise WorkbenchError(f"--penalty-delta δ must be ≥ 0 (positions above (1 + δ)·σ are penalised), got "
+                                 f"{self.penalty_delta}")
+
+    def watch(self, adapter) -> LossWatch:
+        return LossWatch(adapter, aux=self.aux_loss, scale=self.scale_loss, mlp=self.mlp_penalty,
+                         delta=self.penalty_delta)
 
 
 def token_scale(x: Float[Tensor, "batch pos d"], centers: bool) -> Float[Tensor, "batch pos 1"]:
@@ -89,7 +118,7 @@ class LossWatch:
         self.log_scales.append(log_scale(args[0], mod.standardize.centers))
 
     def _mlp_scale(self, mod, args) -> None:
-        if not isinstance(mod.standardize, FrozenStandardize):  # only until the norm is frozen
+        if not mod.standardize.scale_frozen:  # only until the norm is frozen
             self.mlp_scales.append(token_scale(args[0], mod.standardize.centers))
 
     def objective(self, loss: Tensor, positions: SpecialPositions) -> Tensor:
@@ -113,4 +142,4 @@ class LossWatch:
             h.remove()
 
 
-__all__ = ["LossWatch", "aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]
+__all__ = ["LossWatch", "Losses", "aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]

@@ -8,13 +8,12 @@ value came from (``remove-ln --explain`` prints that).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
-from .finetune import RemovalConfig
+from .method import RemovalConfig
 
 
 @dataclass(frozen=True)
@@ -56,25 +55,29 @@ def resolve(cfg: ModelConfig, given: dict[str, Any], recipe: str | None = None,
             family: dict[str, Any] | None = None) -> tuple[RemovalConfig, dict[str, str], Recipe]:
     """The config for ``cfg`` and, per field, where its value came from: default, recipe NAME, family, flag."""
     r = recipe_named(recipe, cfg)
-    names = {f.name for f in dataclasses.fields(RemovalConfig)}
+    names = {f.name for _, f in RemovalConfig.fields()}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise WorkbenchError(f"remove-ln has no option {unknown[0]!r}")
+        raise WorkbenchError(f"remove-ln has no option {unknown[0]!r}; see remove-ln --help")
     values: dict[str, Any] = {}
     source = {n: "default" for n in names}
     for layer, how in ((r.fields, f"recipe {r.name}"), ({k: v for k, v in (family or {}).items() if k in names},
                                                         "family"), (given, "given")):
         for k, v in layer.items():
             values[k], source[k] = v, how
-    return RemovalConfig(**values), source, r
+    return RemovalConfig.of(**values), source, r
 
 
 def explain(rc: RemovalConfig, source: dict[str, str], r: Recipe, asked: bool) -> str:
     """Every field of the resolved method, with where its value came from, as lines of text."""
     how = "asked for" if asked else f"chosen by capability: the model has {r.chosen_for}"
     lines = [f"recipe {r.name} ({how}; {r.evidence})"]
-    for f in dataclasses.fields(rc):
-        lines.append(f"  {f.name:<18} {getattr(rc, f.name)!r:<10} ({source[f.name]})")
+    part = None
+    for owner, f in rc.fields():
+        if owner != part:
+            lines.append(f"  {owner}")
+            part = owner
+        lines.append(f"    {f.name:<18} {getattr(getattr(rc, owner), f.name)!r:<10} ({source[f.name]})")
     return "\n".join(lines)
 
 

@@ -118,7 +118,7 @@ def _corpus(name: str, train: list[Work], val: list[Work]) -> Corpus:
 
 def load_text_corpus(spec: str = "english") -> Corpus:
     """``english`` (bundled), a ``.txt`` file, or a folder whose ``*.txt`` files are the works. Every
-    corpus spec — mixtures included — goes through ``workbench.corpora.load_corpus``."""
+    corpus spec — mixtures included — goes through ``workbench.corpus_spec.load_corpus``."""
     if spec in BUNDLED:
         rows = read_jsonl_xz(bundled_path(BUNDLED[spec]))
         return _split(spec, [Work(f"{r['source']}/{r['title']}", r["text"], r["source"]) for r in rows])

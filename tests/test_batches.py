@@ -1,14 +1,14 @@
-"""Corpora and batches: split by work, deterministic batches, BOS at position 0, bundled data intact."""
+"""Texts and batches: split by work, deterministic batches, BOS at position 0, bundled data intact."""
 
 import hashlib
 
 import numpy as np
 import pytest
 
-from workbench.corpora import load_corpus
-from workbench.corpus import bundled_path, read_jsonl_xz
-from workbench.data import load_token_data
+from workbench.batches import load_token_data
+from workbench.corpus_spec import load_corpus
 from workbench.errors import WorkbenchError
+from workbench.texts import bundled_path, read_jsonl_xz
 
 
 def test_bundled_english_split_by_work_and_source():
@@ -73,7 +73,7 @@ def test_no_training_paragraph_is_held_out(tmp_path, tiny_corpus):
     """Content, not titles: no validation paragraph (whitespace and case aside) occurs in training — in the
     bundled corpus (whose Bible repeats passages across books), a folder whose works share paragraphs,
     one file that repeats itself, and a language mixture read back into English."""
-    from workbench.corpus import Work
+    from workbench.texts import Work
     from workbench.languages.synthetic import SyntheticLanguage, is_synthetic
 
     shared = "The same paragraph, copied into two works."

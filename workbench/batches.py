@@ -20,9 +20,9 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer
 
-from .corpora import load_corpus
-from .corpus import Corpus
+from .corpus_spec import load_corpus
 from .errors import WorkbenchError
+from .texts import Corpus
 from .tokenizer import eot_id, load_tokenizer, train_tokenizer
 
 

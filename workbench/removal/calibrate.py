@@ -1,0 +1,85 @@
+"""Calibrate-then-freeze: measure a live norm's per-token scale, then swap it for one frozen σ.
+
+The one implementation behind ``remove-ln`` (each event of the schedule) and the probes in
+``analyses/`` (freezing norms without fine-tuning, to see what each costs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Int
+from torch import Tensor
+
+from ..norms import Norm
+from ..norms.frozen import FrozenStandardize, SpecialPositions
+from ..norms.handover import HandOver
+from ..runtime import current
+from .method import percentile
+
+
+@torch.no_grad()
+def calibrate(adapter, norm: Norm, batch: Int[Tensor, "batch pos"], positions: SpecialPositions,
+              chunk: int | None = None, statistic: str = "rms") -> dict[str, float | None]:
+    """σ from the live per-token scale s_t: over ordinary positions sqrt(mean s_t²) ("rms"), median s_t
+    ("median") or a percentile ("qNN"); BOS and EOT positions pooled separately (always rms). Under a
+    process group every rank contributes its share of the batch and all get the same σ."""
+    stats = torch.zeros(3, 2, dtype=torch.float64, device=batch.device)
+    ordinary_scales: list[Tensor] = []
+    for part in batch.split(chunk or len(batch)):
+        captured: list[Tensor] = []
+        norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
+        try:
+            positions.update(part)
+            adapter.net(part)
+        finally:
+            norm.hook_scale.remove_hooks("fwd")
+        s = captured[0].expand(*part.shape, 1)
+        masks = (positions.ordinary(), positions.bos, positions.eot)
+        stats += torch.stack([torch.stack([(s.pow(2) * m).sum(), m.sum().float()]) for m in masks]).double()
+        ordinary_scales.append(s[masks[0]].double().cpu())
+    world = current().world
+    if world > 1:
+        dist.all_reduce(stats)
+    out = {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
+    if statistic != "rms":
+        local = torch.cat(ordinary_scales)
+        if world > 1:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, local)
+            local = torch.cat(everyone)
+        q = percentile(statistic)
+        value = local.median().item() if q is None else torch.quantile(local, q / 100).item()
+        out["sigma_rms"], out["sigma"] = out["sigma"], value
+    return out
+
+
+def finite(entry: dict[str, Any]) -> bool:
+    """Whether every σ of a calibration is a finite number (None: no such positions)."""
+    return all(math.isfinite(v) for k, v in entry.items() if k.startswith("sigma") and v is not None)
+
+
+def freeze(norm: Norm, entry: dict[str, Any], positions: SpecialPositions | None, ema: float = 0.0,
+           handover: HandOver | None = None, frozen_at: int = 0,
+           device: torch.device | str = "cpu") -> FrozenStandardize:
+    """Swap ``norm``'s live standardization for a frozen one at the calibrated σ of ``entry`` (its BOS and
+    EOT σ kept apart while the special positions are on); a gradual ``handover`` starts at ``frozen_at``."""
+    live = norm.standardize
+    st = FrozenStandardize(entry["sigma"], live.centers, positions, entry["sigma_bos"],
+                           entry["sigma_eot"] or entry["sigma_bos"], ema, handover=handover,
+                           live_eps=live.live_rms_eps, frozen_at=frozen_at)
+    norm.standardize = st.to(device)
+    return st
+
+
+def calibrate_and_freeze(adapter, norm: Norm, batch: Int[Tensor, "batch pos"], positions: SpecialPositions,
+                         statistic: str = "rms", chunk: int | None = None) -> tuple[dict[str, Any], FrozenStandardize]:
+    """Calibrate ``norm`` on ``batch`` and freeze it at once (no hand-over, no EMA): what a probe needs."""
+    entry = calibrate(adapter, norm, batch, positions, chunk, statistic)
+    return entry, freeze(norm, entry, positions, device=batch.device)
+
+
+__all__ = ["calibrate", "calibrate_and_freeze", "finite", "freeze"]
