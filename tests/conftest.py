@@ -100,7 +100,7 @@ def save_run(model, d: Path) -> Path:
 
 
 def _hf_config(family: str, vocab: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=64)
@@ -111,6 +111,12 @@ def _hf_config(family: str, vocab: int):
         # drops the base computes another model
         "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0),
         "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=250000.0),
+        # QK-norm per head; a head_dim (12) other than hidden/heads (8), as Qwen3's own configs have
+        "qwen3": lambda: Qwen3Config(**common, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False,
+                                     rope_theta=30000.0, rms_norm_eps=1e-5),
+        # sliding window 7: the tests' sequences (up to 40 tokens) are far longer
+        "mistral": lambda: MistralConfig(**common, num_key_value_heads=2, sliding_window=7, tie_word_embeddings=False,
+                                         rope_theta=40000.0),
         "gpt_neox": lambda: GPTNeoXConfig(**common, rotary_pct=0.5, use_parallel_residual=True,
                                           tie_word_embeddings=False, rope_parameters=dict(
                                               rope_type="default", rope_theta=20000.0, partial_rotary_factor=0.5)),
@@ -127,7 +133,7 @@ def hf_dirs(tmp_path_factory, tiny_corpus):
 
     tok = train_tokenizer((p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))), 320)
     dirs = {}
-    for i, family in enumerate(("gpt2", "llama", "qwen2", "gpt_neox")):
+    for i, family in enumerate(("gpt2", "llama", "qwen2", "gpt_neox", "qwen3", "mistral")):
         d = tmp_path_factory.mktemp(family)
         torch.manual_seed(i)
         hf = AutoModelForCausalLM.from_config(_hf_config(family, tok.get_vocab_size()))

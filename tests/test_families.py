@@ -14,7 +14,7 @@ from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.surface import HookedModel
 
-FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox"]
+FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox", "qwen3", "mistral"]
 PROMPT = "And God said unto the"
 
 
@@ -141,7 +141,7 @@ def test_unsupported_family_is_refused_in_one_line(tmp_path, hf_dirs, capsys):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
-    with pytest.raises(WorkbenchError, match="supported families: gpt2, llama, qwen2, gpt_neox"):
+    with pytest.raises(WorkbenchError, match="supported families: gpt2, llama, qwen2, qwen3, mistral, gpt_neox"):
         workbench.load(d)
     assert main(["dla", str(d), "--prompt", PROMPT]) == 2
     err = capsys.readouterr().err.strip()

@@ -176,9 +176,28 @@ def test_unified_windowed_forward_and_compensated_backward():
     torch.testing.assert_close(m.running_var, running, atol=1e-4, rtol=1e-5)
 
 
+def test_qk_norm_formula_per_head(x):
+    """qk-norm: its block norms are RMSNorm; each head's query is q_h / sqrt(mean_e q_he² + eps) · w over d_head."""
+    from workbench.model import GPT
+    from workbench.norms.qk_norm import head_norm
+
+    m = make("qk-norm"); randomize_affine(m)
+    torch.testing.assert_close(m(x), x / torch.sqrt((x * x).sum(-1, keepdim=True) / D + EPS) * m.affine.w)
+    q = torch.randn(3, 5, 4, 6) * 2 + 0.5  # [batch, pos, head, d_head]
+    n = head_norm(6, EPS); randomize_affine(n)
+    want = torch.stack([q[:, :, h] / torch.sqrt((q[:, :, h] ** 2).sum(-1, keepdim=True) / 6 + EPS) for h in range(4)], 2)
+    torch.testing.assert_close(n(q), want * n.affine.w)
+    seen = []
+    n.hook_scale.add_hook(lambda s, hook: seen.append(s))
+    n(q)
+    assert seen[0].shape == (3, 5, 4, 1)
+    attn = GPT(ModelConfig(norm="qk-norm", d_model=D, n_heads=2, n_layers=1)).blocks[0].attn
+    assert attn.q_norm.affine.w.shape == attn.k_norm.affine.w.shape == (D // 2,)
+
+
 def test_every_registered_norm_is_tested_here():
     tested = {"pre-ln", "post-ln", "mix-ln", "lns", "pre-rms", "pre-crms", "powernorm", "unified", "batchnorm",
-              "dyt", "srms", "none"}
+              "dyt", "srms", "qk-norm", "none"}
     assert set(scheme_names()) == tested
 
 

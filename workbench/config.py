@@ -16,9 +16,34 @@ from .errors import WorkbenchError
 MLP_KINDS = ("gelu", "swiglu")
 POS_KINDS = ("learned", "rope")
 ACT_FNS = ("gelu_new", "gelu", "silu")
+# QK-norm: "head" = an RMSNorm (with gain) over each head's query and key (Qwen3, Gemma 3).
+QK_NORMS = ("head",)
 # What a field read from a file may hold, by its annotation (bool is an int to Python, not to a config).
 _JSON_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "str": (str,),
-               "bool": (bool,), "dict[str, Any]": (dict,)}
+               "bool": (bool,), "dict[str, Any]": (dict,), "str | None": (str, type(None))}
+
+
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rotary_scaling(scaling: dict[str, Any], pos: str) -> None:
+    """One line for a rotary scaling the workbench does not implement exactly, or one missing a value."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type")
+    if pos != "rope":
+        raise WorkbenchError("model config: rotary_scaling needs rotary positions (pos='rope')")
+    if kind not in ROPE_SCALINGS:
+        raise WorkbenchError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)}; the "
+                             "workbench implements these exactly and refuses the rest)")
+    missing = [k for k in ROPE_SCALINGS[kind] if not isinstance(scaling.get(k), (int, float))]
+    extra = sorted(set(scaling) - {"rope_type", *ROPE_SCALINGS[kind]})
+    if missing or extra:
+        raise WorkbenchError(f"rope scaling {kind!r} needs exactly {', '.join(ROPE_SCALINGS[kind])}"
+                             + (f"; missing {missing}" if missing else f"; unknown {extra}"))
+    if scaling["factor"] <= 0 or (kind == "llama3" and not 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"]):
+        raise WorkbenchError(f"rope scaling {kind!r}: factor must be positive and low_freq_factor < high_freq_factor")
 
 
 @dataclass
@@ -48,7 +73,15 @@ class ModelConfig:
     pos: str = "learned"  # "learned" absolute embeddings, or "rope" (rotary on Q and K)
     rotary_dim: int | None = None  # rope: the leading dims of each head that rotate (None: all of them)
     rotary_base: float = 10000.0
+    # Scaled rotary frequencies: {} (plain), {"rope_type": "linear", "factor": f} or {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+).
+    rotary_scaling: dict[str, Any] = field(default_factory=dict)
     n_key_value_heads: int | None = None  # grouped-query attention; None: one K/V head per query head
+    # Sliding-window attention in every layer (Mistral): a query attends to the last W keys, itself
+    # included; None: to every earlier key.
+    sliding_window: int | None = None
+    # A norm on queries and keys after their projection (None: none); a scheme may imply one (qk-norm).
+    qk_norm: str | None = None
     parallel: bool = False  # GPT-NeoX: attention and MLP both read the block's input
     qkv_bias: bool = True  # False: b_Q, b_K, b_V are fixed zeros (buffers), never trained
     o_bias: bool = True
@@ -75,6 +108,8 @@ class ModelConfig:
         if self.n_heads % self.n_key_value_heads:
             raise WorkbenchError(f"model config: n_heads={self.n_heads} is not a multiple of "
                                  f"n_key_value_heads={self.n_key_value_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise WorkbenchError(f"model config: sliding_window must be at least 1, got {self.sliding_window}")
         if self.mlp not in MLP_KINDS:
             raise WorkbenchError(f"unknown mlp {self.mlp!r}; choose one of: {', '.join(MLP_KINDS)}")
         if self.split_ln2_up and self.mlp != "swiglu":
@@ -89,12 +124,23 @@ class ModelConfig:
                 self.rotary_dim = self.d_head
             if not 0 < self.rotary_dim <= self.d_head or self.rotary_dim % 2:
                 raise WorkbenchError(f"model config: rotary_dim={self.rotary_dim} must be even and in (0, d_head]")
+        check_rotary_scaling(self.rotary_scaling, self.pos)
         from .norms import get_scheme  # late import: norms register themselves on import
 
         self.scheme = get_scheme(self.norm)
         self.scheme.check(self.norm_context)
+        self._check_qk_norm()
         if self.parallel and not self.scheme.residual_is_sum(self.norm_context):
             raise WorkbenchError(f"parallel attention + MLP needs Pre-norm blocks; norm {self.norm!r} has Post-norm ones")
+
+    def _check_qk_norm(self) -> None:
+        implied = self.scheme.qk_norm
+        if implied is not None and self.qk_norm not in (None, implied):
+            raise WorkbenchError(f"norm {self.norm!r} has QK-norm {implied!r}; qk_norm={self.qk_norm!r} contradicts it")
+        self.qk_norm = self.qk_norm or implied
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise WorkbenchError(f"qk_norm {self.qk_norm!r} is not supported (supported: {', '.join(QK_NORMS)}: an "
+                                 "RMSNorm over each head's query and key)")
 
     @property
     def norm_context(self):

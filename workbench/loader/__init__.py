@@ -26,9 +26,10 @@ from .family import Family
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .hub import fetch_smollm2, is_hf_spec, locate, read_checkpoint, read_config, smollm2_cached
-from .llama import LLAMA, QWEN2
+from .llama import LLAMA, MISTRAL, QWEN2
+from .qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, QWEN2, GPT_NEOX)
+FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GPT_NEOX)
 
 
 def supported() -> str:

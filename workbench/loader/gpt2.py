@@ -95,7 +95,8 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     check_out_dir(out)
     cfg = model.cfg
     ln_free = cfg.scheme.stock == "identity"
-    if cfg.scheme.stock not in ("layernorm", "identity") or cfg.split_ln1_v:
+    if cfg.scheme.stock not in ("layernorm", "identity") or cfg.split_ln1_v or cfg.qk_norm is not None \
+            or cfg.sliding_window is not None:
         raise WorkbenchError(f"only pre-ln and LN-free (none) models export to GPT-2, not {cfg.norm!r}; "
                              "use `workbench convert --to folded` or `remove-ln` first")
     if (cfg.d_head * cfg.n_heads != cfg.d_model or cfg.act_fn != "gelu_new" or cfg.mlp != "gelu" or cfg.pos != "learned"

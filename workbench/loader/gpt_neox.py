@@ -22,14 +22,14 @@ def config(cfg: dict) -> dict:
     act = cfg.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_new"):
         raise WorkbenchError(f"hidden_act={act!r} is not supported in GPT-NeoX (gelu or gelu_new)")
-    theta, partial = rope_parameters(cfg)
+    theta, partial, scaling = rope_parameters(cfg)
     d, h = cfg["hidden_size"], cfg["num_attention_heads"]
     d_head = d // h
     bias = bool(cfg.get("attention_bias", True))
     return dict(n_layers=cfg["num_hidden_layers"], d_model=d, n_heads=h, d_mlp=cfg["intermediate_size"],
                 d_vocab=cfg["vocab_size"], n_ctx=min(cfg.get("max_position_embeddings", N_CTX), N_CTX), norm="pre-ln",
                 eps=cfg.get("layer_norm_eps", 1e-5), act_fn=act, pos="rope", rotary_base=theta,
-                rotary_dim=int(d_head * partial), parallel=bool(cfg.get("use_parallel_residual", True)),
+                rotary_dim=int(d_head * partial), rotary_scaling=scaling, parallel=bool(cfg.get("use_parallel_residual", True)),
                 qkv_bias=bias, o_bias=bias, mlp_bias=True, unembed_bias=False, family="gpt_neox")
 
 

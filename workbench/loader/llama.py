@@ -1,4 +1,5 @@
-"""The Llama family — Llama, SmolLM2 (a Llama), Qwen2 — as the workbench's GPT, and back.
+"""The Llama family — Llama (Llama 3's rope scaling included), SmolLM2 (a Llama), Qwen2, Mistral (sliding
+windows) — as the workbench's GPT, and back (Llama and Qwen2).
 
 Pre-RMSNorm (gain, no bias, no centering), SwiGLU MLP (gate_proj/up_proj/down_proj, SiLU), rotary
 positions on the whole head (rotate-half layout), grouped-query attention, untied or tied unembedding.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ROPE_SCALINGS, ModelConfig, check_rotary_scaling
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Affine
@@ -30,35 +31,47 @@ from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, verify_expor
 N_CTX = 256
 
 
-def rope_parameters(cfg: dict) -> tuple[float, float]:
-    """(θ, partial rotary factor) from a transformers 4 or 5 config; refuses scaled rope variants."""
+def rope_parameters(cfg: dict) -> tuple[float, float, dict]:
+    """(θ, partial rotary factor, scaling) from a transformers 4 or 5 config; the scaling as
+    ``ModelConfig.rotary_scaling`` ({} for plain rotary), which refuses the variants not implemented."""
     rp = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    kind = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise WorkbenchError(f"rope scaling {kind!r} is not supported (the workbench implements plain rotary positions)")
+    old = cfg.get("rope_scaling") or {}
+    kind = rp.get("rope_type") or old.get("rope_type") or old.get("type") or "default"
     theta = rp.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
     partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
-    return float(theta), float(partial)
+    if kind == "default":
+        return float(theta), float(partial), {}
+    source = {**old, **rp}
+    if kind == "llama3" and "original_max_position_embeddings" not in source:
+        source["original_max_position_embeddings"] = cfg.get("original_max_position_embeddings")
+    if kind not in ROPE_SCALINGS:
+        check_rotary_scaling({"rope_type": kind}, "rope")  # the one-line refusal
+    return float(theta), float(partial), {"rope_type": kind, **{k: source.get(k) for k in ROPE_SCALINGS[kind]}}
 
 
 def _config(cfg: dict, qwen: bool) -> dict:
+    if qwen and cfg.get("use_sliding_window", False):
+        raise WorkbenchError("Qwen2 with sliding-window attention is not supported (full causal attention only)")
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return config_of(cfg, qkv_bias=True if qwen else attn_bias, o_bias=False if qwen else attn_bias,
+                     mlp_bias=False if qwen else bool(cfg.get("mlp_bias", False)), family="qwen2" if qwen else "llama")
+
+
+def config_of(cfg: dict, qkv_bias: bool, o_bias: bool, mlp_bias: bool, family: str) -> dict:
+    """ModelConfig keywords of a Llama-layout config (shared by Qwen3); the biases as the family has them."""
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise WorkbenchError(f"hidden_act={act!r} is not supported in the Llama family (SwiGLU with silu)")
-    if qwen and cfg.get("use_sliding_window", False):
-        raise WorkbenchError("Qwen2 with sliding-window attention is not supported (full causal attention only)")
-    theta, partial = rope_parameters(cfg)
+    theta, partial, scaling = rope_parameters(cfg)
     d, h = cfg["hidden_size"], cfg["num_attention_heads"]
     d_head = cfg.get("head_dim") or d // h
-    attn_bias = bool(cfg.get("attention_bias", False))
     return dict(
         n_layers=cfg["num_hidden_layers"], d_model=d, n_heads=h, n_key_value_heads=cfg.get("num_key_value_heads") or h,
         d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
         n_ctx=min(cfg.get("max_position_embeddings", N_CTX), N_CTX), norm="pre-rms", eps=cfg.get("rms_norm_eps", 1e-6),
         mlp="swiglu", act_fn="silu", pos="rope", rotary_base=theta, rotary_dim=int(d_head * partial),
-        qkv_bias=True if qwen else attn_bias, o_bias=False if qwen else attn_bias,
-        mlp_bias=False if qwen else bool(cfg.get("mlp_bias", False)), unembed_bias=False, family="qwen2" if qwen else "llama",
+        rotary_scaling=scaling,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, unembed_bias=False, family=family,
     )
 
 
@@ -106,11 +119,13 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
     qwen = cfg.family == "qwen2"
     ln_free = cfg.scheme.stock == "identity"
     ok = (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
-          and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.scheme.stock in ("rmsnorm", "identity") and not cfg.unembed_bias
+          and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.scheme.stock in ("rmsnorm", "identity") and cfg.qk_norm is None
+          and not cfg.rotary_scaling and cfg.sliding_window is None
+          and not cfg.unembed_bias
           and (cfg.qkv_bias, cfg.o_bias) in (((True, False),) if qwen else ((False, False), (True, True))))
     if not ok:
         raise WorkbenchError(f"this model is not of the {'Qwen2' if qwen else 'Llama'} family's shape (pre-rms or "
-                             "norm-free, SwiGLU, full rotary, its biases); it cannot be exported as one")
+                             "norm-free, SwiGLU, full unscaled rotary, full attention, no QK-norm, its biases); it cannot be exported as one")
     d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
     eps = LN_FREE_EPS if ln_free else cfg.eps
     gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
@@ -168,5 +183,16 @@ _REMOVAL = {"lr": 2e-5, "n_ctx": 128}
 
 LLAMA = Family(name="llama", model_types=("llama",), config=lambda c: _config(c, qwen=False), weights=weights,
                export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")
+def _mistral_config(cfg: dict) -> dict:
+    window = cfg.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise WorkbenchError(f"Mistral sliding_window={window!r} is not a positive number of tokens")
+    return {**config_of(cfg, qkv_bias=False, o_bias=False, mlp_bias=False, family="mistral"), "sliding_window": window}
+
+
+# Mistral: the Llama layout with sliding-window attention in every layer. No exporter (a stock Mistral
+# directory back) yet, so its removal writes a workbench run.
+MISTRAL = Family(name="mistral", model_types=("mistral",), config=_mistral_config, weights=weights,
+                 removal_defaults=_REMOVAL)
 QWEN2 = Family(name="qwen2", model_types=("qwen2",), config=lambda c: _config(c, qwen=True), weights=weights,
                export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from ..config import ModelConfig
+from ..norms.qk_norm import head_norm
 
 
 class Embed(nn.Module):
@@ -54,15 +55,36 @@ class Unembed(nn.Module):
         return torch.addmm(self.b_U, x.reshape(-1, x.shape[-1]), self.W_U).reshape(*x.shape[:-1], -1)
 
 
+def rotary_inv_freq(rotary_dim: int, base: float, scaling: dict | None = None) -> Float[Tensor, "half"]:
+    """The rotation frequencies θ_i = base^(−2i/d), scaled as the config says (``ModelConfig.rotary_scaling``):
+
+    linear  θ_i / factor  (every position divided by the factor)
+    llama3  by wavelength λ_i = 2π/θ_i against the pre-training context C: λ > C/low → θ/factor (slow
+            dimensions stretched); λ < C/high → θ (fast ones kept); between, with
+            s = (C/λ − low)/(high − low), (1 − s)·θ/factor + s·θ."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    kind = (scaling or {}).get("rope_type")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelen > context / low, inv_freq / factor,
+                           torch.where(wavelen < context / high, inv_freq, blended))
+    return inv_freq
+
+
 class Rotary(nn.Module):
     """Rotary position embedding on the first ``rotary_dim`` dims of each head, in the rotate-half
     layout of GPT-NeoX and Llama: (x₁, x₂) ↦ (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
 
-    def __init__(self, rotary_dim: int, base: float):
+    def __init__(self, rotary_dim: int, base: float, scaling: dict | None = None):
         super().__init__()
         self.rotary_dim = rotary_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(rotary_dim, base, scaling), persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     def _cos_sin(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -100,7 +122,12 @@ class Attention(nn.Module):
         add_bias(self, "b_K", (kv, dh), cfg.qkv_bias)
         add_bias(self, "b_V", (kv, dh), cfg.qkv_bias)
         add_bias(self, "b_O", (d,), cfg.o_bias)
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.pos == "rope" else None
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, cfg.rotary_scaling) if cfg.pos == "rope" else None
+        self.window = cfg.sliding_window
+        if cfg.qk_norm == "head":  # hook_q / hook_k then show the normalized query and key
+            self.q_norm, self.k_norm = head_norm(dh, cfg.eps), head_norm(dh, cfg.eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_k = HookPoint()  # [batch, key_pos, kv_head_index, d_head]
         self.hook_v = HookPoint()  # [batch, key_pos, kv_head_index, d_head]
@@ -136,6 +163,8 @@ class Attention(nn.Module):
             q = self._project(qk_input, self.W_Q, self.b_Q)
             k = self._project(qk_input, self.W_K, self.b_K)
             v = self._project(v_input, self.W_V, self.b_V)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.rotary is not None:
             q, k = self.hook_rot_q(self.rotary(q)), self.hook_rot_k(self.rotary(k))
@@ -143,13 +172,23 @@ class Attention(nn.Module):
             z = self._explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v))
         else:
             # Nobody looks at the pattern: let PyTorch's fused kernel skip materializing it.
+            windowed = self.window is not None and k.shape[1] > self.window
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not windowed,
+                attn_mask=self._mask(q.shape[1], k.shape[1], q.device) if windowed else None,
                 enable_gqa=self.n_kv != self.n_heads,
             ).transpose(1, 2)
         z = self.hook_z(z)
         W_O = self.W_O.reshape(-1, self.W_O.shape[-1])
         return torch.addmm(self.b_O, z.reshape(-1, W_O.shape[0]), W_O).reshape(*z.shape[:2], -1)
+
+    def _mask(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
+        """Which keys each query sees (True): the earlier ones, and with a sliding window W only the last W
+        (query i, key j: i − W < j ≤ i, positions counted from the first key)."""
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+        if self.window is not None:
+            allowed &= torch.ones(n_q, n_k, dtype=torch.bool, device=device).triu(n_k - n_q - self.window + 1)
+        return allowed
 
     def _repeat_kv(self, x: Tensor) -> Tensor:
         """K/V heads expanded to one per query head (query head i reads K/V head i // group)."""
@@ -158,9 +197,7 @@ class Attention(nn.Module):
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch pos head_index d_head"]:
         scores = einsum(q, k, "batch pos head d_head, batch key_pos head d_head -> batch head pos key_pos")
         scores = scores / math.sqrt(self.d_head)
-        n_q, n_k = scores.shape[-2:]
-        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+        scores = self.hook_attn_scores(scores.masked_fill(~self._mask(*scores.shape[-2:], q.device), float("-inf")))
         pattern = self.hook_pattern(scores.float().softmax(-1).to(q.dtype))  # softmax in float32 for bf16 too
         return einsum(pattern, v, "batch head pos key_pos, batch key_pos head d_head -> batch pos head d_head")
 

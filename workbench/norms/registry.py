@@ -57,6 +57,8 @@ class NormScheme:
     validate: Callable[["NormContext"], None] = _no_validation
     # Names this scheme reads from ``ModelConfig.norm_kwargs``; anything else is a user error.
     accepts: tuple[str, ...] = ()
+    # The QK-norm every model of this scheme has (``ModelConfig.qk_norm``; None: whatever the config says).
+    qk_norm: str | None = None
     # What the norm is in a stock Hugging Face family, so an exporter asks the scheme and not its name:
     # "layernorm" (GPT-2's Pre-LN), "rmsnorm" (Llama's Pre-RMSNorm), "identity" (no norm), None (no stock one).
     stock: str | None = None

@@ -29,7 +29,10 @@ class RMSStandardize(Standardize):
         return (lambda c: c / s), torch.zeros_like(x)
 
     def fused(self, x, affine):
-        y = F.rms_norm(x, x.shape[-1:], affine.w if isinstance(affine, Affine) else None, self.eps)
+        w = affine.w if isinstance(affine, Affine) else None
+        if w is not None and w.dtype != x.dtype:  # a bf16 projection (QK-norm under autocast): the fused kernel
+            w = w.to(x.dtype)                      # needs one dtype, else torch falls back with a warning
+        y = F.rms_norm(x, x.shape[-1:], w, self.eps)
         return y if not isinstance(affine, Affine) or affine.b is None else y + affine.b
 
 

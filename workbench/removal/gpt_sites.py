@@ -23,6 +23,9 @@ def check_removable(cfg: ModelConfig) -> None:
     """Refuse, in one line, every model whose norms remove-ln cannot freeze."""
     if cfg.scheme.pre_norm_free(cfg.norm_context):
         raise WorkbenchError(f"the model is already LayerNorm-free (norm {cfg.norm!r}); there is nothing to remove")
+    if cfg.qk_norm is not None:
+        raise WorkbenchError(f"remove-ln does not remove QK-norms yet (blocks.*.attn.q_norm / k_norm, qk_norm="
+                             f"{cfg.qk_norm!r}); supported: {SUPPORTED}")
     pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) == "pre"]
     if not pre:
         raise WorkbenchError(

@@ -1,0 +1,31 @@
+"""QK-norm: an RMSNorm (with gain) over each head's query and key, after their projection and before
+the rotary embedding — so the attention logit q·k/√d_head is bounded by the gains, whatever the residual
+stream's scale (Henry et al. 2020; Dehghani et al. 2023; Qwen3, Gemma 3, OLMo-2 over the whole projection).
+
+The zoo member ``qk-norm`` is Pre-RMSNorm blocks plus per-head QK-norm; any other model gets it through
+``ModelConfig.qk_norm = "head"`` (the Qwen3 family). Each q/k norm is a workbench ``Norm`` at
+``blocks.{l}.attn.q_norm`` / ``k_norm`` with ``hook_scale`` [batch, pos, head, 1].
+"""
+
+from __future__ import annotations
+
+from .base import Affine, Norm
+from .registry import NormScheme, register
+from .rmsnorm import RMSStandardize
+
+
+def head_norm(d_head: int, eps: float) -> Norm:
+    """The RMSNorm over the last (d_head) axis of a [batch, pos, head, d_head] query or key."""
+    return Norm(RMSStandardize(eps), Affine(d_head, bias=False))
+
+
+QK_NORM = register(
+    NormScheme(
+        name="qk-norm",
+        description="Pre-RMSNorm plus per-head QK-norm: an RMSNorm on each head's query and key (Qwen3, Gemma 3)",
+        reference="Henry et al. 2020, Query-Key Normalization; Dehghani et al. 2023; Qwen3 2025",
+        make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False)),
+        tl_normalization_type="RMS",
+        qk_norm="head",
+    )
+)
