@@ -45,8 +45,9 @@ class DLAResult:
 def require_residual_sum(model: GPT) -> None:
     if not model.cfg.scheme.residual_is_sum(model.cfg.norm_context):
         raise WorkbenchError(
-            f"direct logit attribution is undefined for norm {model.cfg.norm!r}: its Post-LN blocks normalize "
-            "the residual stream, so it is not a sum of component outputs; use a Pre-norm or norm-free model"
+            f"direct logit attribution is undefined for norm {model.cfg.norm!r}: "
+            f"{model.cfg.scheme.why_not_a_sum(model.cfg.norm_context)}, so it is not a sum of component outputs; "
+            "use a Pre-norm or norm-free model"
         )
 
 

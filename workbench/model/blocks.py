@@ -63,4 +63,26 @@ class PostNormBlock(_Block):
         return self.hook_resid_post(self.ln2(x + self.hook_mlp_out(self.mlp(x))))
 
 
-BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock}
+class PeriNormBlock(_Block):
+    """Peri-LN / sandwich: x ← x + ln1_post(attn(ln1(x)));  x ← x + ln2_post(mlp(ln2(x))).
+
+    The norms after each sublayer (``ln1_post``, ``ln2_post``) scale what is *added* to the residual
+    stream: ``hook_attn_out`` / ``hook_mlp_out`` are the post-normed outputs, so resid_mid = resid_pre +
+    attn_out still holds, but the heads' z·W_O sum to the post-norm's input, not to attn_out. A scheme
+    without pre-norms (OLMo-2's reordered norm) makes ``ln1``/``ln2`` identities."""
+
+    placement = "peri"
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.ln1_post = cfg.scheme.make(cfg.norm_context, layer, "ln1_post")
+        self.ln2_post = cfg.scheme.make(cfg.norm_context, layer, "ln2_post")
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_resid_pre(x)
+        qkv_in = self.ln1(x)
+        mid = self.hook_resid_mid(x + self.hook_attn_out(self.ln1_post(self.attn(qkv_in, qkv_in))))
+        return self.hook_resid_post(mid + self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(mid)))))
+
+
+BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock, "peri": PeriNormBlock}

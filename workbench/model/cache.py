@@ -20,8 +20,8 @@ class NormAwareCache(ActivationCache):
         cfg = self.model.cfg
         if not cfg.scheme.residual_is_sum(cfg.norm_context):
             raise WorkbenchError(
-                f"{what} is undefined for norm {cfg.norm!r}: its Post-LN blocks normalize the residual "
-                "stream, so it is not a sum of component outputs; use a Pre-norm or norm-free model"
+                f"{what} is undefined for norm {cfg.norm!r}: {cfg.scheme.why_not_a_sum(cfg.norm_context)}, so "
+                "it is not a sum of component outputs; use a Pre-norm or norm-free model"
             )
 
     def _require_token_scale(self, what: str) -> None:

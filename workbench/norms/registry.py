@@ -19,8 +19,10 @@ class NormContext:
     n_layers: int
     kwargs: dict[str, Any] = field(default_factory=dict)  # ModelConfig.norm_kwargs
 
-Site = Literal["ln1", "ln2", "ln_final"]
-Placement = Literal["pre", "post"]
+Site = Literal["ln1", "ln2", "ln1_post", "ln2_post", "ln_final"]
+# pre: norms on the sublayer inputs; post: on the residual stream after each addition; peri: on the
+# sublayer inputs and outputs (sandwich; the inputs' may be identities, OLMo-2).
+Placement = Literal["pre", "post", "peri"]
 
 
 def _always_pre(ctx: "NormContext", layer: int) -> Placement:
@@ -71,6 +73,12 @@ class NormScheme:
             takes = f"only {', '.join(self.accepts)}" if self.accepts else "none"
             raise WorkbenchError(f"norm {self.name!r} does not take {unknown}; it takes {takes}")
         self.validate(ctx)
+
+    def why_not_a_sum(self, ctx: "NormContext") -> str:
+        """Why the final residual is not a sum of head and neuron outputs (for the one-line refusals)."""
+        if any(self.placement(ctx, layer) == "post" for layer in range(ctx.n_layers)):
+            return "its Post-norm blocks normalize the residual stream"
+        return "its norms on sub-layer outputs rescale every head's and neuron's output by a live scale"
 
     def post_blocks(self, ctx: "NormContext") -> list[int]:
         """The blocks that normalize the residual stream itself (Post-norm placement)."""

@@ -29,8 +29,8 @@ def check_removable(cfg: ModelConfig) -> None:
     pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) == "pre"]
     if not pre:
         raise WorkbenchError(
-            f"remove-ln needs a Pre-norm model; {cfg.norm!r} normalizes the residual stream itself, so a "
-            f"frozen scale would rescale everything before it (supported: {SUPPORTED})"
+            f"remove-ln needs a Pre-norm model; {cfg.norm!r}: {cfg.scheme.why_not_a_sum(cfg.norm_context)}, "
+            f"which one frozen scale cannot stand in for (supported: {SUPPORTED})"
         )
     if not cfg.scheme.scale_is_per_token:
         raise WorkbenchError(

@@ -1,0 +1,49 @@
+"""Norms on sublayer outputs: Peri-LN (sandwich: before and after each sublayer) and OLMo-2's reordered
+norm (after each sublayer only). The post-sublayer norms are ``blocks.{l}.ln1_post`` / ``ln2_post``.
+
+    peri-ln    x ← x + LN(attn(LN(x))),  x ← x + LN(mlp(LN(x))), final LN      (Kim et al. 2025, Peri-LN;
+                                                                             Gemma 2/3 with RMSNorm)
+    post-sub   x ← x + RMS(attn(x)),     x ← x + RMS(mlp(x)),    final RMS     (OLMo 2, 2025)
+
+What a post-sublayer norm means for the analyses: the residual stream is still a sum of what each sublayer
+adds, but a sublayer's parts (heads, neurons) reach it only through that norm's live scale — so
+decompositions that sum heads into the residual are refused (``residual_is_sum`` is False), as are
+removal, folding and export, until they handle these sites.
+"""
+
+from __future__ import annotations
+
+from .base import Affine, IdentityStandardize, Norm
+from .layernorm import layer_norm
+from .registry import NormScheme, register
+from .rmsnorm import RMSStandardize
+
+
+def _rms(ctx) -> Norm:
+    return Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False))
+
+
+def _post_only(ctx, layer, site):
+    return Norm(IdentityStandardize(), None) if site in ("ln1", "ln2") else _rms(ctx)
+
+
+PERI_LN = register(
+    NormScheme(
+        name="peri-ln",
+        description="Peri-LN (sandwich): LayerNorm before and after each sub-layer, plus a final LayerNorm",
+        reference="Kim et al. 2025, Peri-LN; Gemma Team 2024 (Gemma 2, with RMSNorm)",
+        make=lambda ctx, layer, site: layer_norm(ctx),
+        placement=lambda ctx, layer: "peri",
+    )
+)
+
+POST_SUB = register(
+    NormScheme(
+        name="post-sub",
+        description="OLMo 2's reordered norm: RMSNorm on each sub-layer's output before the residual add, none on its input",
+        reference="OLMo Team 2025, 2 OLMo 2 Furious",
+        make=_post_only,
+        placement=lambda ctx, layer: "peri",
+        tl_normalization_type="RMS",
+    )
+)
