@@ -77,7 +77,7 @@ class NormScheme:
     def why_not_a_sum(self, ctx: "NormContext") -> str:
         """Why the final residual is not a sum of head and neuron outputs (for the one-line refusals)."""
         if any(self.placement(ctx, layer) == "post" for layer in range(ctx.n_layers)):
-            return "its Post-norm blocks normalize the residual stream"
+            return "its Post-LN blocks normalize the residual stream"
         return "its norms on sub-layer outputs rescale every head's and neuron's output by a live scale"
 
     def post_blocks(self, ctx: "NormContext") -> list[int]:
