@@ -54,10 +54,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_versions_"))
-    # the removal's source model, trained once with this checkout (both versions read the same files)
+    # the removal's source model, trained once with the *before* code: the newer code reads older run
+    # directories, not the other way round
     subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--norm", "pre-ln", "--preset", "tiny", "--steps",
-                    "100", "--out", str(scratch / "src"), "--quiet"], cwd=HERE, check=True,
-                   env={**os.environ, "PYTHONPATH": str(HERE)}, stdout=subprocess.DEVNULL)
+                    "100", "--out", str(scratch / "src"), "--quiet"], cwd=a.before, check=True,
+                   env={**os.environ, "PYTHONPATH": str(a.before.resolve())}, stdout=subprocess.DEVNULL)
     times: dict[str, dict[str, list[float]]] = {}
     for _ in range(a.repeats):
         for name, cmd in commands(scratch).items():

@@ -4,29 +4,32 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.common import load_csv, load_model, manifest
+from dashboard.common import catalog, load_csv, load_model, missing
+from workbench.analysis.display import ATTRIBUTION, COMPONENTS, worded
 from workbench.analysis.dla import direct_logit_attribution, top_tokens
 from workbench.analysis.figures import dla_bars, head_grid
 from workbench.analysis.prompts import load_prompts
 from workbench.errors import WorkbenchError
 
 st.title("Direct logit attribution")
-m = manifest() or {}
-models = dict(m.get("models", {}))
+cat = catalog()
+models = dict(cat.models)  # the zoo's members, then the demo's models
 # ?model=SPEC in the address opens the page on that model (a link to share, or a test to drive).
 custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
-                       value=st.query_params.get("model", ""))
+                       value=st.query_params.get("model", ""), key="attribution_spec")
 if custom:
     models[custom] = custom
-if m.get("attribution") and Path(m["attribution"]).is_file():
+report = cat.manifest.get("attribution")
+if report and Path(report).is_file():
     with st.expander("Across models: DLA error on the bundled prompts, patching agreement, confidence neurons"):
-        st.dataframe(load_csv(m["attribution"]), width="stretch")
+        st.dataframe(worded(load_csv(report), ATTRIBUTION), width="stretch", hide_index=True)
 if not models:
-    st.info("No models yet: train the tiny zoo with `workbench zoo --preset tiny --out zoo/tiny`, or run "
-            "`workbench demo`; or type a model above.")
-    st.stop()
+    missing(f"No models in `{cat.zoo}`, and none typed above.", f"workbench zoo --preset tiny --out {cat.zoo}")
 
-name = st.selectbox("Model", list(models), index=list(models).index(custom) if custom else 0)
+names = list(models)
+# Pre-LN first where there is one: DLA is defined for it (a Post-LN model's is not; it gets one line).
+index = names.index(custom) if custom else names.index("pre-ln") if "pre-ln" in names else 0
+name = st.selectbox("Model", names, index=index)
 try:
     model = load_model(models[name])
 except WorkbenchError as e:
@@ -40,7 +43,8 @@ except WorkbenchError as e:
     st.warning(str(e))
     st.stop()
 c1, c2 = st.columns(2)
-answer = c1.text_input("Answer token", value=top[0], help="default: the model's top prediction; top 5: " + ", ".join(map(repr, top)))
+answer = c1.text_input("Answer token", value=top[0],
+                       help="default: the model's top prediction; top 5: " + ", ".join(map(repr, top)))
 contrast = c2.text_input("Contrast token (optional)", value="")
 try:
     r = direct_logit_attribution(model, prompt, answer, contrast or None)
@@ -48,13 +52,14 @@ except WorkbenchError as e:
     st.warning(str(e))
     st.stop()
 c1, c2, c3 = st.columns(3)
-c1.metric("logit" + (" difference" if contrast else ""), f"{r.logit:+.4f}")
-c2.metric("sum of DLA", f"{r.dla_sum:+.4f}")
+c1.metric("logit" + (" difference" if contrast else ""), f"{r.logit:+.3f}")
+c2.metric("sum of DLA", f"{r.dla_sum:+.3f}")
 c3.metric("NMAE (DLA vs direct effect)", f"{r.nmae:.3g}",
           help="0 when the final norm is linear (LN-free or no norm); large when the norm's scale couples components")
 st.plotly_chart(dla_bars(r.table, title=f"{name}: {answer!r}" + (f" − {contrast!r}" if contrast else "")),
                 width="stretch")
-value = st.radio("Head grid shows", ["dla", "direct_effect"], horizontal=True)
-st.plotly_chart(head_grid(r.table, value=value), width="stretch")
+HEAD_VALUES = {"dla": "DLA (norm frozen)", "direct_effect": "direct effect (norm recomputed)"}
+value = st.radio("Head grid shows", list(HEAD_VALUES), horizontal=True, format_func=HEAD_VALUES.get)
+st.plotly_chart(head_grid(r.table, value=value, title=f"{HEAD_VALUES[value]} per head (logits)"), width="stretch")
 with st.expander("All components"):
-    st.dataframe(r.table, width="stretch")
+    st.dataframe(worded(r.table, COMPONENTS), width="stretch", hide_index=True)

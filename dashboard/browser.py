@@ -1,8 +1,11 @@
-"""Serve the dashboard and load every page in headless Chromium: errors shown, screenshots taken.
+"""Serve the dashboard and load every page at its own address in headless Chromium: what went wrong on
+each (an exception, an error or warning box, any dialog such as Streamlit's "page not found"), and a
+screenshot. With ``compute``, a page's "Compute now" button is clicked and the page read again.
 
 Used by the end-to-end test and to make the README's screenshots:
 
     python -m dashboard.browser --results results/demo --out docs/screenshots
+    python -m dashboard.browser --results /tmp/fresh --zoo zoo/tiny --compute --out docs/screenshots/zoo-only
 """
 
 from __future__ import annotations
@@ -20,15 +23,20 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TITLES = {"zoo": "Normalization zoo", "depth": "Depth diagnostics", "removal": "LayerNorm removal",
-          "attribution": "Direct logit attribution", "languages": "Language Ranker"}
-ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+TITLES = {"overview": "Normalization in transformers", "zoo": "Normalization zoo", "depth": "Depth diagnostics",
+          "removal": "LayerNorm removal", "attribution": "Direct logit attribution", "languages": "Language Ranker"}
+PATHS = {"overview": ""}  # the main page is "/"; every other page is at /NAME
+# Anything a reader should not meet on a page: a traceback, an error or warning box, a dialog (Streamlit's
+# "Page not found — running the app's main page" is a dialog over an otherwise normal page).
+ERRORS = ('[data-testid="stException"], [data-testid="stAlertContentError"], [data-testid="stAlertContentWarning"], '
+          '[data-testid="stDialog"], [role="dialog"]')
+COMPUTE = "Compute now"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
-def serve(results: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "WORKBENCH_RESULTS": str(results)}
+def serve(results: Path, port: int, zoo: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "WORKBENCH_RESULTS": str(results), **({"WORKBENCH_ZOO": str(zoo)} if zoo else {})}
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
@@ -67,17 +75,51 @@ def _settle(driver, title: str, timeout: float = 120) -> bool:
     return found
 
 
-def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, chromedriver: str, port: int,
-                     profile: Path, width: int = 1400, height: int = 1800,
-                     model: str | None = None) -> dict[str, dict]:
-    """Load every page (and, with ``model``, the pages that take one — Attribution, Depth — opened on it
-    through ``?model=SPEC``, reported as ``NAME?model``); screenshot each; collect error elements."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def _errors(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
+    found = [(e.text or e.get_attribute("data-testid") or "dialog")[:300]
+             for e in driver.find_elements(By.CSS_SELECTOR, ERRORS)]
+    return list(dict.fromkeys(found))  # a dialog matches twice (its frame and its section)
+
+
+def _compute_button(driver):
+    from selenium.webdriver.common.by import By
+
+    return next((b for b in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stButton"] button')
+                 if b.text.startswith(COMPUTE)), None)
+
+
+def _visit(driver, url: str, title: str, compute: bool) -> dict:
+    """One page: its title and error elements; with ``compute``, its Compute button clicked, then the page
+    opened afresh (a second visit: it must read what was written, and offer nothing more)."""
+    driver.get(url)
+    report = {"title_found": _settle(driver, title), "errors": _errors(driver), "computed": False}
+    button = _compute_button(driver)
+    if compute and button is not None:
+        button.click()
+        time.sleep(1)  # the click's rerun starts before the page counts as settled
+        _settle(driver, title, timeout=600)
+        report["errors"] += _errors(driver)
+        driver.get(url)
+        report["title_found"] = _settle(driver, title) and report["title_found"]
+        report.update(computed=True, errors=report["errors"] + _errors(driver))
+    report["offers"] = int(_compute_button(driver) is not None)
+    return report
+
+
+def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, chromedriver: str, port: int,
+                     profile: Path, width: int = 1400, height: int = 1800, model: str | None = None,
+                     zoo: Path | None = None, compute: bool = False) -> dict[str, dict]:
+    """Load every page at its own address (and, with ``model``, the pages that take one — Attribution,
+    Depth — opened on it through ``?model=SPEC``, reported as ``NAME?model``); screenshot each; report
+    ``title_found``, ``errors`` (see ERRORS), ``computed`` (its Compute button was clicked: ``compute``)
+    and ``offers`` (a Compute button is still there)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     out.mkdir(parents=True, exist_ok=True)
-    server = serve(results, port)
+    server = serve(results, port, zoo)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
@@ -90,11 +132,9 @@ def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, 
             query = "?" + urllib.parse.urlencode({"model": model})
             visits += [(f"{name}?model", name, query) for name in ("attribution", "depth") if name in pages]
         for key, name, query in visits:
-            driver.get(f"http://127.0.0.1:{port}/{name}{query}")
-            found = _settle(driver, TITLES[name])
-            errors = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, ERRORS)]
+            url = f"http://127.0.0.1:{port}/{PATHS.get(name, name)}{query}"
+            report[key] = _visit(driver, url, TITLES[name], compute)
             driver.save_screenshot(str(out / f"{key.replace('?', '-')}.png"))
-            report[key] = {"title_found": found, "errors": errors}
     finally:
         driver.quit()
         server.terminate()
@@ -110,6 +150,8 @@ def main() -> int:
     p.add_argument("--results", default="results/demo")
     p.add_argument("--out", default="docs/screenshots")
     p.add_argument("--pages", default=",".join(TITLES))
+    p.add_argument("--zoo", help="the zoo directory (default: the manifest's, else zoo/tiny)")
+    p.add_argument("--compute", action="store_true", help="click every page's Compute button (writes into --results)")
     a = p.parse_args()
     exe, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (exe and driver):
@@ -119,7 +161,8 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as profile:
-        report = screenshot_pages(Path(a.results), Path(a.out), a.pages.split(","), exe, driver, port, Path(profile))
+        report = screenshot_pages(Path(a.results), Path(a.out), a.pages.split(","), exe, driver, port, Path(profile),
+                                  zoo=Path(a.zoo) if a.zoo else None, compute=a.compute)
     for name, r in report.items():
         print(f"{name}: {'ok' if r['title_found'] and not r['errors'] else r}")
     return 0 if all(r["title_found"] and not r["errors"] for r in report.values()) else 1

@@ -1,39 +1,62 @@
-"""What every page shares: where the results are, cached loaders, the missing-results message."""
+"""What every page shares: where the zoo and the results are (one discovery, :func:`catalog`), cached
+loaders, the missing-results message."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import streamlit as st
 
-from workbench.demo import DEFAULT_RESULTS, dashboard_command, read_manifest
+from workbench.catalog import Catalog, discover, read_result
+from workbench.demo import DEFAULT_RESULTS, dashboard_command
 
 
-def _argv_results() -> str | None:
-    """``streamlit run app.py -- --results DIR`` passes DIR through sys.argv."""
+def _argv(flag: str) -> str | None:
+    """``streamlit run app.py -- --results DIR --zoo DIR`` passes its flags through sys.argv."""
     args = sys.argv[1:]
-    if "--results" in args and args.index("--results") + 1 < len(args):
-        return args[args.index("--results") + 1]
+    if flag in args and args.index(flag) + 1 < len(args):
+        return args[args.index(flag) + 1]
     return None
 
 
+def _sidebar_dir(key: str, label: str, default, help: str) -> Path:
+    """A folder typed in the sidebar, kept across pages (``default()`` only fills it the first time).
+
+    Streamlit drops a widget's state when another page runs, so the value lives under its own key and
+    re-seeds the widget on every run; typing into the box writes it back."""
+    kept = f"kept_{key}"
+    if kept not in st.session_state:
+        st.session_state[kept] = default()
+    st.session_state[key] = st.session_state[kept]
+    st.sidebar.text_input(label, key=key, help=help, on_change=_keep, args=(key,))
+    return Path(st.session_state[kept])
+
+
+def _keep(key: str) -> None:
+    st.session_state[f"kept_{key}"] = st.session_state[key]
+
+
 def results_dir() -> Path:
-    default = _argv_results() or os.environ.get("WORKBENCH_RESULTS") or DEFAULT_RESULTS
-    if "results_dir" not in st.session_state:
-        st.session_state["results_dir"] = default
-    return Path(st.sidebar.text_input("Results directory", key="results_dir",
-                                      help="written by `workbench demo`; see manifest.json"))
+    return _sidebar_dir("results_dir", "Results directory",
+                        lambda: _argv("--results") or os.environ.get("WORKBENCH_RESULTS") or DEFAULT_RESULTS,
+                        "what `workbench demo` wrote (manifest.json), and where these pages write what they compute")
 
 
-def manifest() -> dict | None:
-    d = results_dir()
-    m = _manifest(str(d), _mtime(d / "manifest.json"))
-    if m is None:
-        st.sidebar.warning(f"No results in `{d}`.")
-    return m
+def catalog() -> Catalog:
+    """The models of the sidebar's zoo and of the results manifest, with every stored result
+    (:func:`workbench.catalog.discover`, the one discovery every page uses); call it once a page."""
+    results = results_dir()
+    # The manifest names the zoo its results were made from.
+    chosen = _sidebar_dir("zoo_dir", "Zoo directory", lambda: _argv("--zoo") or os.environ.get("WORKBENCH_ZOO")
+                          or str(discover(results).zoo), "written by `workbench zoo` (`make zoo`: zoo/tiny)")
+    cat = discover(results, chosen)
+    for problem in cat.problems:
+        st.sidebar.error(problem)
+    st.sidebar.caption(f"{len(cat.zoo_labels())} models in `{cat.zoo}`"
+                       + ("; results of `workbench demo` found" if cat.manifest else ""))
+    return cat
 
 
 def _mtime(path: Path) -> float:
@@ -41,13 +64,8 @@ def _mtime(path: Path) -> float:
 
 
 @st.cache_data(show_spinner=False)
-def _manifest(path: str, mtime: float) -> dict | None:  # mtime: a changed file is re-read
-    return read_manifest(path)
-
-
-@st.cache_data(show_spinner=False)
-def read_json(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
+def read_json(path: str, mtime: float) -> dict:  # mtime: a changed file is re-read
+    return read_result(path)
 
 
 def load_json(path: str | Path) -> dict:
@@ -84,7 +102,7 @@ def diagnose_spec(spec: str, tokens: int) -> dict:
 
 def missing(what: str, command: str) -> None:
     """Tell the user which command produces the results this page needs, and stop the page."""
-    d = st.session_state.get("results_dir", DEFAULT_RESULTS)
+    d = st.session_state.get("kept_results_dir", DEFAULT_RESULTS)
     st.info(f"{what} Produce it with:\n\n```\n{command}\n```\n\nor everything at once with "
             f"`workbench demo --results {d}` (then `{dashboard_command(d)}`).")
     st.stop()

@@ -4,27 +4,39 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.common import load_json, manifest, missing
+from dashboard.common import catalog, load_json, missing
+from dashboard.live import offer
+from workbench.analysis.display import ranking
+from workbench.errors import WorkbenchError
 from workbench.languages.figures import layer_heatmap, score_vs, signed_or_na, spearman_text
 from workbench.languages.ranker import layer_table, ranking_table
+from workbench.live import plan
 
 st.title("Language Ranker")
-m = manifest() or {}
-files = dict(m.get("languages", {}))
-custom = st.text_input("Or a rank-languages result (FILE.json)", value="")
+cat = catalog()
+files = dict(cat.found["languages"])  # model label → its rank-languages result
+custom = st.text_input("Or a rank-languages result (FILE.json)", value="", key="languages_file")
 if custom:
     if Path(custom).is_file():
         files[Path(custom).stem] = custom
     else:
-        st.warning(f"`{custom}` not found")
-if not files:
-    zoo = m.get("zoo", "zoo/tiny")
-    missing("No Language Ranker results yet.",
-            f"workbench rank-languages {zoo}/pre-ln --max-units 10 --out results/demo/languages/pre-ln.json")
-
-names = list(files)
-name = st.selectbox("Result", names, index=names.index("smollm2") if "smollm2" in names else 0)
-result = load_json(files[name])
+        st.error(f"`{custom}` not found")
+candidates = [n for n in cat.local_labels() if n not in files]
+names = [*files, *candidates]
+if not names:
+    missing(f"No Language Ranker results, and no models in `{cat.zoo}` to rank languages with.",
+            f"workbench zoo --preset tiny --out {cat.zoo}")
+name = st.selectbox("Model", names, index=names.index("smollm2") if "smollm2" in names else 0,
+                    format_func=lambda n: n if n in files else f"{n} (not ranked yet)")
+if name not in files:
+    if offer([plan(cat, "languages", name)], f"Ten-language ranking of {name}", "languages_compute"):
+        st.rerun()
+    st.stop()
+try:
+    result = load_json(files[name])
+except WorkbenchError as e:
+    st.error(str(e))
+    st.stop()
 table = ranking_table(result)
 # Results made before retrieval existed have the cosine score only: offer what this result has.
 LABELS = {"score": "cosine score", "retrieval": "retrieval (MEXA)"}
@@ -50,7 +62,7 @@ if partial_key in result:  # older results lack it; null: fewer than 4 languages
     partial = result[partial_key]
     st.caption(f"Partial Spearman ρ of {LABELS[y]} and bits per English byte given the token ratio "
                f"(tokens per English token): {signed_or_na(partial)}")
-st.dataframe(table, width="stretch", height=300)
+st.dataframe(ranking(table), width="stretch", height=300, hide_index=True)
 top = st.slider("Languages in the heat map (best first)", 5, max(5, len(table)), min(40, max(5, len(table))))
 value = "retrieval" if y == "retrieval" else "cosine"
 heat_title = f"{name}: " + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English"

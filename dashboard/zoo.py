@@ -1,30 +1,30 @@
-"""Zoo: loss curves, final validation loss and divergence per normalization."""
-
-from pathlib import Path
+"""Zoo: validation loss curves, final validation loss and divergence per normalization."""
 
 import streamlit as st
 
-from dashboard.common import manifest, missing
+from dashboard.common import catalog, missing
+from workbench.analysis.display import zoo_table
+from workbench.errors import WorkbenchError
 from workbench.zoo import collect_existing, loss_figure, loss_table
 
 st.title("Normalization zoo")
-m = manifest() or {}
-zoo_dir = Path(st.text_input("Zoo directory", value=m.get("zoo", "zoo/tiny")))
-results = collect_existing(zoo_dir)
+zoo_dir = catalog().zoo
+try:
+    results = collect_existing(zoo_dir)
+except WorkbenchError as e:  # a member's summary.json is damaged
+    st.error(str(e))
+    st.stop()
 if not results:
     missing(f"No trained models in `{zoo_dir}`.", f"workbench zoo --preset tiny --out {zoo_dir}")
 
 chosen = st.multiselect("Models", list(results), default=list(results))
-st.plotly_chart(loss_figure(loss_table(zoo_dir, chosen)), width="stretch")
-uni = next(iter(results.values())).get("unigram_val_loss")
-fields = ("final_val_loss", "final_val_loss_lo", "final_val_loss_hi", "diverged", "diverged_at_step", "steps", "seconds",
-          "dtype")
-st.dataframe(
-    [{"norm": n, "seeds": len(results[n].get("seeds") or {0: None}), **{k: results[n].get(k) for k in fields}}
-     for n in chosen],
-    width="stretch",
-)
+train = st.toggle("Training loss too (dotted)", value=False, key="zoo_train")
+splits = ("validation", "train") if train else ("validation",)
+st.plotly_chart(loss_figure(loss_table(zoo_dir, chosen), splits), width="stretch")
+st.dataframe(zoo_table({n: results[n] for n in chosen}), width="stretch", hide_index=True,
+             column_config={"Training time (s)": st.column_config.NumberColumn(format="%.1f")})
 if any(results[n].get("seeds") for n in chosen):
-    st.caption("Several seeds: curves are the seeds' mean, the band and lo/hi the 95% Student-t interval.")
+    st.caption("Several seeds: curves are the seeds' mean; the band and the bracket are the 95% Student-t interval.")
+uni = next(iter(results.values())).get("unigram_val_loss")
 if uni is not None:
-    st.caption(f"Unigram baseline on the validation split: {uni:.4f} nats. From `{zoo_dir}`.")
+    st.caption(f"Unigram baseline on the validation split: {uni:.3f} nats. From `{zoo_dir}`.")

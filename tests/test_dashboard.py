@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 from workbench.demo import DemoConfig, read_manifest, run_demo
 
-PAGES = ["zoo", "depth", "removal", "attribution", "languages"]
+PAGES = ["overview", "zoo", "depth", "removal", "attribution", "languages"]
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 
 
@@ -34,6 +34,7 @@ def results(tmp_path_factory, tiny_corpus):
 
 def page(name: str, results: Path) -> AppTest:
     os.environ["WORKBENCH_RESULTS"] = str(results)
+    os.environ.pop("WORKBENCH_ZOO", None)  # the zoo the manifest names
     sys.path.insert(0, str(ROOT))
     at = AppTest.from_file(str(ROOT / "dashboard" / f"{name}.py"), default_timeout=120)
     at.run()
@@ -62,14 +63,28 @@ def test_zoo_page(results):
     assert not at.exception and len(at.dataframe[0].value) == 1 and charts(at) != before
 
 
+def test_zoo_page_with_seeds_shows_intervals_in_one_cell(results):
+    """The demo's deep zoo (three seeds a norm): "mean [lo, hi]" from the seeds' own final losses."""
+    from workbench.analysis.intervals import mean_interval
+
+    at = page("zoo", results)
+    deep = Path(read_manifest(results)["depth_zoo"])
+    at.text_input(key="zoo_dir").set_value(str(deep)).run()
+    cells = at.dataframe[0].value.set_index("Normalization")
+    losses = [json.loads((deep / "pre-ln" / f"seed{k}" / "summary.json").read_text())["final_val_loss"] for k in range(3)]
+    ref = mean_interval(losses)
+    assert cells.loc["pre-ln", "Validation loss (nats)"] == f"{ref['mean']:.3f} [{ref['lo']:.3f}, {ref['hi']:.3f}]"
+    assert (cells.Seeds == 3).all()
+
+
 def test_depth_page(results):
     """The demo's deep members (trained with 3 seeds here) by default: curves with 95 % bands, bars with
     error bars from the seeds' own values, and paired differences against a chosen norm."""
-    from workbench.analysis.compare import SUMMARY_METRICS
+    from workbench.analysis.compare import SUMMARY_METRICS, SUMMARY_TITLES
     from workbench.analysis.intervals import mean_interval
 
     at = page("depth", results)
-    assert at.text_input[0].value == read_manifest(results)["depth_zoo"]
+    assert at.text_input(key="depth_zoo").value == read_manifest(results)["depth_zoo"]
     assert at.selectbox[0].value == "resid_var" and len(at.get("plotly_chart")) == 2
     curves, bars = (json.loads(c) for c in charts(at))
     assert sorted(t["legendgroup"] for t in curves["data"] if t.get("fill") == "toself") == ["post-ln", "pre-ln"]
@@ -79,13 +94,15 @@ def test_depth_page(results):
     ref = mean_interval(seeds)
     assert abs(float(_plotly_array(bar["y"])[0]) - ref["mean"]) < 1e-9
     assert abs(float(_plotly_array(bar["error_y"]["array"])[0]) - (ref["hi"] - ref["mean"])) < 1e-9
+    cell = at.dataframe[0].value.set_index(["Model", "Metric"]).loc[("pre-ln", SUMMARY_TITLES["val_ce"])]
+    assert cell["Mean [95% interval]"] == f"{ref['mean']:.3f} [{ref['lo']:.3f}, {ref['hi']:.3f}]"
     paired = at.dataframe[1].value
-    assert set(paired.a) == {"post-ln"} and set(paired.b) == {"pre-ln"} and (paired.n == 3).all()
-    assert list(paired.metric) == list(SUMMARY_METRICS)
+    assert set(paired.Model) == {"post-ln"} and set(paired.Against) == {"pre-ln"} and (paired.Seeds == 3).all()
+    assert list(paired.Metric) == [SUMMARY_TITLES[k] for k in SUMMARY_METRICS]
     before = charts(at)
     at.selectbox[0].set_value("grad_norm").run()
     assert not at.exception and charts(at) != before and "gradient norm" in charts(at)[0]
-    at.text_input[0].set_value(str(Path(read_manifest(results)["zoo"]))).run()  # the tiny zoo: one seed, no bands
+    at.text_input(key="depth_zoo").set_value(str(Path(read_manifest(results)["zoo"]))).run()  # one seed, no bands
     assert not at.exception and len(at.get("plotly_chart")) == 1
     assert not [t for t in json.loads(charts(at)[0])["data"] if t.get("fill") == "toself"]
 
@@ -107,7 +124,7 @@ def test_attribution_page(results):
     assert not at.exception and charts(at) != before
     assert float(next(mm for mm in at.metric if "NMAE" in mm.label).value) < 1e-4  # no norm: DLA is exact
     at.selectbox[0].set_value("post-ln").run()
-    assert not at.exception and at.warning and "Post-LN" in at.warning[0].value
+    assert not at.exception and at.warning and "post-ln" in at.warning[0].value.lower()
 
 
 def test_languages_page(results):
@@ -192,7 +209,7 @@ def test_pages_take_any_model_spec(results, llama_dir):
     LayerNorm-removal pages: the page works or says in one line why not; never an exception."""
     for spec in _specs(llama_dir):
         at = page("attribution", results)
-        at.text_input[0].set_value(spec).run()
+        at.text_input(key="attribution_spec").set_value(spec).run()
         at.selectbox[0].set_value(spec).run()
         assert not at.exception, (spec, at.exception)
         if spec == "no-such-model":
@@ -202,7 +219,7 @@ def test_pages_take_any_model_spec(results, llama_dir):
             assert 0 < nmae < 1 and len(at.get("plotly_chart")) == 2  # a live RMSNorm: DLA approximate
 
         at = page("depth", results)
-        at.text_input[2].set_value(spec).run()
+        at.text_input(key="depth_spec").set_value(spec).run()
         at.number_input[0].set_value(128).run()
         assert not at.exception, (spec, at.exception)
         if spec == "no-such-model":
@@ -212,18 +229,18 @@ def test_pages_take_any_model_spec(results, llama_dir):
             assert spec in at.multiselect[0].value and spec in names
 
         at = page("removal", results)
-        at.text_input[0].set_value(spec).run()
+        at.text_input(key="removal_dir").set_value(spec).run()
         at.selectbox[0].set_value(Path(spec).name).run()
         assert not at.exception, (spec, at.exception)
         assert at.error and "not a finished `workbench remove-ln` directory" in at.error[0].value
 
 
 def test_pages_name_the_command_when_results_are_missing(tmp_path, monkeypatch):
+    """No zoo and no results: every page says to train the zoo, which is what the others start from."""
     monkeypatch.chdir(tmp_path)  # no zoo/tiny here either
-    for name, command in [("zoo", "workbench zoo"), ("depth", "workbench compare"), ("removal", "workbench remove-ln"),
-                          ("languages", "workbench rank-languages")]:
+    for name in ("zoo", "depth", "removal", "attribution", "languages"):
         at = page(name, tmp_path)
-        assert at.info and command in at.info[0].value, name
+        assert at.info and "workbench zoo --preset tiny" in at.info[0].value, name
 
 
 def _free_port() -> int:
@@ -253,6 +270,7 @@ def test_every_page_in_headless_chromium(results, tmp_path, llama_dir):
     for name in shots:
         assert shots[name]["errors"] == [], (name, shots[name]["errors"])
         assert shots[name]["title_found"], name
+        assert not shots[name]["offers"], name  # the demo computed everything
         assert (ARTIFACTS / f"{name.replace('?', '-')}.png").stat().st_size > 10_000
 
 

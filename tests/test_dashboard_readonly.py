@@ -67,10 +67,10 @@ def sandbox(tmp_path, monkeypatch, llama_dir):
     sys.path.remove(str(ROOT))
 
 
-def typed(page: str, box: int, spec: str) -> AppTest:
+def typed(page: str, box: str, spec: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / "dashboard" / f"{page}.py"), default_timeout=60)
     at.run()
-    at.text_input[box].set_value(spec).run()
+    at.text_input(key=box).set_value(spec).run()
     if page == "depth":
         at.number_input[0].set_value(128).run()
     assert not at.exception, (page, spec, at.exception)
@@ -82,16 +82,16 @@ def test_any_model_boxes_are_read_only(sandbox):
     gguf = str(dirs["gguf"] / "tiny.gguf")
     before = tree(*dirs.values())
     for spec in (CACHED, gguf):
-        at = typed("attribution", 0, spec)
+        at = typed("attribution", "attribution_spec", spec)
         assert not at.error, at.error[0].value if at.error else ""
         assert any("NMAE" in m.label for m in at.metric) and len(at.get("plotly_chart")) == 2
-        at = typed("depth", 2, spec)
+        at = typed("depth", "depth_spec", spec)
         assert spec in at.multiselect[0].value, [e.value for e in at.error]
     for spec, message in [(ABSENT, "run `hf download someone/absent` first"),
                           ("smollm2", "run `workbench fetch smollm2` first"),
                           (str(dirs["gguf"] / "missing.gguf"), "not found"),
                           ("no-such-model", "unknown model spec")]:
-        for page, box in (("attribution", 0), ("depth", 2)):
+        for page, box in (("attribution", "attribution_spec"), ("depth", "depth_spec")):
             at = typed(page, box, spec)
             assert at.error and message in at.error[0].value, (page, spec, [e.value for e in at.error])
             assert "\n" not in at.error[0].value

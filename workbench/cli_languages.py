@@ -37,9 +37,9 @@ def cmd_rank_languages(args) -> int:
     import torch
 
     from .io import atomic_write_json, atomic_write_text
-    from .languages.figures import layer_heatmap, score_vs, spearman_text
+    from .languages.figures import ranking_html
     from .languages.parallel import load_parallel
-    from .languages.ranker import check_options, check_units, layer_table, rank_languages, ranking_table
+    from .languages.ranker import check_options, check_units, rank_languages, ranking_table
     from .loader import load
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,18 +80,9 @@ def cmd_rank_languages(args) -> int:
                 said.append(f"Spearman({name}, log share) = {result[f'spearman_{name}_vs_log_share']}")
     print(f"{len(table)} languages, {result['tokens']} tokens in {result['seconds']:.1f} s; " + "; ".join(said))
     if out is not None:
-        y = "retrieval" if args.metric == "retrieval" else "score"
-        heat = layer_heatmap(layer_table(result), title=f"{result['model']}: "
-                             + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English",
-                             value="retrieval" if y == "retrieval" else "cosine")
-        scatter = score_vs(table, y=y, title=f"{y} vs bits per English byte: "
-                           f"{spearman_text(result, y, 'bits_per_english_byte')}")
-        # Self-contained (plotly.js inlined once): the page opens offline.
-        html = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Language Ranker</title></head><body>"
-                + heat.to_html(full_html=False, include_plotlyjs=True)
-                + scatter.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
         atomic_write_json(out, result)
-        atomic_write_text(out.with_suffix(".html"), html)
+        y = "retrieval" if args.metric == "retrieval" else "score"
+        atomic_write_text(out.with_suffix(".html"), ranking_html(result, y))
         print(f"wrote {out} and {out.with_suffix('.html')}")
     return 0
 

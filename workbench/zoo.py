@@ -240,29 +240,34 @@ def loss_bands(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"norm": n, "split": sp, "step": st, **mean_interval(v)} for (n, sp, st), v in groups.items()]
 
 
-def loss_figure(rows: list[dict[str, Any]]):
-    """Loss curves per norm: the seeds' mean, with a shaded 95 % band on validation where there are seeds."""
+def loss_figure(rows: list[dict[str, Any]], splits: tuple[str, ...] = ("validation", "train")):
+    """Loss curves per norm (the seeds' mean, a shaded 95 % band on validation where there are seeds), one
+    colour and one legend entry per norm; ``splits``: which curves (validation solid, training dotted)."""
     import plotly.graph_objects as go
-    from plotly.colors import qualitative
 
-    from .analysis.figures import add_band
+    from .analysis.figures import add_band, color, legend_height
 
     fig = go.Figure()
     bands = loss_bands(rows)
-    for i, norm in enumerate(dict.fromkeys(r["norm"] for r in bands)):
-        color = qualitative.Plotly[i % len(qualitative.Plotly)]
-        for split, dash in (("train", "dot"), ("validation", "solid")):
+    norms = list(dict.fromkeys(r["norm"] for r in bands))
+    for i, norm in enumerate(norms):
+        shown = False
+        for split, dash in (("validation", "solid"), ("train", "dot")):
             pts = sorted((b for b in bands if b["norm"] == norm and b["split"] == split), key=lambda b: b["step"])
-            if not pts:
+            if split not in splits or not pts:
                 continue
             if split == "validation" and all(b["lo"] is not None for b in pts):
-                add_band(fig, [b["step"] for b in pts], [b["lo"] for b in pts], [b["hi"] for b in pts], color, norm)
+                add_band(fig, [b["step"] for b in pts], [b["lo"] for b in pts], [b["hi"] for b in pts], color(i), norm)
             n = max(b["n"] for b in pts)
             fig.add_scatter(x=[b["step"] for b in pts], y=[b["mean"] for b in pts], mode="lines",
-                            name=f"{norm} ({split})" + (f", mean of {n} seeds" if n > 1 else ""), legendgroup=norm,
-                            line={"dash": dash, "color": color})
-    fig.update_layout(title="Loss curves by normalization", xaxis_title="step", yaxis_title="cross-entropy (nats)",
-                      template="plotly_white")
+                            name=norm + (f" (mean of {n} seeds)" if n > 1 else ""), legendgroup=norm,
+                            showlegend=not shown, hovertemplate=f"{norm} ({split})<br>step %{{x}}: %{{y:.3f}} nats"
+                            "<extra></extra>", line={"dash": dash, "color": color(i)})
+            shown = True
+    which = " and ".join({"validation": "validation (solid)", "train": "training (dotted)"}[s] for s in splits)
+    fig.update_layout(title=f"Loss curves by normalization: {which}", xaxis_title="training step",
+                      yaxis_title="cross-entropy (nats)", template="plotly_white", height=legend_height(len(norms)),
+                      legend_title_text="normalization")
     return fig
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 
 from ..errors import WorkbenchError
-from .figures import add_band
+from .figures import add_band, color, legend_height
 from .intervals import mean_interval, paired_table, seed_table
 
 # metric name on the command line -> (row metric in the depth table, y-axis title)
@@ -51,14 +50,14 @@ def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
     if "group" not in table:
         table = table.assign(group=table.model)
     for i, (name, g) in enumerate(band_table(table).groupby("group", sort=False)):
-        color = qualitative.Plotly[i % len(qualitative.Plotly)]
         n = int(g.n.max())
         if n > 1:
-            add_band(fig, g.layer, g.lo, g.hi, color, name)
+            add_band(fig, g.layer, g.lo, g.hi, color(i), name)
         fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (f" (mean of {n})" if n > 1 else ""),
-                        legendgroup=name, line={"color": color})
+                        legendgroup=name, line={"color": color(i)})
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
-                      template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear")
+                      template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear",
+                      height=legend_height(table.group.nunique()))
     return fig
 
 

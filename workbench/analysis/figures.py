@@ -6,6 +6,20 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+# Fifteen colours told apart at a glance, from Kelly's colours of maximum contrast (1965) plus a teal:
+# a zoo holds up to fifteen norms, and Plotly's ten-colour default repeats itself past the tenth.
+PALETTE = ("#0067A5", "#F38400", "#008856", "#BE0032", "#875692", "#222222", "#A1CAF1", "#C2B280", "#E68FAC",
+           "#848482", "#F3C300", "#882D17", "#8DB600", "#00A3A3", "#604E97")
+
+
+def color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def legend_height(entries: int, base: int = 450) -> int:
+    """A figure tall enough for a legend of ``entries`` lines (Plotly scrolls, and so hides, the rest)."""
+    return max(base, 140 + 24 * entries)
+
 
 def add_band(fig: go.Figure, x, lo, hi, color: str, group: str) -> None:
     """A shaded 95 % interval between ``lo`` and ``hi`` along ``x`` (no legend entry; it follows ``group``)."""

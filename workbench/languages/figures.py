@@ -57,3 +57,18 @@ def spearman_text(result: dict, y: str, x: str) -> str:
     rho, ci = result.get(f"spearman_{y}_vs_{x}"), result.get(f"spearman_{y}_vs_{x}_ci95")
     return ("Spearman ρ = " + signed_or_na(rho)
             + (" [n/a]" if ci is None else f" [{signed(ci[0])}, {signed(ci[1])}]"))
+
+
+def ranking_html(result: dict, y: str = "score") -> str:
+    """The page ``rank-languages --out FILE.json`` writes beside the JSON: heat map and score scatter,
+    self-contained (plotly.js inlined once) so that it opens offline."""
+    from .ranker import layer_table, ranking_table
+
+    heat = layer_heatmap(layer_table(result), title=f"{result['model']}: "
+                         + ("retrieval alignment" if y == "retrieval" else "cosine similarity") + " to English",
+                         value="retrieval" if y == "retrieval" else "cosine")
+    scatter = score_vs(ranking_table(result), y=y, title=f"{y} vs bits per English byte: "
+                       f"{spearman_text(result, y, 'bits_per_english_byte')}")
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Language Ranker</title></head><body>"
+            + heat.to_html(full_html=False, include_plotlyjs=True)
+            + scatter.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
