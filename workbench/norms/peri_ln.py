@@ -13,18 +13,14 @@ removal, folding and export, until they handle these sites.
 
 from __future__ import annotations
 
-from .base import Affine, IdentityStandardize, Norm
+from .base import IdentityStandardize, Norm
 from .layernorm import layer_norm
 from .registry import NormScheme, register
-from .rmsnorm import RMSStandardize
-
-
-def _rms(ctx) -> Norm:
-    return Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False))
+from .rmsnorm import rms_norm
 
 
 def _post_only(ctx, layer, site):
-    return Norm(IdentityStandardize(), None) if site in ("ln1", "ln2") else _rms(ctx)
+    return Norm(IdentityStandardize(), None) if site in ("ln1", "ln2") else rms_norm(ctx.d_model, ctx.eps)
 
 
 PERI_LN = register(

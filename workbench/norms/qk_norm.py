@@ -9,14 +9,14 @@ The zoo member ``qk-norm`` is Pre-RMSNorm blocks plus per-head QK-norm; any othe
 
 from __future__ import annotations
 
-from .base import Affine, Norm
+from .base import Norm
 from .registry import NormScheme, register
-from .rmsnorm import RMSStandardize
+from .rmsnorm import rms_norm
 
 
 def head_norm(d_head: int, eps: float) -> Norm:
     """The RMSNorm over the last (d_head) axis of a [batch, pos, head, d_head] query or key."""
-    return Norm(RMSStandardize(eps), Affine(d_head, bias=False))
+    return rms_norm(d_head, eps)
 
 
 QK_NORM = register(
@@ -24,7 +24,7 @@ QK_NORM = register(
         name="qk-norm",
         description="Pre-RMSNorm plus per-head QK-norm: an RMSNorm on each head's query and key (Qwen3, Gemma 3)",
         reference="Henry et al. 2020, Query-Key Normalization; Dehghani et al. 2023; Qwen3 2025",
-        make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False)),
+        make=lambda ctx, layer, site: rms_norm(ctx.d_model, ctx.eps),
         tl_normalization_type="RMS",
         qk_norm="head",
     )

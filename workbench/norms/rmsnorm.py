@@ -36,12 +36,17 @@ class RMSStandardize(Standardize):
         return y if not isinstance(affine, Affine) or affine.b is None else y + affine.b
 
 
+def rms_norm(d: int, eps: float) -> Norm:
+    """RMSNorm with a gain over the last axis of size ``d``: every RMSNorm site of every scheme."""
+    return Norm(RMSStandardize(eps), Affine(d, bias=False))
+
+
 PRE_RMS = register(
     NormScheme(
         name="pre-rms",
         description="Pre-RMSNorm: RMSNorm (gain, no bias, no centering) before each sub-layer",
         reference="Zhang & Sennrich 2019; Jiang et al. 2023",
-        make=lambda ctx, layer, site: Norm(RMSStandardize(ctx.eps), Affine(ctx.d_model, bias=False)),
+        make=lambda ctx, layer, site: rms_norm(ctx.d_model, ctx.eps),
         tl_normalization_type="RMS",
         stock="rmsnorm",
     )

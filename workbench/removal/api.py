@@ -154,7 +154,7 @@ def _folded(job: _Job, adapter, twin, val) -> tuple[GPT | None, float | None, fl
     if job.rc.runtime.fsdp:
         gather_into(adapter, twin)
         plain, plain_dev = twin, torch.device("cpu")
-    if not (job.group.main or not job.rc.runtime.fsdp):
+    if job.rc.runtime.fsdp and not job.group.main:  # under FSDP only rank 0 holds the whole model
         return None, None, None
     ln_free = plain.fold()
     ce = evaluate(ln_free, val, None, plain_dev)
