@@ -33,6 +33,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--corpus", default="english", help="validation text for max_abs_logit_diff")
 
+    t = sub.add_parser("truncate", help="a model's first N blocks + final norm + unembedding (a cheaper removal test bed)")
+    t.add_argument("model", help="any model workbench loads: run directory, Hugging Face directory, smollm2")
+    t.add_argument("--layers", type=int, required=True, help="blocks to keep (1 … the model's depth)")
+    t.add_argument("--out", required=True, help="run directory to create")
+    t.add_argument("--corpus", default="english", help="validation text the cut is checked on")
+
     e = sub.add_parser("export", help="write a model as a stock Hugging Face directory of its family")
     e.add_argument("model", help="run directory (pre-ln or LN-free: GPT-2; Llama/Qwen2 runs: their family)")
     e.add_argument("--out", required=True)
@@ -116,6 +122,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_truncate(args) -> int:
+    from .removal.api import truncate_to_dir
+
+    s = truncate_to_dir(args.model, args.layers, args.out, corpus=args.corpus)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .loader import export, load
 
@@ -125,4 +139,4 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"remove-ln": cmd_remove_ln, "convert": cmd_convert, "export": cmd_export}
+COMMANDS = {"remove-ln": cmd_remove_ln, "convert": cmd_convert, "export": cmd_export, "truncate": cmd_truncate}

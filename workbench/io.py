@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .errors import WorkbenchError
 from .tokenizer import load_tokenizer
+from .version import __version__
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -79,6 +80,14 @@ def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     replace_atomically(Path(path), lambda tmp: save_file(state, tmp))
+
+
+def save_run(d: Path, model, record: dict[str, Any]) -> None:
+    """A run directory any workbench command loads: config (with ``record``), tokenizer, weights."""
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(d / CONFIG_FILE, {"model": model.cfg.to_dict(), **record, "workbench_version": __version__})
+    atomic_write_text(d / TOKENIZER_FILE, model.tokenizer.to_str())
+    save_weights(model, d / MODEL_FILE)
 
 
 def check_out_dir(out: Path) -> None:

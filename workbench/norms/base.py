@@ -53,6 +53,11 @@ class Standardize(nn.Module):
         raise WorkbenchError(f"{site} still normalizes by a live statistic ({type(self).__name__}), so it is not an "
                              "affine map to fold; freeze its scale first (workbench remove-ln)")
 
+    def ordinary_scale(self) -> Tensor | None:
+        """The constant an ordinary token is divided by once the scale is frozen; None while it is a
+        statistic (what the logit-scale anchor pulls the final residual towards)."""
+        return None
+
     def scale(self, x: Tensor) -> Tensor:
         """The per-token scale alone (fusable standardizations only)."""
         raise NotImplementedError

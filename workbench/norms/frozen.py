@@ -84,6 +84,9 @@ class FrozenStandardize(Standardize):
                                  f"{self.handover.name}); give the cool-down at least as many steps as the hand-over")
         return self.sigma.detach().double()
 
+    def ordinary_scale(self) -> Tensor:
+        return self.sigma
+
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
 

@@ -20,7 +20,7 @@ from ..precision import resolve_dtype, warn_if_emulated
 from ..version import __version__
 from .recipes import explain, resolve
 from ..runtime import Dist, init_distributed, resolve_device
-from .finetune import Arm, config_record, control_copy, evaluate, finetune, gather_into
+from .finetune import Arm, config_record, control_copy, evaluate, evaluate_kl, finetune, gather_into
 from .method import RemovalConfig
 from .gpt_sites import GPTRemoval, check_removable
 from .resume import PhaseCheckpoint, discard, partial_dir
@@ -141,7 +141,8 @@ def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None
     phase = "removal" if remove else "control"
     arm = Arm(remove, SpecialPositions(adapter.eot_id, job.rc.calibration.special_positions),
               label="remove-ln" if remove else "control", val=val, ckpt=job.ckpts.get(phase),
-              on_step=_ON_STEP.get(phase), progress=job.progress)
+              on_step=_ON_STEP.get(phase), progress=job.progress,
+              teacher=job.model.eval().requires_grad_(False) if job.rc.losses.distils else None)
     run = finetune(adapter, job.data, job.rc, job.lr, job.device, arm)
     run["positions"] = arm.positions
     return run
@@ -179,6 +180,8 @@ def _remove(job: _Job) -> dict[str, Any]:
     ce_unfolded = evaluate(adapter.net, val, run.pop("positions"), dev)
     ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val)
     summary = _summary(job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff)
+    if ln_free is not None:  # how far the norm-free model is from the one it was made from
+        summary["kl_ln_free_to_original"] = evaluate_kl(ln_free.to(dev), model, val, dev)
     metrics = run["metrics"]
     if control is not None:
         if ln_free is not None:
@@ -188,6 +191,7 @@ def _remove(job: _Job) -> dict[str, Any]:
         control.net.to(dev)
         crun = _arm(job, control, remove=False)
         summary["ce_control"] = evaluate(control.net, val, None, dev)
+        summary["kl_control_to_original"] = evaluate_kl(control.net, model, val, dev)
         if ce_ln_free is not None:
             summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
         if fsdp:
@@ -220,6 +224,9 @@ def _summary(job: _Job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free,
         "n_ctx": job.n_ctx,
         "ce_original": ce_original,
         "ce_control": None,
+        "objective": job.rc.losses.objective,
+        "kl_ln_free_to_original": None,
+        "kl_control_to_original": None,
         "batches": {"removal": run["batches"], "control": None, "same": None, "first_different_step": None},
         "ce_ln_free": ce_ln_free,
         "ce_ln_free_before_fold": ce_unfolded,
@@ -297,13 +304,6 @@ def _cpu_copy(adapter):
     return twin
 
 
-def _save_run(d: Path, model: GPT, record: dict[str, Any]) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_json(d / io.CONFIG_FILE, {"model": model.cfg.to_dict(), **record, "workbench_version": __version__})
-    io.atomic_write_text(d / io.TOKENIZER_FILE, model.tokenizer.to_str())
-    io.save_weights(model, d / io.MODEL_FILE)
-
-
 def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export=None, val=None) -> None:
     with io.atomic_dir(out) as tmp:
         if export is not None:  # a stock directory of the model's family (e.g. a Llama for SmolLM2)
@@ -312,11 +312,11 @@ def _write_result(out: Path, ln_free: GPT, control, summary, metrics, rc, export
             if val is not None:  # what stock transformers computes from the files just written
                 summary["ce_stock_reload"] = _stock_ce(tmp, val)
         else:
-            _save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
+            io.save_run(tmp, ln_free.cpu(), {"train": None, "removal": config_record(rc)})
         if control is not None:
             net = control.net.cpu()
             net.cfg = replace(net.cfg, split_ln1_v=True)
-            _save_run(tmp / "control", net, {"train": None, "control_of_removal": config_record(rc)})
+            io.save_run(tmp / "control", net, {"train": None, "control_of_removal": config_record(rc)})
         io.atomic_write_text(tmp / io.METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
 
@@ -352,9 +352,34 @@ def convert_to_dir(spec: str | Path | GPT, to: str, out: str | Path, corpus: str
     with io.atomic_dir(out) as tmp:
         record = {"train": None, "converted_from": summary["source"], "conversion": to}
         if converted.tokenizer is not None:
-            _save_run(tmp, converted, record)
+            io.save_run(tmp, converted, record)
         else:
             io.atomic_write_json(tmp / io.CONFIG_FILE, {"model": converted.cfg.to_dict(), **record, "workbench_version": __version__})
             io.save_weights(converted, tmp / io.MODEL_FILE)
+        io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
+    return summary
+
+
+def truncate_to_dir(spec: str | Path | GPT, n_layers: int, out: str | Path, corpus: str = "english") -> dict[str, Any]:
+    """``workbench truncate``: the first ``n_layers`` blocks as a run directory, the cut checked against the
+    original's cache on validation text and refused unless exact (to float rounding)."""
+    from ..model.truncate import check_truncatable, truncate, truncation_error
+
+    out = Path(out)
+    check_out_dir(out)
+    model = load_source(spec, torch.device("cpu"))
+    check_truncatable(model, n_layers)
+    if model.tokenizer is None:
+        raise WorkbenchError("the model has no tokenizer; a truncated test bed needs one to be fine-tuned on text")
+    short = truncate(model, n_layers)
+    batches, what = validation_windows(model, corpus, n=8)
+    err = max(truncation_error(model, short, b) for b in batches)
+    if not err <= 1e-4:
+        raise WorkbenchError(f"the truncated model's logits differ from the original's cut by {err:.3g}; not writing it")
+    summary = {"source": str(spec) if isinstance(spec, (str, Path)) else "<in-memory model>", "family": model.cfg.family,
+               "layers_kept": n_layers, "layers_of_source": model.cfg.n_layers, "max_abs_logit_diff_vs_cache": err,
+               "eval": what, "eval_tokens": sum(b.numel() for b in batches)}
+    with io.atomic_dir(out) as tmp:
+        io.save_run(tmp, short, {"train": None, "truncated_from": summary["source"], "layers_kept": n_layers})
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
     return summary

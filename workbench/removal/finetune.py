@@ -28,7 +28,7 @@ from ..precision import autocast, resolve_dtype
 from ..runtime import Dist, current
 from ..runtime import evaluate as evaluate_forward
 from .calibrate import calibrate, finite, freeze
-from .losses import LossWatch
+from .losses import LossWatch, kl_to_teacher
 from .method import RemovalConfig
 from .resume import PhaseCheckpoint
 from .schedule import SPECIAL_OFF
@@ -38,6 +38,14 @@ def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positio
              device: torch.device) -> float:
     """Validation CE of ``forward`` (``runtime.evaluate``), the special positions set per batch."""
     return evaluate_forward(forward, batches, device, before=positions.update if positions is not None else None)
+
+
+@torch.no_grad()
+def evaluate_kl(forward: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor], batches: list[Tensor],
+                device: torch.device) -> float:
+    """Mean KL(original ‖ model) per position over ``batches``, in nats (float32, as every evaluation)."""
+    kls = [kl_to_teacher(teacher(b.to(device)), forward(b.to(device))).item() for b in batches]
+    return sum(kls) / len(kls)
 
 
 class Diverged(WorkbenchError):
@@ -62,14 +70,16 @@ class Arm:
     ckpt: PhaseCheckpoint | None = None
     on_step: Callable[[int], None] | None = None
     progress: bool = True
+    teacher: torch.nn.Module | None = None  # the original model, norms live, under --objective kl|mix
 
 
 def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: LossWatch,
-                world: int) -> tuple[Tensor, Tensor, float]:
-    """Forward and backward over ``batch`` in micro-batches; returns the batch's mean loss, objective and
-    the largest |entry| of the final residual (where an overflow shows first)."""
+                world: int, teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Forward and backward over ``batch`` in micro-batches; returns the batch's mean cross-entropy
+    (``loss``), objective (``total``), KL to the original (``kl``, when distilling) and the largest |entry|
+    of the final residual (``peak``: where an overflow shows first)."""
     chunks = batch.split(rc.optimization.micro_batch or len(batch))
-    loss_sum, total_sum, peak = 0.0, 0.0, 0.0
+    out: dict[str, Any] = {"loss": 0.0, "total": 0.0, "kl": 0.0 if teacher is not None else None, "peak": 0.0}
     for j, chunk in enumerate(chunks):
         positions.update(chunk)
         watch.clear()
@@ -77,14 +87,30 @@ def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPosit
         sync = contextlib.nullcontext() if last or world == 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(chunk.device, resolve_dtype(rc.runtime.dtype, chunk.device)):
-                loss = lm_cross_entropy(model(chunk).float(), chunk)
-                total = watch.objective(loss, positions)
+                logits = model(chunk).float()
+                loss = lm_cross_entropy(logits, chunk)
+                kl = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(chunk).float()
+                    kl = kl_to_teacher(target, logits)
+                total = watch.objective(rc.losses.language_loss(loss, kl), positions)
             weight = len(chunk) / len(batch)
             (total * weight).backward()  # always: under DDP every rank must join the all-reduce
-        peak = max(peak, watch.final[-1].detach().abs().max().float().item())
-        loss_sum = loss_sum + loss.detach() * weight
-        total_sum = total_sum + total.detach() * weight
-    return loss_sum, total_sum, peak
+        out["peak"] = max(out["peak"], watch.final[-1].detach().abs().max().float().item())
+        out["loss"] = out["loss"] + loss.detach() * weight
+        out["total"] = out["total"] + total.detach() * weight
+        if kl is not None:
+            out["kl"] = out["kl"] + kl.detach() * weight
+    return out
+
+
+def _mean_over_ranks(value: Tensor, world: int) -> float:
+    value = value.detach().clone()
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
 
 
 def _optimizer(module: torch.nn.Module, rc: RemovalConfig, lr: float) -> torch.optim.Optimizer:
@@ -197,7 +223,8 @@ class _Loop:
             g["lr"] = rc.schedule.lr_at(step, self.removal_steps, self.final_steps, self.lr)
         self.hand_over(step)
         self.opt.zero_grad(set_to_none=True)
-        loss, total, peak = _accumulate(self.model, batch, rc, self.arm.positions, self.watch, world)
+        acc = _accumulate(self.model, batch, rc, self.arm.positions, self.watch, world, self.arm.teacher)
+        loss, total, peak = acc["loss"], acc["total"], acc["peak"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), rc.optimization.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded (DTensor) norm
             grad_norm = grad_norm.full_tensor()
@@ -211,13 +238,11 @@ class _Loop:
         else:  # an overflowing loss or gradient: skip this update rather than poison the weights
             self.skipped_in_a_row += 1
             self.skipped += 1
-        seen = loss.detach().clone()
-        if world > 1:  # record the global batch's loss, as a single process would
-            dist.all_reduce(seen)
-            seen /= world
-        record = {"step": step + 1, "norm": name, "loss": seen.item(), "resid_max": peak,
+        # recorded for the global batch, as a single process would
+        record = {"step": step + 1, "norm": name, "loss": _mean_over_ranks(loss, world), "resid_max": peak,
                   "lr": rc.schedule.lr_at(step, self.removal_steps, self.final_steps, self.lr),
-                  "batch": batch_fingerprint(whole), **_observed(self.frozen)}
+                  "batch": batch_fingerprint(whole), **_observed(self.frozen),
+                  **({"kl": _mean_over_ranks(acc["kl"], world)} if acc["kl"] is not None else {})}
         self.metrics.append({**record, **({} if finite_step else {"skipped": True})})
         if self.skipped_in_a_row > rc.optimization.max_skipped:
             raise Diverged(self.schedule, self.metrics, where, len(self.frozen), len(self.adapter.sites),
@@ -306,4 +331,5 @@ def control_copy(adapter):
     return copy.deepcopy(adapter)
 
 
-__all__ = ["Arm", "Diverged", "RemovalConfig", "calibrate", "config_record", "control_copy", "evaluate", "finetune"]
+__all__ = ["Arm", "Diverged", "RemovalConfig", "calibrate", "config_record", "control_copy", "evaluate", "evaluate_kl",
+           "finetune"]

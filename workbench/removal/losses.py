@@ -6,6 +6,11 @@
   scale are penalised (``--mlp-penalty W --penalty-delta δ``). A gated MLP answers a position k times
   above σ with an output ~k² larger once its norm is frozen, so the outliers, not the spread, are what
   must be gone before then.
+* ``kl_to_teacher`` — distillation (``--objective kl|mix``): KL(original ‖ model) per position, the
+  original with its norms live, so the model tries to stay what it was instead of also adapting to
+  the fine-tuning corpus.
+* ``logit_anchor_loss`` — once ``ln_final`` is frozen at σ, nothing but the loss holds the logit
+  scale (TaperNorm, arXiv 2602.10408): (log s_t − log σ)² over ordinary positions (``--logit-anchor W``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ from .options import opt
 
 @dataclass
 class Losses:
-    """The auxiliary objectives' weights: the part of the removal method this module owns. Adding an
-    objective is a field here, its formula below and its term in ``LossWatch.objective``."""
+    """The objective and the auxiliary losses' weights: the part of the removal method this module owns.
+    Adding an objective is a field here, its formula below and its term in ``LossWatch.objective``."""
+
+    objective: str = opt("ce", "what the model is fine-tuned on, removal and control alike: ce (next-token "
+                               "cross-entropy on the corpus), kl (KL from the original model, norms live, to "
+                               "the model), mix (ce + --kl-weight × kl)")
+    kl_weight: float = opt(1.0, "weight of the KL term under --objective mix")
+    logit_anchor: float = opt(0.0, "weight of a loss pulling each token's final-residual scale to ln_final's "
+                                   "frozen σ once it is frozen (0: off)")
 
     aux_loss: float = opt(0.0, "weight of the final-residual std-uniformity loss")
     # Teaches the model to stop relying on a few high-norm tokens before one σ replaces their scale.
@@ -34,16 +46,50 @@ class Losses:
     penalty_delta: float = opt(0.1, "δ of --mlp-penalty")
 
     def __post_init__(self) -> None:
-        for name in ("aux_loss", "scale_loss", "mlp_penalty"):
+        if self.objective not in OBJECTIVES:
+            raise WorkbenchError(f"unknown --objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        for name in ("aux_loss", "scale_loss", "mlp_penalty", "kl_weight", "logit_anchor"):
             if getattr(self, name) < 0:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.penalty_delta < 1e6:
             raise WorkbenchError(f"--penalty-delta δ must be ≥ 0 (positions above (1 + δ)·σ are penalised), got "
                                  f"{self.penalty_delta}")
 
+    @property
+    def distils(self) -> bool:
+        """Whether the objective needs the original model's logits on every batch."""
+        return self.objective != "ce"
+
+    def language_loss(self, ce: Tensor, kl: Tensor | None) -> Tensor:
+        """The objective's language term from the batch's cross-entropy and KL to the original."""
+        if self.objective == "ce":
+            return ce
+        if kl is None:
+            raise WorkbenchError(f"--objective {self.objective} needs the original model's logits")
+        return kl if self.objective == "kl" else ce + self.kl_weight * kl
+
     def watch(self, adapter) -> LossWatch:
         return LossWatch(adapter, aux=self.aux_loss, scale=self.scale_loss, mlp=self.mlp_penalty,
-                         delta=self.penalty_delta)
+                         delta=self.penalty_delta, anchor=self.logit_anchor)
+
+
+OBJECTIVES = ("ce", "kl", "mix")
+
+
+def kl_to_teacher(teacher: Float[Tensor, "batch pos vocab"], student: Float[Tensor, "batch pos vocab"]) -> Tensor:
+    """Mean over positions of KL(p_teacher ‖ p_student) = Σ_v p_t (log p_t − log p_s), in nats, float32."""
+    log_t = torch.log_softmax(teacher.float(), -1)
+    log_s = torch.log_softmax(student.float(), -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+def logit_anchor_loss(x: Float[Tensor, "batch pos d"], sigma: Tensor, centers: bool,
+                      keep: Bool[Tensor, "batch pos 1"]) -> Tensor:
+    """Mean over the kept positions of (log s_t − log σ)²: each token's final-residual scale held at the
+    frozen final norm's σ, so the logits keep the scale the live norm gave them."""
+    k = keep.float()
+    d = log_scale(x, centers) - torch.log(sigma.float())
+    return (d.pow(2) * k).sum() / k.sum().clamp_min(1)
 
 
 def token_scale(x: Float[Tensor, "batch pos d"], centers: bool) -> Float[Tensor, "batch pos 1"]:
@@ -99,8 +145,10 @@ class LossWatch:
     log scale (``scale``) and the scales of the MLP-norm inputs still live (``mlp``) — and the objective
     they add to the language-model loss, each with its weight."""
 
-    def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1):
-        self.weights = {"aux": aux, "scale": scale, "mlp": mlp}
+    def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1,
+                 anchor: float = 0.0):
+        self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor}
+        self.final_norm = adapter.final_norm  # its standardization is replaced when it is frozen
         self.delta = delta
         self.final: list[Tensor] = []
         self.log_scales: list[Tensor] = []
@@ -130,6 +178,10 @@ class LossWatch:
             total = total + w["scale"] * scale_spread(self.log_scales, positions.ordinary())
         if w["mlp"] > 0 and self.mlp_scales:
             total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta)
+        std = self.final_norm.standardize
+        sigma = std.ordinary_scale()
+        if w["anchor"] > 0 and self.final and sigma is not None:
+            total = total + w["anchor"] * logit_anchor_loss(self.final[-1], sigma, std.centers, positions.ordinary())
         return total
 
     def clear(self) -> None:
@@ -142,4 +194,4 @@ class LossWatch:
             h.remove()
 
 
-__all__ = ["LossWatch", "Losses", "aux_std_loss", "log_scale", "mlp_scale_penalty", "scale_spread", "token_scale"]
+__all__ = ["LossWatch", "Losses", "OBJECTIVES", "aux_std_loss", "kl_to_teacher", "log_scale", "logit_anchor_loss", "mlp_scale_penalty", "scale_spread", "token_scale"]
