@@ -121,6 +121,8 @@ def test_distilled_removal_records_kl_and_its_summary_matches_a_direct_computati
     assert s["kl_ln_free_to_original"] == pytest.approx(kl(free), rel=1e-4, abs=1e-6)
     assert s["kl_control_to_original"] == pytest.approx(kl(control), rel=1e-4, abs=1e-6)
     assert s["kl_ln_free_to_original"] > 0
+    assert [r["probe"] for r in s["robustness"]][:3] == ["held-out text", "held-out text after BOS", "random tokens"]
+    assert len(s["robustness_control"]) == len(s["robustness"]) and all(r["finite"] for r in s["robustness_control"])
 
 
 def test_plain_ce_removal_records_no_kl_per_step(swiglu_run, tmp_path, tiny_corpus):
@@ -202,3 +204,26 @@ def test_truncate_refuses_a_scheme_whose_placement_depends_on_depth():
     model = GPT(ModelConfig(norm="mix-ln", n_layers=4, d_model=32, n_heads=4, n_ctx=24, d_vocab=64))
     with pytest.raises(WorkbenchError, match="placement depends on the model's depth"):
         truncate(model, 2)
+
+
+# --- robustness of a norm-free model ---------------------------------------------------------------------
+
+def test_robustness_rows_are_direct_computations_and_see_an_overflow(swiglu_run, tiny_corpus):
+    from workbench.model.gpt import lm_cross_entropy
+    from workbench.removal.robustness import bos_prefixed, robustness
+
+    model = workbench.load(swiglu_run)
+    data = load_token_data(str(tiny_corpus), model.cfg.d_vocab, tokenizer=model.tokenizer)
+    rows = {r["probe"]: r for r in robustness(model, data, 16, torch.device("cpu"), sequences=4)}
+    assert list(rows) == ["held-out text", "held-out text after BOS", "random tokens", "held-out text, 32 tokens"]
+    held = data.val_batches(1, 4, 16)[0]
+    with torch.no_grad():
+        assert rows["held-out text"]["ce"] == pytest.approx(lm_cross_entropy(model(held), held).item(), rel=1e-6)
+        after = bos_prefixed(held, model.bos_token_id)
+        assert (after[:, 0] == model.bos_token_id).all() and (after[:, 1:] == held[:, :-1]).all()
+        assert rows["held-out text after BOS"]["ce"] == pytest.approx(lm_cross_entropy(model(after), after).item(),
+                                                                      rel=1e-6)
+    assert all(r["finite"] for r in rows.values())
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[0, 0] = float("inf")  # an overflow in the last block
+    assert not any(r["finite"] for r in robustness(model, data, 16, torch.device("cpu"), sequences=4))

@@ -24,6 +24,7 @@ from .finetune import Arm, config_record, control_copy, evaluate, evaluate_kl, f
 from .method import RemovalConfig
 from .gpt_sites import GPTRemoval, check_removable
 from .resume import PhaseCheckpoint, discard, partial_dir
+from .robustness import robustness
 
 
 def _source_record(spec: str | Path | GPT) -> dict[str, Any]:
@@ -180,8 +181,9 @@ def _remove(job: _Job) -> dict[str, Any]:
     ce_unfolded = evaluate(adapter.net, val, run.pop("positions"), dev)
     ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val)
     summary = _summary(job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff)
-    if ln_free is not None:  # how far the norm-free model is from the one it was made from
+    if ln_free is not None:  # how far the norm-free model is from the one it was made from, and where it breaks
         summary["kl_ln_free_to_original"] = evaluate_kl(ln_free.to(dev), model, val, dev)
+        summary["robustness"] = robustness(ln_free, job.data, job.n_ctx, dev)
     metrics = run["metrics"]
     if control is not None:
         if ln_free is not None:
@@ -192,6 +194,7 @@ def _remove(job: _Job) -> dict[str, Any]:
         crun = _arm(job, control, remove=False)
         summary["ce_control"] = evaluate(control.net, val, None, dev)
         summary["kl_control_to_original"] = evaluate_kl(control.net, model, val, dev)
+        summary["robustness_control"] = robustness(control.net, job.data, job.n_ctx, dev)
         if ce_ln_free is not None:
             summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
         if fsdp:
