@@ -197,7 +197,8 @@ def test_qk_norm_formula_per_head(x):
 
 def test_every_registered_norm_is_tested_here():
     tested = {"pre-ln", "post-ln", "mix-ln", "lns", "pre-rms", "pre-crms", "powernorm", "unified", "batchnorm",
-              "dyt", "srms", "qk-norm", "none", "peri-ln", "post-sub"}  # the last two: tests/test_peri_ln.py
+              "dyt", "srms", "qk-norm", "none", "peri-ln", "post-sub",  # these two: tests/test_peri_ln.py
+              "peri-rms"}  # Gemma's sandwich: tests/test_gemma.py
     assert set(scheme_names()) == tested
 
 

@@ -20,7 +20,8 @@ ACT_FNS = ("gelu_new", "gelu", "silu")
 QK_NORMS = ("head",)
 # What a field read from a file may hold, by its annotation (bool is an int to Python, not to a config).
 _JSON_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "str": (str,),
-               "bool": (bool,), "dict[str, Any]": (dict,), "str | None": (str, type(None))}
+               "bool": (bool,), "dict[str, Any]": (dict,), "str | None": (str, type(None)),
+               "float | None": (int, float, type(None)), "list[int] | None": (list, type(None))}
 
 
 ROPE_SCALINGS = {"linear": ("factor",),
@@ -77,9 +78,17 @@ class ModelConfig:
     # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+).
     rotary_scaling: dict[str, Any] = field(default_factory=dict)
     n_key_value_heads: int | None = None  # grouped-query attention; None: one K/V head per query head
-    # Sliding-window attention in every layer (Mistral): a query attends to the last W keys, itself
-    # included; None: to every earlier key.
+    # Sliding-window attention: a query attends to the last W keys, itself included (None: to every
+    # earlier key); in every layer (Mistral) or only in ``sliding_layers`` (Gemma: every other layer).
     sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
+    # The rotary base of the sliding layers, unscaled (Gemma 3's local layers); None: as every other layer.
+    sliding_rotary_base: float | None = None
+    # The divisor of the attention logits q·k (None: √d_head; Gemma: √query_pre_attn_scalar).
+    attn_scale: float | None = None
+    # tanh soft-caps c·tanh(x / c) on the attention logits and on the output logits (Gemma 2); None: none.
+    attn_scores_soft_cap: float | None = None
+    output_logits_soft_cap: float | None = None
     # A norm on queries and keys after their projection (None: none); a scheme may imply one (qk-norm).
     qk_norm: str | None = None
     parallel: bool = False  # GPT-NeoX: attention and MLP both read the block's input
@@ -108,8 +117,7 @@ class ModelConfig:
         if self.n_heads % self.n_key_value_heads:
             raise WorkbenchError(f"model config: n_heads={self.n_heads} is not a multiple of "
                                  f"n_key_value_heads={self.n_key_value_heads}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise WorkbenchError(f"model config: sliding_window must be at least 1, got {self.sliding_window}")
+        self._check_attention()
         if self.mlp not in MLP_KINDS:
             raise WorkbenchError(f"unknown mlp {self.mlp!r}; choose one of: {', '.join(MLP_KINDS)}")
         if self.split_ln2_up and self.mlp != "swiglu":
@@ -132,6 +140,28 @@ class ModelConfig:
         self._check_qk_norm()
         if self.parallel and not self.scheme.residual_is_sum(self.norm_context):
             raise WorkbenchError(f"parallel attention + MLP needs Pre-norm blocks; norm {self.norm!r} has Post-norm ones")
+
+    def _check_attention(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise WorkbenchError(f"model config: sliding_window must be at least 1, got {self.sliding_window}")
+        if self.sliding_layers is not None:
+            layers = self.sliding_layers
+            if self.sliding_window is None or not all(type(l) is int and 0 <= l < self.n_layers for l in layers) \
+                    or len(set(layers)) != len(layers):
+                raise WorkbenchError(f"model config: sliding_layers={layers!r} must be distinct layers in "
+                                     f"[0, {self.n_layers}) of a model with a sliding_window")
+        if self.sliding_rotary_base is not None and (self.sliding_window is None or self.pos != "rope"
+                                                     or not self.sliding_rotary_base > 0):
+            raise WorkbenchError("model config: sliding_rotary_base needs rotary positions, a sliding_window and a "
+                                 f"positive base, got {self.sliding_rotary_base!r}")
+        for name in ("attn_scale", "attn_scores_soft_cap", "output_logits_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise WorkbenchError(f"model config: {name} must be positive (or None), got {value!r}")
+
+    def sliding(self, layer: int) -> bool:
+        """Whether block ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
     def _check_qk_norm(self) -> None:
         implied = self.scheme.qk_norm

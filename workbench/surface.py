@@ -7,7 +7,8 @@ anything else is reaching past the surface.
 
 Hook names (every family): ``hook_embed`` (``hook_pos_embed`` with learned positions),
 ``blocks.{l}.hook_resid_pre|hook_resid_mid|hook_resid_post``, ``blocks.{l}.ln1|ln2.hook_scale|
-hook_normalized``, ``ln_final.hook_scale|hook_normalized``, ``blocks.{l}.attn.hook_q|hook_k|hook_v|
+hook_normalized`` (and ``ln1_post|ln2_post`` after each sub-layer in sandwich models: Gemma, peri-ln),
+``ln_final.hook_scale|hook_normalized``, ``blocks.{l}.attn.hook_q|hook_k|hook_v|
 hook_attn_scores|hook_pattern|hook_z`` (``hook_rot_q|hook_rot_k`` with rotary positions),
 ``blocks.{l}.hook_attn_out|hook_mlp_out``, ``blocks.{l}.mlp.hook_pre|hook_post`` (``hook_pre_linear``
 for gated MLPs).
@@ -47,6 +48,8 @@ class HookedModel(Protocol):
               clear_contexts: bool = False) -> AbstractContextManager: ...
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, NormAwareCache]: ...
+
+    def final_logits(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]: ...
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]: ...

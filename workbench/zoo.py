@@ -19,7 +19,7 @@ FIGURE_FILE = "loss_curves.html"
 
 def parse_norms(norms: str | list[str] | None) -> list[str]:
     if norms is None:
-        return scheme_names()
+        return [n for n in scheme_names() if get_scheme(n).in_default_zoo]
     names = [n.strip() for n in norms.split(",")] if isinstance(norms, str) else list(norms)
     names = [n for n in names if n]
     if not names:

@@ -51,6 +51,15 @@ def require_residual_sum(model: GPT) -> None:
         )
 
 
+def require_linear_readout(model: GPT) -> None:
+    """Exact DLA reads each component through the frozen final norm and W_U: a soft-capped output
+    (c·tanh(logit / c)) is not linear in the residual, so no component has its own share of the logit."""
+    cap = model.cfg.output_logits_soft_cap
+    if cap is not None:
+        raise WorkbenchError(f"direct logit attribution is undefined with final logit soft-capping ({cap:g}·tanh(logit / "
+                             f"{cap:g})): the logits are not linear in the final residual, so components do not sum to them")
+
+
 def answer_direction(model: GPT, answer: str | int, contrast: str | int | None) -> tuple[Tensor, Tensor]:
     """Residual direction and unembedding bias of the answer logit (minus the contrast's)."""
     a = model.to_single_token(answer) if isinstance(answer, str) else int(answer)
@@ -116,6 +125,8 @@ def direct_logit_attribution(
     if tokens.shape[0] != 1:
         raise WorkbenchError("direct logit attribution takes one prompt at a time")
     model.eval()
+    require_residual_sum(model)
+    require_linear_readout(model)
     direction, u_bias = answer_direction(model, answer, contrast)
     names, comps, final = residual_components(model, tokens, pos)
     if not (torch.isfinite(final).all() and torch.isfinite(comps).all()):

@@ -46,6 +46,13 @@ class Family:
     removal_refusal: str | None = None
 
 
+def stock_attention(cfg: "ModelConfig") -> bool:
+    """Whether the attention and the logits are as GPT-2, Llama and Qwen2 compute them: every earlier key,
+    logits scaled by 1/√d_head, no soft-caps (what their exporters can write)."""
+    return (cfg.sliding_window is None and cfg.attn_scale is None and cfg.attn_scores_soft_cap is None
+            and cfg.output_logits_soft_cap is None)
+
+
 def read_back_ln_free(model: "GPT", hf_config: dict) -> "GPT":
     """``Family.finish`` of the families with an exporter: our own norm-free export becomes norm-free again."""
     from ..model.fold import as_norm_free

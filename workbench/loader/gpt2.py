@@ -25,7 +25,7 @@ from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Affine
 from ..tokenizer import EOT
-from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, verify_export
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, stock_attention, verify_export
 
 def config(cfg: dict) -> dict:
     act = cfg.get("activation_function", "gelu_new")
@@ -95,10 +95,12 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     check_out_dir(out)
     cfg = model.cfg
     ln_free = cfg.scheme.stock == "identity"
-    if cfg.scheme.stock not in ("layernorm", "identity") or cfg.split_ln1_v or cfg.qk_norm is not None \
-            or cfg.sliding_window is not None:
+    if cfg.scheme.stock not in ("layernorm", "identity") or cfg.split_ln1_v or cfg.qk_norm is not None:
         raise WorkbenchError(f"only pre-ln and LN-free (none) models export to GPT-2, not {cfg.norm!r}; "
                              "use `workbench convert --to folded` or `remove-ln` first")
+    if not stock_attention(cfg):
+        raise WorkbenchError("GPT-2 attends to every earlier key with logits scaled by 1/√d_head and caps nothing; "
+                             "this model has a sliding window, another attention scale or soft-caps")
     if (cfg.d_head * cfg.n_heads != cfg.d_model or cfg.act_fn != "gelu_new" or cfg.mlp != "gelu" or cfg.pos != "learned"
             or cfg.parallel or cfg.n_key_value_heads != cfg.n_heads):
         raise WorkbenchError("GPT-2 needs d_head·n_heads = d_model, a gelu_new MLP, learned positions, sequential "

@@ -23,7 +23,7 @@ from ..config import ROPE_SCALINGS, ModelConfig, check_rotary_scaling
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Affine
-from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, verify_export
+from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, stock_attention, verify_export
 
 # The working context of a rotary model: the window every analysis cuts text into (diagnose, confidence,
 # studies). 256 keeps those analyses as fast and comparable as before; longer texts are one argument away
@@ -120,7 +120,7 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
     ln_free = cfg.scheme.stock == "identity"
     ok = (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
           and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.scheme.stock in ("rmsnorm", "identity") and cfg.qk_norm is None
-          and not cfg.rotary_scaling and cfg.sliding_window is None
+          and not cfg.rotary_scaling and stock_attention(cfg)
           and not cfg.unembed_bias
           and (cfg.qkv_bias, cfg.o_bias) in (((True, False),) if qwen else ((False, False), (True, True))))
     if not ok:

@@ -16,7 +16,7 @@ class _Block(nn.Module):
         self.layer = layer
         self.ln1 = cfg.scheme.make(cfg.norm_context, layer, "ln1")
         self.ln2 = cfg.scheme.make(cfg.norm_context, layer, "ln2")
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]

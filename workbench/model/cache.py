@@ -14,6 +14,7 @@ class NormAwareCache(ActivationCache):
       residual path), so decompositions and logit attributions are undefined.
     - DyT, BatchNorm, PowerNorm, Unified: the final norm is not a per-token division TL can replay
       from ``hook_scale``; decompositions work, applying the norm to them does not.
+    - Soft-capped output logits (Gemma 2): not linear in the residual, so there are no logit attributions.
     """
 
     def _require_sum(self, what: str) -> None:
@@ -62,4 +63,8 @@ class NormAwareCache(ActivationCache):
     def logit_attrs(self, *args, **kwargs):
         self._require_sum("logit_attrs")
         self._require_token_scale("logit_attrs")
+        cap = self.model.cfg.output_logits_soft_cap
+        if cap is not None:
+            raise WorkbenchError(f"logit_attrs is undefined with final logit soft-capping ({cap:g}·tanh(logit / {cap:g})): "
+                                 "the logits are not linear in the residual stream")
         return super().logit_attrs(*args, **kwargs)

@@ -108,9 +108,10 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention; Q/K read one input and V another (they may differ). Grouped-query
     attention keeps ``n_key_value_heads`` K/V heads, each shared by n_heads / n_key_value_heads query
-    heads (``hook_k``/``hook_v`` show the K/V heads, ``hook_z`` every query head)."""
+    heads (``hook_k``/``hook_v`` show the K/V heads, ``hook_z`` every query head). ``hook_attn_scores``
+    shows the logits as the softmax reads them: scaled, soft-capped where the config caps them, masked."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, kv, d, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head
         self.n_heads, self.n_kv, self.d_head = h, kv, dh
@@ -122,8 +123,14 @@ class Attention(nn.Module):
         add_bias(self, "b_K", (kv, dh), cfg.qkv_bias)
         add_bias(self, "b_V", (kv, dh), cfg.qkv_bias)
         add_bias(self, "b_O", (d,), cfg.o_bias)
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, cfg.rotary_scaling) if cfg.pos == "rope" else None
-        self.window = cfg.sliding_window
+        self.window = cfg.sliding_window if cfg.sliding(layer) else None
+        # Gemma 3's local layers rotate with their own base and no scaling; every other layer as configured.
+        own_base = self.window is not None and cfg.sliding_rotary_base is not None
+        base, scaling = (cfg.sliding_rotary_base, {}) if own_base else (cfg.rotary_base, cfg.rotary_scaling)
+        self.rotary = Rotary(cfg.rotary_dim, base, scaling) if cfg.pos == "rope" else None
+        # None keeps the default √d_head (and the fused kernel's own default scale) bit for bit.
+        self.attn_scale = cfg.attn_scale
+        self.soft_cap = cfg.attn_scores_soft_cap
         if cfg.qk_norm == "head":  # hook_q / hook_k then show the normalized query and key
             self.q_norm, self.k_norm = head_norm(dh, cfg.eps), head_norm(dh, cfg.eps)
         else:
@@ -168,7 +175,9 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.rotary is not None:
             q, k = self.hook_rot_q(self.rotary(q)), self.hook_rot_k(self.rotary(k))
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or _slow_fused_kernel(q):
+        # The fused kernel has no soft-cap: a capped model always writes the scores out.
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or _slow_fused_kernel(q) \
+                or self.soft_cap is not None:
             z = self._explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v))
         else:
             # Nobody looks at the pattern: let PyTorch's fused kernel skip materializing it.
@@ -176,7 +185,7 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not windowed,
                 attn_mask=self._mask(q.shape[1], k.shape[1], q.device) if windowed else None,
-                enable_gqa=self.n_kv != self.n_heads,
+                enable_gqa=self.n_kv != self.n_heads, scale=None if self.attn_scale is None else 1 / self.attn_scale,
             ).transpose(1, 2)
         z = self.hook_z(z)
         W_O = self.W_O.reshape(-1, self.W_O.shape[-1])
@@ -196,10 +205,17 @@ class Attention(nn.Module):
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch pos head_index d_head"]:
         scores = einsum(q, k, "batch pos head d_head, batch key_pos head d_head -> batch head pos key_pos")
-        scores = scores / math.sqrt(self.d_head)
+        scores = scores / (math.sqrt(self.d_head) if self.attn_scale is None else self.attn_scale)
+        if self.soft_cap is not None:
+            scores = soft_cap(scores, self.soft_cap)
         scores = self.hook_attn_scores(scores.masked_fill(~self._mask(*scores.shape[-2:], q.device), float("-inf")))
         pattern = self.hook_pattern(scores.float().softmax(-1).to(q.dtype))  # softmax in float32 for bf16 too
         return einsum(pattern, v, "batch head pos key_pos, batch key_pos head d_head -> batch pos head d_head")
+
+
+def soft_cap(x: Float[Tensor, "..."], cap: float) -> Float[Tensor, "..."]:
+    """cap · tanh(x / cap): x where |x| ≪ cap, never beyond ±cap (Gemma 2's attention and output logits)."""
+    return torch.tanh(x / cap) * cap
 
 
 def _slow_fused_kernel(q: Tensor) -> bool:

@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import WorkbenchError
 from .blocks import BLOCKS
 from .cache import NormAwareCache
-from .components import Embed, PosEmbed, Unembed
+from .components import Embed, PosEmbed, Unembed, soft_cap
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
@@ -75,13 +75,20 @@ class GPT(HookedRootModule):
             residual = residual + self.hook_pos_embed(self.pos_embed(tokens))
         for block in self.blocks:
             residual = block(residual)
-        logits = self.unembed(self.ln_final(residual))
+        logits = self.final_logits(residual)
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
         loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def final_logits(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """The logits of a final residual: ln_final, the unembedding and, where the config caps them, the
+        output soft-cap — which makes them non-linear in the residual even with the norm's scale frozen."""
+        logits = self.unembed(self.ln_final(residual))
+        cap = self.cfg.output_logits_soft_cap
+        return logits if cap is None else soft_cap(logits, cap)
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, NormAwareCache]:
         remove_batch_dim = kwargs.get("remove_batch_dim", False)

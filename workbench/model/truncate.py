@@ -48,7 +48,7 @@ def truncation_error(model: GPT, short: GPT, tokens: Int[Tensor, "batch pos"]) -
     N−1)), the residual read from the original's cache: 0 up to float rounding when the cut is exact."""
     n = short.cfg.n_layers
     _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{n - 1}.hook_resid_post")
-    expected = model.unembed(model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"]))
+    expected = model.final_logits(cache[f"blocks.{n - 1}.hook_resid_post"])
     return (short(tokens) - expected).abs().max().item()
 
 

@@ -1,8 +1,9 @@
 """Norms on sublayer outputs: Peri-LN (sandwich: before and after each sublayer) and OLMo-2's reordered
 norm (after each sublayer only). The post-sublayer norms are ``blocks.{l}.ln1_post`` / ``ln2_post``.
 
-    peri-ln    x ← x + LN(attn(LN(x))),  x ← x + LN(mlp(LN(x))), final LN      (Kim et al. 2025, Peri-LN;
-                                                                             Gemma 2/3 with RMSNorm)
+    peri-ln    x ← x + LN(attn(LN(x))),  x ← x + LN(mlp(LN(x))), final LN      (Kim et al. 2025, Peri-LN)
+    peri-rms   the same with RMSNorm at every site                          (Gemma 2/3; not in the default
+                                                                             zoo: the norm of those checkpoints)
     post-sub   x ← x + RMS(attn(x)),     x ← x + RMS(mlp(x)),    final RMS     (OLMo 2, 2025)
 
 What a post-sublayer norm means for the analyses: the residual stream is still a sum of what each sublayer
@@ -41,5 +42,17 @@ POST_SUB = register(
         make=_post_only,
         placement=lambda ctx, layer: "peri",
         tl_normalization_type="RMS",
+    )
+)
+
+PERI_RMS = register(
+    NormScheme(
+        name="peri-rms",
+        description="Sandwich with RMSNorm before and after each sub-layer, plus a final RMSNorm (Gemma 2/3 checkpoints)",
+        reference="Gemma Team 2024, Gemma 2; Kim et al. 2025, Peri-LN",
+        make=lambda ctx, layer, site: rms_norm(ctx.d_model, ctx.eps),
+        placement=lambda ctx, layer: "peri",
+        tl_normalization_type="RMS",
+        in_default_zoo=False,
     )
 )

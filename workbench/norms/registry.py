@@ -66,6 +66,9 @@ class NormScheme:
     stock: str | None = None
     # True when no Pre-norm site normalizes any more: no norm at all, or what LayerNorm removal left.
     pre_norm_free: Callable[["NormContext"], bool] = _never
+    # False for a scheme that exists for pretrained checkpoints (Gemma's RMSNorm sandwich): `workbench zoo`
+    # trains it only when named.
+    in_default_zoo: bool = True
 
     def check(self, ctx: "NormContext") -> None:
         unknown = sorted(set(ctx.kwargs) - set(self.accepts))
