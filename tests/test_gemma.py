@@ -207,14 +207,39 @@ def test_a_variant_we_cannot_represent_is_refused_in_one_line(gemma_dirs, tmp_pa
 
 def test_what_cannot_take_gemma_refuses_in_one_line(gemma_dirs, tmp_path, capsys):
     g = str(gemma_dirs["gemma2"])
-    for argv, message in ((["dla", g, "--prompt", "And God said"], "norms on sub-layer outputs"),
-                          (["remove-ln", g, "--out", str(tmp_path / "free")], "remove-ln needs a Pre-norm model"),
-                          (["convert", g, "--to", "folded", "--out", str(tmp_path / "conv")], "convert needs a Pre-LN model"),
+    for argv, message in ((["dla", g, "--prompt", "And God said"], "undefined with final logit soft-capping"),
+                          (["convert", g, "--to", "folded", "--out", str(tmp_path / "conv")],
+                           "convert cannot fold live norms on sub-layer outputs"),
+                          (["convert", str(gemma_dirs["gemma3_text"]), "--to", "folded", "--out", str(tmp_path / "conv")],
+                           "convert cannot fold QK-norm gains"),
                           (["export", g, "--out", str(tmp_path / "hf")], "the gemma2 family has no exporter")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
-    assert not any((tmp_path / n).exists() for n in ("free", "conv", "hf"))
+    assert not any((tmp_path / n).exists() for n in ("conv", "hf"))
+
+
+def test_remove_ln_takes_every_gemma_norm_and_leaves_exact_dla(gemma_dirs, tmp_path, tiny_corpus):
+    """Gemma 3: the sandwich, per-head QK-norms (one σ per head) and the final norm, all removed, on a model
+    with sliding-window layers and its own local rope base; afterwards DLA is exact. Gemma 2: the same
+    sites; its capped output keeps DLA undefined, but the norm-free model is what was evaluated."""
+    from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                          dtype="float32", control=False)
+    # Gemma 3 without its final soft-cap (which alone would keep DLA undefined)
+    sources = {"gemma3_text": _variant(gemma_dirs["gemma3_text"], tmp_path, "uncapped", final_logit_softcapping=None),
+               "gemma2": gemma_dirs["gemma2"]}
+    for family, source in sources.items():
+        out = tmp_path / family
+        s = remove_ln(source, out, rc, corpus=str(tiny_corpus), progress=False)
+        names = [e["norm"] for e in s["schedule"]]
+        assert names[0] == "blocks.0.ln2_post" and ("blocks.0.attn.q_norm" in names) == (family == "gemma3_text")
+        assert s["fold_max_abs_logit_diff"] <= 1e-4 * 10
+        free = workbench.load(out)
+        assert is_norm_free(free) and free.cfg.qk_norm is None and free.cfg.sliding_layers is not None
+    r = direct_logit_attribution(workbench.load(tmp_path / "gemma3_text"), "And God said", " the")
+    assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit)) and r.nmae <= 1e-5
 
 
 def test_dla_and_logit_attrs_refuse_a_soft_capped_output(tmp_path):

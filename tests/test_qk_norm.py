@@ -66,7 +66,7 @@ def test_the_zoo_member_trains_saves_and_reloads(tmp_path, tiny_corpus):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(norm="pre-rms", qk_norm="proj"), "qk_norm 'proj' is not supported (supported: head"),
+    (dict(norm="pre-rms", qk_norm="layer"), "qk_norm 'layer' is not supported (supported: head, proj"),
     (dict(norm="qk-norm", qk_norm="proj"), "norm 'qk-norm' has QK-norm 'head'; qk_norm='proj' contradicts it"),
 ])
 def test_a_qk_norm_we_cannot_represent_is_refused(kw, message):
@@ -74,7 +74,7 @@ def test_a_qk_norm_we_cannot_represent_is_refused(kw, message):
         ModelConfig(**{**TINY_MODEL, **kw})
 
 
-def test_qwen3_variants_and_qk_norm_removal_are_refused_in_one_line(hf_dirs, tmp_path, capsys):
+def test_qwen3_variants_and_folding_a_live_qk_norm_are_refused_in_one_line(hf_dirs, tmp_path, capsys):
     import shutil
 
     d = tmp_path / "qwen3-sw"
@@ -85,8 +85,6 @@ def test_qwen3_variants_and_qk_norm_removal_are_refused_in_one_line(hf_dirs, tmp
     assert main(["dla", str(d), "--prompt", "And God said"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Qwen3 with sliding-window attention is not supported" in err and "\n" not in err
-    assert main(["remove-ln", str(hf_dirs["qwen3"]), "--out", str(tmp_path / "free")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "remove-ln does not remove QK-norms yet" in err and "\n" not in err and not (tmp_path / "free").exists()
     assert main(["convert", str(hf_dirs["qwen3"]), "--to", "folded", "--out", str(tmp_path / "conv")]) == 2
-    assert "convert needs a Pre-LN model" in capsys.readouterr().err and not (tmp_path / "conv").exists()
+    err = capsys.readouterr().err.strip()
+    assert "convert cannot fold QK-norm gains" in err and "\n" not in err and not (tmp_path / "conv").exists()

@@ -14,7 +14,7 @@ from .version import __version__
 
 def load(spec: str | Path, device: str = "cpu", n_ctx: int | None = None, download: bool = True) -> GPT:
     """The model of a spec — a run directory, a Hugging Face directory of a supported family (GPT-2,
-    Llama/SmolLM2, Qwen2, Qwen3, Mistral, GPT-NeoX, Gemma 2/3), ``smollm2`` or ``hf:NAME`` — as the
+    Llama/SmolLM2, Qwen2, Qwen3, Mistral, GPT-NeoX, Gemma 2/3, OLMo-2), ``smollm2`` or ``hf:NAME`` — as the
     workbench's hooked ``GPT``: one surface (``workbench.surface.HookedModel``) for every analysis.
     ``download=False``: read only, an ``hf:NAME`` must already be in the Hugging Face cache. See
     ``workbench.loader``."""

@@ -16,8 +16,9 @@ from .errors import WorkbenchError
 MLP_KINDS = ("gelu", "swiglu")
 POS_KINDS = ("learned", "rope")
 ACT_FNS = ("gelu_new", "gelu", "silu")
-# QK-norm: "head" = an RMSNorm (with gain) over each head's query and key (Qwen3, Gemma 3).
-QK_NORMS = ("head",)
+# QK-norm: "head" = an RMSNorm (with gain) over each head's query and key (Qwen3, Gemma 3); "proj" = one
+# over the whole query projection (n_heads·d_head) and the whole key projection (n_kv_heads·d_head) (OLMo-2).
+QK_NORMS = ("head", "proj")
 # What a field read from a file may hold, by its annotation (bool is an int to Python, not to a config).
 _JSON_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "str": (str,),
                "bool": (bool,), "dict[str, Any]": (dict,), "str | None": (str, type(None)),
@@ -170,7 +171,7 @@ class ModelConfig:
         self.qk_norm = self.qk_norm or implied
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
             raise WorkbenchError(f"qk_norm {self.qk_norm!r} is not supported (supported: {', '.join(QK_NORMS)}: an "
-                                 "RMSNorm over each head's query and key)")
+                                 "RMSNorm over each head's query and key, or over the whole q and k projections)")
 
     @property
     def norm_context(self):

@@ -8,11 +8,16 @@ of a component is what removing it from the final residual does to the logit whe
 is recomputed. They agree exactly when the norm is linear (no norm, or batch statistics at
 evaluation) and disagree where the norm's scale depends on every component at once (LayerNorm,
 RMSNorm, DyT): ``nmae = mean|DLA − DE| / mean|DE|`` measures by how much.
+
+Sandwich blocks (Peri-LN, Gemma, OLMo 2's reordered norm) add ``post_norm(sublayer)``: each head and neuron
+is read through that post-norm frozen at its actual scale too, so the attributions still sum to the logit
+exactly; once removal has frozen every norm, DLA equals the direct effect (NMAE ≈ 0).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -21,6 +26,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..model import GPT
+from ..norms import Norm
 
 
 @dataclass
@@ -43,11 +49,11 @@ class DLAResult:
 
 
 def require_residual_sum(model: GPT) -> None:
-    if not model.cfg.scheme.residual_is_sum(model.cfg.norm_context):
+    if not model.cfg.scheme.components_through_frozen_norms(model.cfg.norm_context):
         raise WorkbenchError(
             f"direct logit attribution is undefined for norm {model.cfg.norm!r}: "
             f"{model.cfg.scheme.why_not_a_sum(model.cfg.norm_context)}, so it is not a sum of component outputs; "
-            "use a Pre-norm or norm-free model"
+            "use a Pre-norm, sandwich or norm-free model"
         )
 
 
@@ -74,10 +80,13 @@ def answer_direction(model: GPT, answer: str | int, contrast: str | int | None) 
 def residual_components(
     model: GPT, tokens: Tensor, pos: int = -1
 ) -> tuple[list[str], Float[Tensor, "component d_model"], Float[Tensor, "d_model"]]:
-    """Names and vectors of the components whose sum is the final residual at ``pos``."""
+    """Names and vectors of the components whose sum is the final residual at ``pos``. In a sandwich
+    block (``ln1_post``/``ln2_post``) every head, neuron and bias reaches the residual through the post-norm
+    frozen at this position's actual scale — a linear map, so their images still sum exactly to what the
+    block added; the norm's own constant (its bias β) is one more component, ``L{l}.ln1_post.offset``."""
     require_residual_sum(model)
     names_filter = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith(  # noqa: E731
-        ("attn.hook_z", "hook_mlp_out", "hook_resid_post"))
+        ("attn.hook_z", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"))
     _, cache = model.run_with_cache(tokens, names_filter=names_filter)
     names, vecs = ["embed"], [cache["hook_embed"][0, pos]]
     if "hook_pos_embed" in cache.cache_dict:  # learned positions; rotary ones live inside attention
@@ -86,22 +95,33 @@ def residual_components(
     for l, block in enumerate(model.blocks):
         z = cache[f"blocks.{l}.attn.hook_z"][0, pos]  # [head, d_head]
         heads = torch.einsum("hd,hdm->hm", z, block.attn.W_O)
-        for h in range(model.cfg.n_heads):
-            names.append(f"L{l}H{h}")
-            vecs.append(heads[h])
-        names.append(f"L{l}.attn.b_O")
-        vecs.append(block.attn.b_O)
-        names.append(f"L{l}.mlp")
-        vecs.append(cache[f"blocks.{l}.hook_mlp_out"][0, pos] - block.mlp.b_out)
-        names.append(f"L{l}.mlp.b_out")
-        vecs.append(block.mlp.b_out)
+        attn = [(f"L{l}H{h}", heads[h]) for h in range(model.cfg.n_heads)] + [(f"L{l}.attn.b_O", block.attn.b_O)]
+        if block.placement == "peri":
+            mlp_raw = cache[f"blocks.{l}.mlp.hook_post"][0, pos] @ block.mlp.W_out
+        else:
+            mlp_raw = cache[f"blocks.{l}.hook_mlp_out"][0, pos] - block.mlp.b_out
+        mlp = [(f"L{l}.mlp", mlp_raw), (f"L{l}.mlp.b_out", block.mlp.b_out)]
+        for site, parts in (("ln1_post", attn), ("ln2_post", mlp)):
+            if block.placement == "peri":
+                parts = through_frozen_norm(getattr(block, site), parts, f"L{l}.{site}")
+            names += [n for n, _ in parts]
+            vecs += [v for _, v in parts]
     stack = torch.stack(vecs)
     final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, pos]
     return names, stack, final
 
 
-def _final_norm_parts(model: GPT, x: Tensor):
-    norm = model.ln_final
+def through_frozen_norm(norm: Norm, parts: list[tuple[str, Tensor]], name: str) -> list[tuple[str, Tensor]]:
+    """The images of ``parts`` (whose sum is the norm's input) under the norm frozen at that input, and
+    the norm's constant as ``{name}.offset``: they sum to the norm's output."""
+    linear, gain, offset = frozen_norm_parts(norm, torch.stack([v for _, v in parts]).sum(0))
+    # a frozen σ broadcasts as [1, 1, 1]: keep every image a d_model vector
+    return [(n, (linear(v) * gain).reshape(v.shape)) for n, v in parts] + \
+        [(f"{name}.offset", (offset * torch.ones_like(gain)).reshape(gain.shape))]
+
+
+def frozen_norm_parts(norm: Norm, x: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor | float]:
+    """norm(x) = linear(x) ⊙ gain + offset with the norm's statistics frozen at ``x`` (the cached scale)."""
     try:
         linear, const = norm.standardize.frozen(x)
     except ValueError as e:
@@ -136,7 +156,7 @@ def direct_logit_attribution(
                              "finite activations — try another prompt, or a model whose norms were not removed")
     if not torch.allclose(comps.sum(0), final, atol=1e-4 * max(1.0, final.abs().max().item())):
         raise RuntimeError("components do not sum to the final residual; the decomposition is incomplete")
-    linear, gain, offset = _final_norm_parts(model, final)
+    linear, gain, offset = frozen_norm_parts(model.ln_final, final)
     read = gain * direction  # how a unit of normalized residual moves the logit
     dla = torch.stack([(linear(c) * read).sum() for c in comps])
 
@@ -170,6 +190,7 @@ def _row(name: str, dla: float, de: float, kind: str | None = None) -> dict:
             head = int(name.split("H")[1])
     if kind is None:
         kind = ("head" if head is not None else "bias" if name.endswith(("b_O", "b_out")) else
+                "norm offset" if name.endswith(".offset") else
                 "mlp" if name.endswith(".mlp") else "embedding")
     return {"name": name, "kind": kind, "layer": layer, "head": head, "dla": dla, "direct_effect": de}
 

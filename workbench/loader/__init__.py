@@ -5,12 +5,12 @@ workbench's norms and hook names (see ``workbench.surface.HookedModel``) — for
 
 * a run directory written by ``workbench train`` / ``remove-ln`` / ``convert``;
 * a Hugging Face directory of a supported family (``config.json`` + safetensors or a tensor-only
-  ``pytorch_model.bin``): GPT-2, Llama (SmolLM2), Qwen2, Qwen3, Mistral, GPT-NeoX (Pythia), Gemma 2 and
-  Gemma 3 (text);
+  ``pytorch_model.bin``): GPT-2, Llama (SmolLM2), Qwen2, Qwen3, Mistral, GPT-NeoX (Pythia), Gemma 2,
+  Gemma 3 (text) and OLMo-2;
 * ``smollm2`` (the GGUF fetched by ``workbench fetch smollm2``) and ``hf:NAME`` (the hub cache).
 
 Family differences live in one adapter file each (``gpt2.py``, ``llama.py``, ``gpt_neox.py``, ``qwen3.py``,
-``gemma.py``): how the
+``gemma.py``, ``olmo2.py``): how the
 config and the weights map onto the workbench's model and, where the family has one, the exporter back
 to its stock format. Nothing downstream of this package knows which family a model came from.
 """
@@ -30,9 +30,10 @@ from .gemma import GEMMA2, GEMMA3
 from .gpt_neox import GPT_NEOX
 from .hub import fetch_smollm2, is_hf_spec, locate, read_checkpoint, read_config, smollm2_cached
 from .llama import LLAMA, MISTRAL, QWEN2
+from .olmo2 import OLMO2
 from .qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GPT_NEOX, GEMMA2, GEMMA3)
+FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GPT_NEOX, GEMMA2, GEMMA3, OLMO2)
 
 
 def supported() -> str:

@@ -76,6 +76,19 @@ def config_of(cfg: dict, qkv_bias: bool, o_bias: bool, mlp_bias: bool, family: s
 
 
 def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tensor]:
+    new = projections(sd, mc, cfg)
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    new["ln_final.affine.w"] = sd["norm.weight"]
+    for l in range(mc.n_layers):
+        p, q = f"layers.{l}.", f"blocks.{l}."
+        new[q + "ln1.affine.w"] = sd[p + "input_layernorm.weight"]
+        new[q + "ln2.affine.w"] = sd[p + "post_attention_layernorm.weight"]
+    return new
+
+
+def projections(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tensor]:
+    """Every weight of a Llama-layout checkpoint but its norms' (shared by OLMo-2, whose norms sit elsewhere):
+    the embedding, the unembedding (tied or not), attention and MLP, with the biases ``mc`` says exist."""
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
     h, kv, dh, d = mc.n_heads, mc.n_key_value_heads, mc.d_head, mc.d_model
 
@@ -84,12 +97,11 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
 
     W_U = sd.get("lm_head.weight", sd["embed_tokens.weight"]) if not cfg.get("tie_word_embeddings", False) \
         else sd["embed_tokens.weight"]
-    new = {"embed.W_E": sd["embed_tokens.weight"], "ln_final.affine.w": sd["norm.weight"], "unembed.W_U": W_U.T}
+    new = {"embed.W_E": sd["embed_tokens.weight"], "unembed.W_U": W_U.T}
     for l in range(mc.n_layers):
         p, q = f"layers.{l}.", f"blocks.{l}."
         a = p + "self_attn."
         new.update({
-            q + "ln1.affine.w": sd[p + "input_layernorm.weight"], q + "ln2.affine.w": sd[p + "post_attention_layernorm.weight"],
             q + "attn.W_Q": heads_in(sd[a + "q_proj.weight"], h), q + "attn.W_K": heads_in(sd[a + "k_proj.weight"], kv),
             q + "attn.W_V": heads_in(sd[a + "v_proj.weight"], kv),
             q + "attn.W_O": sd[a + "o_proj.weight"].T.reshape(h, dh, d),

@@ -63,13 +63,14 @@ class PostNormBlock(_Block):
         return self.hook_resid_post(self.ln2(x + self.hook_mlp_out(self.mlp(x))))
 
 
-class PeriNormBlock(_Block):
+class PeriNormBlock(PreNormBlock):
     """Peri-LN / sandwich: x ← x + ln1_post(attn(ln1(x)));  x ← x + ln2_post(mlp(ln2(x))).
 
     The norms after each sublayer (``ln1_post``, ``ln2_post``) scale what is *added* to the residual
     stream: ``hook_attn_out`` / ``hook_mlp_out`` are the post-normed outputs, so resid_mid = resid_pre +
     attn_out still holds, but the heads' z·W_O sum to the post-norm's input, not to attn_out. A scheme
-    without pre-norms (OLMo-2's reordered norm) makes ``ln1``/``ln2`` identities."""
+    without pre-norms (OLMo-2's reordered norm) makes ``ln1``/``ln2`` identities. LayerNorm removal may
+    split ln1 and ln2 as in a Pre-norm block (``ln1_v``, ``ln2_up``)."""
 
     placement = "peri"
 
@@ -80,9 +81,12 @@ class PeriNormBlock(_Block):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_resid_pre(x)
-        qkv_in = self.ln1(x)
-        mid = self.hook_resid_mid(x + self.hook_attn_out(self.ln1_post(self.attn(qkv_in, qkv_in))))
-        return self.hook_resid_post(mid + self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(mid)))))
+        qk_in = self.ln1(x)
+        v_in = qk_in if self.ln1_v is None else self.ln1_v(x)
+        mid = self.hook_resid_mid(x + self.hook_attn_out(self.ln1_post(self.attn(qk_in, v_in))))
+        mlp_in = self.ln2(mid)
+        up_in = mlp_in if self.ln2_up is None else self.ln2_up(mid)
+        return self.hook_resid_post(mid + self.hook_mlp_out(self.ln2_post(self.mlp(mlp_in, up_in))))
 
 
 BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock, "peri": PeriNormBlock}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from ..config import ModelConfig
-from ..norms.qk_norm import head_norm
+from ..norms.qk_norm import head_norm, proj_norm
 
 
 class Embed(nn.Module):
@@ -131,8 +131,13 @@ class Attention(nn.Module):
         # None keeps the default √d_head (and the fused kernel's own default scale) bit for bit.
         self.attn_scale = cfg.attn_scale
         self.soft_cap = cfg.attn_scores_soft_cap
-        if cfg.qk_norm == "head":  # hook_q / hook_k then show the normalized query and key
+        # QK-norm over each head, or over the whole projection (read as [batch, pos, head·d_head] and back);
+        # hook_q / hook_k then show the normalized query and key.
+        self.qk_whole = cfg.qk_norm == "proj"
+        if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = head_norm(dh, cfg.eps), head_norm(dh, cfg.eps)
+        elif self.qk_whole:
+            self.q_norm, self.k_norm = proj_norm(h, dh, cfg.eps), proj_norm(kv, dh, cfg.eps)
         else:
             self.q_norm = self.k_norm = None
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
@@ -171,7 +176,7 @@ class Attention(nn.Module):
             k = self._project(qk_input, self.W_K, self.b_K)
             v = self._project(v_input, self.W_V, self.b_V)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._qk_normed(self.q_norm, q), self._qk_normed(self.k_norm, k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.rotary is not None:
             q, k = self.hook_rot_q(self.rotary(q)), self.hook_rot_k(self.rotary(k))
@@ -190,6 +195,9 @@ class Attention(nn.Module):
         z = self.hook_z(z)
         W_O = self.W_O.reshape(-1, self.W_O.shape[-1])
         return torch.addmm(self.b_O, z.reshape(-1, W_O.shape[0]), W_O).reshape(*z.shape[:2], -1)
+
+    def _qk_normed(self, norm: nn.Module, x: Float[Tensor, "batch pos head_index d_head"]) -> Tensor:
+        return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:]) if self.qk_whole else norm(x)
 
     def _mask(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
         """Which keys each query sees (True): the earlier ones, and with a sliding window W only the last W

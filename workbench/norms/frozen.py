@@ -10,6 +10,9 @@ with progress a rising from 0 to 1; the norm holds one hand-over object and asks
 Until ``special`` is switched off, position 0 (BOS) and end-of-text tokens divide by their own frozen
 σ: their residual norms are far from the others' (attention sinks), so one scalar for all positions
 would be too large a step at once; ``special_blend`` may move their σ to the shared one gradually. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
+
+A per-head QK-norm (input [batch, pos, head, d_head]) freezes one σ per head: ``sigma`` is then a list,
+held as an [head, 1] buffer that broadcasts over each head's d_head values.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from .base import Standardize
 from .handover import AtOnce, HandOver
+
+
+Sigma = float | list[float]  # one σ, or one per head
+
+
+def _as_buffer(sigma: Sigma) -> Tensor:
+    """A scalar buffer for one σ, an [head, 1] one for a σ per head."""
+    if isinstance(sigma, (list, tuple)):
+        return torch.tensor([float(v) for v in sigma]).reshape(-1, 1)
+    return torch.tensor(float(sigma))
 
 
 class SpecialPositions:
@@ -46,16 +59,16 @@ class SpecialPositions:
 class FrozenStandardize(Standardize):
     scale_frozen = True
 
-    def __init__(self, sigma: float, centers: bool, positions: SpecialPositions | None = None,
-                 sigma_bos: float | None = None, sigma_eot: float | None = None, ema: float = 0.0,
+    def __init__(self, sigma: Sigma, centers: bool, positions: SpecialPositions | None = None,
+                 sigma_bos: Sigma | None = None, sigma_eot: Sigma | None = None, ema: float = 0.0,
                  handover: HandOver | None = None, live_eps: float | None = None, frozen_at: int = 0):
         super().__init__()
         self.centers = centers
         self.positions = positions
         self.ema = float(ema)
-        self.register_buffer("sigma", torch.tensor(float(sigma)))
-        self.register_buffer("sigma_bos", torch.tensor(float(sigma_bos if sigma_bos is not None else sigma)))
-        self.register_buffer("sigma_eot", torch.tensor(float(sigma_eot if sigma_eot is not None else sigma)))
+        self.register_buffer("sigma", _as_buffer(sigma))
+        self.register_buffer("sigma_bos", _as_buffer(sigma_bos if sigma_bos is not None else sigma))
+        self.register_buffer("sigma_eot", _as_buffer(sigma_eot if sigma_eot is not None else sigma))
         self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
         self.handover = handover if handover is not None else AtOnce()
         if self.handover.needs_live and live_eps is None:
@@ -90,29 +103,32 @@ class FrozenStandardize(Standardize):
     def _center(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centers else x
 
+    def _mask(self, mask: Tensor, x: Tensor) -> Tensor:
+        """A [batch, pos, 1] position mask shaped for ``x`` ([batch, pos, head, d] for a per-head norm)."""
+        return mask.reshape(*mask.shape[:2], *([1] * (x.dim() - 2)))
+
     def _scale(self, x: Tensor) -> Tensor:
         if not self.special:
-            return self.sigma.reshape(1, 1, 1)
+            return self.sigma.reshape(1, 1, 1) if self.sigma.dim() == 0 else self.sigma
         p = self.positions
         bos, eot = self.sigma_bos, self.sigma_eot
         if self.special_blend > 0:
             b = self.special_blend
             bos, eot = bos.pow(1 - b) * self.sigma.pow(b), eot.pow(1 - b) * self.sigma.pow(b)
-        return torch.where(p.bos, bos, torch.where(p.eot, eot, self.sigma))
+        return torch.where(self._mask(p.bos, x), bos, torch.where(self._mask(p.eot, x), eot, self.sigma))
 
     @torch.no_grad()
     def _follow(self, xc: Tensor) -> None:
-        """EMA of σ towards the live scale of this batch's ordinary positions (all ranks agree)."""
+        """EMA of σ (each head's, for a per-head norm) towards the live scale of this batch's ordinary
+        positions (all ranks agree)."""
         sq = xc.pow(2).mean(-1, keepdim=True)
-        if self.special:
-            keep = self.positions.ordinary()
-            stats = torch.stack([(sq * keep).sum(), keep.sum().to(sq.dtype)])
-        else:
-            stats = torch.stack([sq.sum(), torch.tensor(float(sq.numel()), device=sq.device)])
+        keep = self._mask(self.positions.ordinary(), sq) if self.special else torch.ones_like(sq)
+        keep = keep.to(sq.dtype).expand_as(sq)
+        stats = torch.stack([(sq * keep).sum((0, 1)), keep.sum((0, 1))])  # [2, (head,) 1]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
-        if stats[1] > 0:
-            live = (stats[0] / stats[1]).sqrt()
+        if (stats[1] > 0).all():
+            live = (stats[0] / stats[1]).sqrt().reshape(self.sigma.shape)
             self.sigma.mul_(1 - self.ema).add_(self.ema * live)
 
     def _handed_over(self, xc: Tensor, frozen: Tensor) -> Tensor:
@@ -135,5 +151,6 @@ class FrozenStandardize(Standardize):
         return (lambda c: self._center(c) / s), torch.zeros_like(x)
 
     def extra_repr(self) -> str:
-        return (f"sigma={self.sigma.item():.4g}, centers={self.centers}, special={self.special}, ema={self.ema}, "
+        sigma = f"{self.sigma.item():.4g}" if self.sigma.dim() == 0 else f"{self.sigma.flatten().tolist()}"
+        return (f"sigma={sigma}, centers={self.centers}, special={self.special}, ema={self.ema}, "
                 f"handover={self.handover.name}")

@@ -87,6 +87,12 @@ class NormScheme:
         """The blocks that normalize the residual stream itself (Post-norm placement)."""
         return [layer for layer in range(ctx.n_layers) if self.placement(ctx, layer) == "post"]
 
+    def components_through_frozen_norms(self, ctx: "NormContext") -> bool:
+        """True when the final residual is a sum of head and neuron outputs once every norm on a
+        sub-layer's output is frozen at its actual scale (Pre-norm and sandwich blocks; not Post-norm
+        ones, whose norm divides the residual stream itself, every earlier component at once)."""
+        return all(self.placement(ctx, layer) in ("pre", "peri") for layer in range(ctx.n_layers))
+
     def residual_is_sum(self, ctx: "NormContext") -> bool:
         """True when resid_post of the last block is embed + pos_embed + every sub-layer output."""
         return all(self.placement(ctx, layer) == "pre" for layer in range(ctx.n_layers))

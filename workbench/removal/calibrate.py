@@ -23,12 +23,12 @@ from .method import percentile
 
 @torch.no_grad()
 def calibrate(adapter, norm: Norm, batch: Int[Tensor, "batch pos"], positions: SpecialPositions,
-              chunk: int | None = None, statistic: str = "rms") -> dict[str, float | None]:
+              chunk: int | None = None, statistic: str = "rms") -> dict[str, Any]:
     """σ from the live per-token scale s_t: over ordinary positions sqrt(mean s_t²) ("rms"), median s_t
     ("median") or a percentile ("qNN"); BOS and EOT positions pooled separately (always rms). Under a
-    process group every rank contributes its share of the batch and all get the same σ."""
-    stats = torch.zeros(3, 2, dtype=torch.float64, device=batch.device)
-    ordinary_scales: list[Tensor] = []
+    process group every rank contributes its share of the batch and all get the same σ. A per-head norm
+    (QK-norm, ``hook_scale`` [batch, pos, head, 1]) gets one σ per head: each value is then a list."""
+    stats, ordinary_scales = None, []
     for part in batch.split(chunk or len(batch)):
         captured: list[Tensor] = []
         norm.hook_scale.add_hook(lambda act, hook: captured.append(act.detach().float()))
@@ -37,14 +37,18 @@ def calibrate(adapter, norm: Norm, batch: Int[Tensor, "batch pos"], positions: S
             adapter.net(part)
         finally:
             norm.hook_scale.remove_hooks("fwd")
-        s = captured[0].expand(*part.shape, 1)
+        s = captured[0].expand(*part.shape, *captured[0].shape[2:]).reshape(*part.shape, -1)  # [batch, pos, head]
         masks = (positions.ordinary(), positions.bos, positions.eot)
-        stats += torch.stack([torch.stack([(s.pow(2) * m).sum(), m.sum().float()]) for m in masks]).double()
-        ordinary_scales.append(s[masks[0]].double().cpu())
+        part_stats = torch.stack([torch.stack([(s.pow(2) * m).sum((0, 1)), m.sum().float().expand(s.shape[-1])])
+                                  for m in masks]).double()  # [3, 2, head]
+        stats = part_stats if stats is None else stats + part_stats
+        ordinary_scales.append(s[masks[0].squeeze(-1)].double().cpu())  # [n, head]
     world = current().world
     if world > 1:
         dist.all_reduce(stats)
-    out = {k: (math.sqrt(s / n) if n > 0 else None) for k, (s, n) in zip(("sigma", "sigma_bos", "sigma_eot"), stats.tolist())}
+    names = ("sigma", "sigma_bos", "sigma_eot")
+    out = {k: _per_head([math.sqrt(s / n) if n > 0 else None for s, n in zip(*pair.tolist())])
+           for k, pair in zip(names, stats)}
     if statistic != "rms":
         local = torch.cat(ordinary_scales)
         if world > 1:
@@ -52,14 +56,22 @@ def calibrate(adapter, norm: Norm, batch: Int[Tensor, "batch pos"], positions: S
             dist.all_gather_object(everyone, local)
             local = torch.cat(everyone)
         q = percentile(statistic)
-        value = local.median().item() if q is None else torch.quantile(local, q / 100).item()
-        out["sigma_rms"], out["sigma"] = out["sigma"], value
+        value = local.median(0).values if q is None else torch.quantile(local, q / 100, dim=0)
+        out["sigma_rms"], out["sigma"] = out["sigma"], _per_head(value.tolist())
     return out
+
+
+def _per_head(values: list[float | None]) -> float | list[float] | None:
+    """One σ as a float (one per token), several as a list (one per head); None where no position counted."""
+    if any(v is None for v in values):
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def finite(entry: dict[str, Any]) -> bool:
     """Whether every σ of a calibration is a finite number (None: no such positions)."""
-    return all(math.isfinite(v) for k, v in entry.items() if k.startswith("sigma") and v is not None)
+    values = [v for k, v in entry.items() if k.startswith("sigma") and v is not None]
+    return all(math.isfinite(x) for v in values for x in (v if isinstance(v, list) else [v]))
 
 
 def freeze(norm: Norm, entry: dict[str, Any], positions: SpecialPositions | None, ema: float = 0.0,

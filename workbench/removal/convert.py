@@ -60,6 +60,12 @@ def convert(model: GPT, to: str) -> GPT:
     if to not in TARGETS:
         raise WorkbenchError(f"unknown conversion target {to!r}; choose one of: {', '.join(TARGETS)}")
     cfg = model.cfg
+    if cfg.qk_norm is not None:
+        raise WorkbenchError("convert cannot fold QK-norm gains (blocks.*.attn.q_norm / k_norm): each norm divides by the "
+                             "RMS of the very projection a gain would be folded into; only a frozen QK-norm folds")
+    if any(b.placement == "peri" for b in model.blocks):
+        raise WorkbenchError("convert cannot fold live norms on sub-layer outputs (ln1_post / ln2_post): their gains fold "
+                             "into W_O / W_out only once their scale is frozen — `workbench remove-ln` does that and folds them")
     if not _convertible(model):
         raise WorkbenchError(
             f"convert needs a Pre-LN model (pre-ln, lns or a GPT-2 checkpoint), not {cfg.norm!r}"

@@ -16,17 +16,18 @@ from ..model.fold import fold_norms
 from ..tokenizer import EOT
 from .schedule import NormSite, standard_schedule
 
-SUPPORTED = "pre-ln, lns, pre-rms, pre-crms, srms and the Pre-LN blocks of mix-ln"
+SUPPORTED = ("pre-ln, lns, pre-rms, pre-crms, srms, the Pre-LN blocks of mix-ln and sandwich blocks (peri-ln, "
+             "peri-rms, post-sub: Gemma, OLMo 2)")
+# Blocks whose every norm one frozen scale can stand in for: norms on sub-layer inputs and outputs, not on
+# the residual stream itself (Post-norm).
+REMOVABLE = ("pre", "peri")
 
 
 def check_removable(cfg: ModelConfig) -> None:
     """Refuse, in one line, every model whose norms remove-ln cannot freeze."""
     if cfg.scheme.pre_norm_free(cfg.norm_context):
         raise WorkbenchError(f"the model is already LayerNorm-free (norm {cfg.norm!r}); there is nothing to remove")
-    if cfg.qk_norm is not None:
-        raise WorkbenchError(f"remove-ln does not remove QK-norms yet (blocks.*.attn.q_norm / k_norm, qk_norm="
-                             f"{cfg.qk_norm!r}); supported: {SUPPORTED}")
-    pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) == "pre"]
+    pre = [layer for layer in range(cfg.n_layers) if cfg.scheme.placement(cfg.norm_context, layer) in REMOVABLE]
     if not pre:
         raise WorkbenchError(
             f"remove-ln needs a Pre-norm model; {cfg.norm!r}: {cfg.scheme.why_not_a_sum(cfg.norm_context)}, "
@@ -51,22 +52,31 @@ class GPTRemoval:
         net = copy.deepcopy(model)
         net.cfg = dataclasses.replace(model.cfg, split_ln1_v=True, split_ln2_up=split_mlp)
         for block in net.blocks:
-            if block.placement == "pre" and block.ln1_v is None:
+            if block.placement in REMOVABLE and block.ln1_v is None:
                 block.ln1_v = copy.deepcopy(block.ln1)
-            if split_mlp and block.placement == "pre" and block.ln2_up is None:
+            if split_mlp and block.placement in REMOVABLE and block.ln2_up is None:
                 block.ln2_up = copy.deepcopy(block.ln2)
         net.setup()  # register the new hook points
         self.net = net
         self.tokenizer = model.tokenizer
         self.eot_id = model.tokenizer.token_to_id(EOT) if model.tokenizer is not None else None
         self.n_ctx = n_ctx or model.cfg.n_ctx  # the fine-tuning window
-        pre = [b for b in net.blocks if b.placement == "pre"]
+        pre = [b for b in net.blocks if b.placement in REMOVABLE]
+        peri = [b for b in pre if b.placement == "peri"]
+
+        def sites(name: str, kind: str = "other", blocks=pre) -> list[NormSite]:
+            # an identity (OLMo 2's missing pre-norms) has no scale to freeze
+            found = [NormSite(f"blocks.{b.layer}.{name}", b.get_submodule(name), kind) for b in blocks]
+            return [s for s in found if not s.norm.standardize.is_identity]
+
+        qk = [b for b in pre if b.attn.q_norm is not None]
+
         self.sites = standard_schedule(
-            ln2=[NormSite(f"blocks.{b.layer}.ln2", b.ln2, "mlp") for b in pre],
-            ln1_qk=[NormSite(f"blocks.{b.layer}.ln1", b.ln1) for b in pre],
-            ln1_v=[NormSite(f"blocks.{b.layer}.ln1_v", b.ln1_v) for b in pre],
+            ln2=sites("ln2", "mlp"), ln1_qk=sites("ln1"), ln1_v=sites("ln1_v"),
             final=NormSite("ln_final", net.ln_final),
-            ln2_up=[NormSite(f"blocks.{b.layer}.ln2_up", b.ln2_up, "mlp") for b in pre] if split_mlp else None,
+            ln2_up=sites("ln2_up", "mlp") if split_mlp else None,
+            post=sites("ln2_post", blocks=peri) + sites("ln1_post", blocks=peri),
+            qk=sites("attn.q_norm", "qk", qk) + sites("attn.k_norm", "qk", qk),
         )
         self.final_norm: Norm = net.ln_final
 

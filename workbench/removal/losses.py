@@ -155,7 +155,8 @@ class LossWatch:
         self.mlp_scales: list[Tensor] = []
         self.handles = [adapter.final_norm.register_forward_pre_hook(self._final)]
         if scale > 0:
-            self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites]
+            # per token and residual-wide: a QK-norm's per-head scales are not spread over positions alike
+            self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites if s.kind != "qk"]
         if mlp > 0:
             self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
 
