@@ -15,6 +15,7 @@ pages = [
     st.Page("dashboard/depth.py", title="Depth", url_path="depth"),
     st.Page("dashboard/removal.py", title="LayerNorm removal", url_path="removal"),
     st.Page("dashboard/attribution.py", title="Attribution", url_path="attribution"),
+    st.Page("dashboard/norms.py", title="Norms on a prompt", url_path="norms"),
     st.Page("dashboard/languages.py", title="Language Ranker", url_path="languages"),
 ]
 st.navigation(pages).run()

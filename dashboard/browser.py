@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = {"overview": "Normalization in transformers", "zoo": "Normalization zoo", "depth": "Depth diagnostics",
-          "removal": "LayerNorm removal", "attribution": "Direct logit attribution", "languages": "Language Ranker"}
+          "removal": "LayerNorm removal", "attribution": "Direct logit attribution", "norms": "Norms on a prompt",
+          "languages": "Language Ranker"}
 PATHS = {"overview": ""}  # the main page is "/"; every other page is at /NAME
 # Anything a reader should not meet on a page: a traceback, an error or warning box, a dialog (Streamlit's
 # "Page not found — running the app's main page" is a dialog over an otherwise normal page).

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 from workbench.demo import DemoConfig, read_manifest, run_demo
 
-PAGES = ["overview", "zoo", "depth", "removal", "attribution", "languages"]
+PAGES = ["overview", "zoo", "depth", "removal", "attribution", "norms", "languages"]
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 
 
@@ -238,7 +238,7 @@ def test_pages_take_any_model_spec(results, llama_dir):
 def test_pages_name_the_command_when_results_are_missing(tmp_path, monkeypatch):
     """No zoo and no results: every page says to train the zoo, which is what the others start from."""
     monkeypatch.chdir(tmp_path)  # no zoo/tiny here either
-    for name in ("zoo", "depth", "removal", "attribution", "languages"):
+    for name in ("zoo", "depth", "removal", "attribution", "norms", "languages"):
         at = page(name, tmp_path)
         assert at.info and "workbench zoo --preset tiny" in at.info[0].value, name
 

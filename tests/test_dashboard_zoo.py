@@ -160,7 +160,7 @@ def test_a_damaged_zoo_member_is_one_line_on_every_page(fresh, zoo, tmp_path, mo
     shutil.copytree(zoo / "pre-ln", damaged / "pre-ln")
     (damaged / "pre-ln" / "summary.json").write_text("{cut short")
     monkeypatch.setenv("WORKBENCH_ZOO", str(damaged))
-    for name in ("zoo", "depth", "removal", "attribution", "languages"):
+    for name in ("zoo", "depth", "removal", "attribution", "norms", "languages"):
         at = page(name)
         assert at.error and "corrupt" in at.error[0].value and "\n" not in at.error[0].value, name
 

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    ns = sub.add_parser("norm-scales", help="every norm site's scale at every token of a prompt")
+    ns.add_argument("model", help="run directory, Hugging Face directory, smollm2 or hf:NAME")
+    ns.add_argument("--prompt", required=True)
+    ns.add_argument("--json", action="store_true", help="print the tidy table as JSON records instead")
+
     pa = sub.add_parser("patch", help="activation and attribution patching on a clean/corrupted pair")
     pa.add_argument("model")
     pa.add_argument("--clean", required=True)
@@ -209,6 +214,15 @@ def _cmd_dla(args) -> int:
     return 0
 
 
+def _cmd_norm_scales(args) -> int:
+    from .analysis.norm_sites import format_norm_scales, norm_scales
+    from .loader import load
+
+    table = norm_scales(load(args.model), args.prompt)
+    print(table.to_json(orient="records", indent=1, double_precision=15) if args.json else format_norm_scales(table))
+    return 0
+
+
 def _cmd_patch(args) -> int:
     from .analysis.patching import format_patching, patching
     from .loader import load
@@ -293,6 +307,7 @@ def _cmd_compare(args) -> int:
 
 
 COMMANDS = {"norms": _cmd_norms, "train": _cmd_train, "zoo": _cmd_zoo, "dla": _cmd_dla, "patch": _cmd_patch,
+            "norm-scales": _cmd_norm_scales,
             "confidence": _cmd_confidence, "diagnose": _cmd_diagnose, "compare": _cmd_compare,
             "fetch": _cmd_fetch, "study": _cmd_study, "demo": _cmd_demo, **REMOVAL_COMMANDS, **LANGUAGE_COMMANDS}
 

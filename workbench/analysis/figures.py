@@ -69,3 +69,49 @@ def attribution_vs_activation(table: pd.DataFrame) -> go.Figure:
     fig.update_layout(xaxis_title="activation patching", yaxis_title="attribution patching",
                       title="Attribution vs activation patching", template="plotly_white")
     return fig
+
+
+def _token_labels(table: pd.DataFrame) -> list[str]:
+    """``pos: 'token'`` for each position of a per-token table, in order (the position keeps repeats apart)."""
+    first = table.dropna(subset=["pos"]).drop_duplicates("pos").sort_values("pos")
+    return [f"{int(p)}: {t!r}" for p, t in zip(first.pos, first.token)]
+
+
+def norm_scale_map(table: pd.DataFrame, kind: str) -> go.Figure:
+    """Sites of one kind × tokens (a ``norm_scales`` table): each scale relative to its site's median over the
+    prompt, on a log₂ colour scale centred on 1 so that a token divided by 8× or by ⅛ of the usual stands out alike."""
+    t = table[(table.kind == kind) & table.skipped.isna()]
+    row = np.where(t.layer.isna(), "final", "L" + t.layer.astype(str))
+    row = np.where(t["head"].isna(), row, row + " H" + t["head"].astype(str))
+    t = t.assign(row=row)
+    order = list(dict.fromkeys(t.row))  # the model's own order: by layer, then head
+    relative = t.pivot(index="row", columns="pos", values="relative").reindex(order)
+    scale = t.pivot(index="row", columns="pos", values="scale").reindex(order)
+    z = np.log2(relative.to_numpy(dtype=float))
+    lim = max(1.0, float(np.ceil(np.nanmax(np.abs(z))))) if np.isfinite(z).any() else 1.0
+    ticks = np.arange(-lim, lim + 1)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=_token_labels(t), y=order, colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
+        customdata=np.dstack([scale.to_numpy(dtype=float), relative.to_numpy(dtype=float)]),
+        hovertemplate="%{y} · %{x}<br>scale %{customdata[0]:.4g}<br>× median %{customdata[1]:.3g}<extra></extra>",
+        colorbar={"title": "× median", "tickvals": ticks, "ticktext": [f"{2.0 ** k:g}" for k in ticks]}))
+    fig.update_layout(title=f"{kind}: scale relative to the site's median over the prompt", template="plotly_white",
+                      yaxis_autorange="reversed", height=max(260, 120 + 22 * len(order)))
+    return fig
+
+
+def logit_lens_map(table: pd.DataFrame, method: str, value: str = "top_prob") -> go.Figure:
+    """Layer × token map of one lens method (a ``logit_lens`` table): ``value`` as colour, the top token
+    written in each cell. The colour range spans every method of the table, so side-by-side maps compare."""
+    t = table[table.method == method]
+    grid = t.pivot(index="layer", columns="pos", values=value)
+    # repr: a leading space, a newline or an HTML-like special token (<|endoftext|>) stays visible as written.
+    text = t.pivot(index="layer", columns="pos", values="top_token").reindex(index=grid.index).map(repr)
+    lo, hi = float(np.nanmin(table[value])), float(np.nanmax(table[value]))
+    y = ["embed" if int(l) == 0 else f"block {int(l) - 1}" for l in grid.index]
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(dtype=float), x=_token_labels(t), y=y, text=text.to_numpy(),
+                               texttemplate="%{text}", colorscale="Viridis", zmin=lo, zmax=hi,
+                               hovertemplate="%{y} · %{x}<br>top %{text}<br>%{z:.3g}<extra></extra>"))
+    fig.update_layout(title=f"Logit lens, ln_final {method}: {value.replace('_', ' ')}", template="plotly_white",
+                      yaxis_title="residual after", height=max(300, 120 + 26 * len(y)))
+    return fig
