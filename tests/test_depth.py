@@ -93,6 +93,38 @@ def test_scales_updates_and_every_angular_distance_equal_direct_computation(norm
         assert r["angular_distance"][str(n)] == pytest.approx(expected, rel=1e-5)
 
 
+def test_sandwich_and_qk_norm_scales_equal_direct_computation():
+    """A sandwich block's output norms from the sub-layer outputs rebuilt from the cache (Σ z·W_O + b_O and
+    the MLP's post-activation · W_out + b_out), the QK-norms from each head's projection of ln1's output;
+    absent sites are not reported."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(norm="peri-rms", qk_norm="head", n_key_value_heads=2, **CFG)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    bs = batches()
+    r = residual_statistics(m, bs)
+    caches = [m.run_with_cache(t)[1] for t in bs]
+    cat = lambda name: torch.cat([c[name] for c in caches]).double()  # noqa: E731
+
+    def rms(x):
+        return (x.pow(2).mean(-1) + m.cfg.eps).sqrt().mean().item()
+
+    with torch.no_grad():
+        for l, b in enumerate(m.blocks):
+            rec = r["layers"][l]
+            attn = torch.einsum("bphd,hdm->bpm", cat(f"blocks.{l}.attn.hook_z"), b.attn.W_O.double()) + b.attn.b_O
+            assert rec["ln1_post_scale"] == pytest.approx(rms(attn), rel=1e-5)
+            mlp = cat(f"blocks.{l}.mlp.hook_post") @ b.mlp.W_out.double() + b.mlp.b_out
+            assert rec["ln2_post_scale"] == pytest.approx(rms(mlp), rel=1e-5)
+            x = cat(f"blocks.{l}.ln1.hook_normalized") * b.ln1.affine.w.double()
+            for name, W, bias in (("q_norm", b.attn.W_Q, b.attn.b_Q), ("k_norm", b.attn.W_K, b.attn.b_K)):
+                proj = torch.einsum("bpm,hmd->bphd", x, W.double()) + bias.double()
+                assert rec[f"{name}_scale"] == pytest.approx(rms(proj), rel=1e-5), (l, name)
+    plain = residual_statistics(model("pre-ln"), bs)["layers"][0]
+    assert not any(k in plain for k in ("ln1_post_scale", "q_norm_scale"))
+
+
 def test_massive_activation_dimension_is_found():
     """Plant a huge value in one residual dimension at position 0: it must be reported."""
     m = model()

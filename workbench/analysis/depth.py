@@ -50,7 +50,7 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
     names = _resid_names(model)
     L = model.cfg.n_layers
     layers = [_Layer() for _ in names]
-    scales = {f"{site}": [Welford() for _ in range(L)] for site in ("ln1", "ln2")}
+    scales = {site: [Welford() for _ in range(L)] for site in norm_sites(model)}
     final_scale = Welford()
     update = [Welford() for _ in range(L)]
     angular = {n: [Welford() for _ in range(L + 1 - n)] for n in sorted({1, far})}
@@ -108,14 +108,27 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
             "resid_rms": math.sqrt(s.var_all.var + s.var_all.mean ** 2),
             "resid_rms_pos1": math.sqrt(s.var_rest.var + s.var_rest.mean ** 2),
             "resid_var_median_token": s.token_var.quantile(0.5), "resid_rms_median_token": med_rms,
-            "ln1_scale": scales["ln1"][i].mean if i < L else None,
-            "ln2_scale": scales["ln2"][i].mean if i < L else None,
+            **{f"{site.removeprefix('attn.')}_scale": acc[i].mean if i < L else None for site, acc in scales.items()},
             "ln_final_scale": final_scale.mean if i == L else None,
             "block_update_ratio": update[i].mean if i < L else None,
             "massive_dims": massive,
         })
     out["angular_distance"] = {str(n): [a.mean for a in accs] for n, accs in angular.items()}
     return out
+
+
+# Every norm site a block may have: its input norms, a sandwich block's output norms, QK-norms (whose
+# per-head scales are averaged over heads as over tokens).
+BLOCK_SITES = ("ln1", "ln2", "ln1_post", "ln2_post", "attn.q_norm", "attn.k_norm")
+
+
+def norm_sites(model: GPT) -> list[str]:
+    """The block-level norm sites ``model`` has (``ln1`` and ``ln2`` always: identities report scale 1)."""
+    def has(site: str) -> bool:
+        owner, _, name = site.rpartition(".")
+        return getattr(model.blocks[0].get_submodule(owner), name, None) is not None
+
+    return [s for s in BLOCK_SITES if has(s)]
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.")
