@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.common import catalog, load_csv, load_model, missing
+from dashboard.common import catalog, choose_model, load_csv
 from workbench.analysis.display import ATTRIBUTION, COMPONENTS, worded
 from workbench.analysis.dla import direct_logit_attribution, top_tokens
 from workbench.analysis.figures import dla_bars, head_grid
@@ -13,28 +13,12 @@ from workbench.errors import WorkbenchError
 
 st.title("Direct logit attribution")
 cat = catalog()
-models = dict(cat.models)  # the zoo's members, then the demo's models
-# ?model=SPEC in the address opens the page on that model (a link to share, or a test to drive).
-custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
-                       value=st.query_params.get("model", ""), key="attribution_spec")
-if custom:
-    models[custom] = custom
 report = cat.manifest.get("attribution")
 if report and Path(report).is_file():
     with st.expander("Across models: DLA error on the bundled prompts, patching agreement, confidence neurons"):
         st.dataframe(worded(load_csv(report), ATTRIBUTION), width="stretch", hide_index=True)
-if not models:
-    missing(f"No models in `{cat.zoo}`, and none typed above.", f"workbench zoo --preset tiny --out {cat.zoo}")
-
-names = list(models)
 # Pre-LN first where there is one: DLA is defined for it (a Post-LN model's is not; it gets one line).
-index = names.index(custom) if custom else names.index("pre-ln") if "pre-ln" in names else 0
-name = st.selectbox("Model", names, index=index)
-try:
-    model = load_model(models[name])
-except WorkbenchError as e:
-    st.error(str(e))
-    st.stop()
+name, model = choose_model(cat, "attribution")
 default = load_prompts()[0]
 prompt = st.text_input("Prompt", value=default.prompt)
 try:

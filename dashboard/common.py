@@ -11,6 +11,7 @@ import streamlit as st
 
 from workbench.catalog import Catalog, discover, read_result
 from workbench.demo import DEFAULT_RESULTS, dashboard_command
+from workbench.errors import WorkbenchError
 
 
 def _argv(flag: str) -> str | None:
@@ -98,6 +99,27 @@ def diagnose_spec(spec: str, tokens: int) -> dict:
     from workbench.analysis.depth import diagnose
 
     return diagnose(load_model(spec), tokens=tokens, batch_size=1, grad_batches=1, model_id=spec)
+
+
+def choose_model(cat: Catalog, key: str):
+    """The page's model: one of the catalog's, or any spec typed in (``?model=SPEC`` in the address opens the
+    page on it: a link to share, or a test to drive); Pre-LN first where there is one. Returns (label, model);
+    a model that cannot be loaded is one line on the page, which stops."""
+    models = dict(cat.models)  # the zoo's members, then the demo's models
+    custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
+                           value=st.query_params.get("model", ""), key=f"{key}_spec")
+    if custom:
+        models[custom] = custom
+    if not models:
+        missing(f"No models in `{cat.zoo}`, and none typed above.", f"workbench zoo --preset tiny --out {cat.zoo}")
+    names = list(models)
+    index = names.index(custom) if custom else names.index("pre-ln") if "pre-ln" in names else 0
+    name = st.selectbox("Model", names, index=index)
+    try:
+        return name, load_model(models[name])
+    except WorkbenchError as e:
+        st.error(str(e))
+        st.stop()
 
 
 def missing(what: str, command: str) -> None:

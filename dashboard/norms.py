@@ -3,7 +3,7 @@ on each layer's residual beside the last layer's scale frozen onto it."""
 
 import streamlit as st
 
-from dashboard.common import catalog, load_model, missing
+from dashboard.common import catalog, choose_model
 from workbench.analysis.figures import logit_lens_map, norm_scale_map
 from workbench.analysis.norm_sites import (LENS_VALUES, NO_FROZEN, lens_side_by_side, logit_lens, norm_scales,
                                            prompt_tokens)
@@ -12,23 +12,7 @@ from workbench.errors import WorkbenchError
 
 st.title("Norms on a prompt")
 cat = catalog()
-models = dict(cat.models)  # the zoo's members, then the demo's models
-# ?model=SPEC in the address opens the page on that model (a link to share, or a test to drive).
-custom = st.text_input("Or any model (run directory, Hugging Face directory, smollm2 or hf:NAME)",
-                       value=st.query_params.get("model", ""), key="norms_spec")
-if custom:
-    models[custom] = custom
-if not models:
-    missing(f"No models in `{cat.zoo}`, and none typed above.", f"workbench zoo --preset tiny --out {cat.zoo}")
-
-names = list(models)
-index = names.index(custom) if custom else names.index("pre-ln") if "pre-ln" in names else 0
-name = st.selectbox("Model", names, index=index)
-try:
-    model = load_model(models[name])
-except WorkbenchError as e:
-    st.error(str(e))
-    st.stop()
+name, model = choose_model(cat, "norms")
 c1, c2 = st.columns([3, 1])
 prompt = c1.text_input("Prompt", value=load_prompts()[0].prompt, key="norms_prompt")
 answer = c2.text_input("Answer token (optional)", value="", key="norms_answer",

@@ -147,3 +147,25 @@ def hf_dirs(tmp_path_factory, tiny_corpus):
 @pytest.fixture(scope="session")
 def llama_dir(hf_dirs):
     return hf_dirs["llama"]
+
+
+def every_analysis_runs(m) -> None:
+    """Patching (its first-layer residual patch equals the whole clean − corrupt difference), confidence
+    neurons and diagnose on a loaded model: what a family test asks of every analysis beyond DLA."""
+    import pytest
+
+    from workbench.analysis.confidence import confidence_neurons
+    from workbench.analysis.depth import diagnose
+    from workbench.analysis.patching import patching
+
+    clean = m.to_tokens("And God said unto the")
+    corrupt = clean.clone()
+    corrupt[0, 3] = (clean[0, 3] + 7) % m.cfg.d_vocab
+    r = patching(m, clean, corrupt, " the", " and")
+    resid0 = r.table[(r.table.kind == "resid") & (r.table.layer == 0)]
+    assert resid0[resid0.pos == 3].activation.item() == pytest.approx(r.clean_metric - r.corrupt_metric, abs=1e-4)
+    tokens = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(0))
+    c = confidence_neurons(m, tokens)
+    assert len(c) == 10 and c.null_share.between(0, 1).all()
+    d = diagnose(m, corpus="english", tokens=256, grad_batches=1)
+    assert len(d["residual"]["layers"]) == m.cfg.n_layers + 1 and d["val_ce"] > 0

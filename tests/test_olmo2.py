@@ -15,7 +15,7 @@ import torch
 from einops import einsum
 
 import workbench
-from conftest import TINY_MODEL, rel_err, save_run, scale_weights
+from conftest import TINY_MODEL, every_analysis_runs, rel_err, save_run, scale_weights
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -216,21 +216,7 @@ def test_what_cannot_take_olmo2_refuses_in_one_line(olmo2_dirs, tmp_path, capsys
 
 
 def test_every_analysis_runs_on_olmo2(olmo2_dirs):
-    from workbench.analysis.confidence import confidence_neurons
-    from workbench.analysis.depth import diagnose
-    from workbench.analysis.patching import patching
-
-    m = workbench.load(olmo2_dirs["olmo2"])
-    clean = m.to_tokens("And God said unto the")
-    corrupt = clean.clone()
-    corrupt[0, 3] = (clean[0, 3] + 7) % m.cfg.d_vocab
-    r = patching(m, clean, corrupt, " the", " and")
-    resid0 = r.table[(r.table.kind == "resid") & (r.table.layer == 0)]
-    assert resid0[resid0.pos == 3].activation.item() == pytest.approx(r.clean_metric - r.corrupt_metric, abs=1e-4)
-    c = confidence_neurons(m, _tokens(16, seed=0))
-    assert len(c) == 10 and c.null_share.between(0, 1).all()
-    d = diagnose(m, corpus="english", tokens=256, grad_batches=1)
-    assert len(d["residual"]["layers"]) == m.cfg.n_layers + 1 and d["val_ce"] > 0
+    every_analysis_runs(workbench.load(olmo2_dirs["olmo2"]))
 
 
 def test_remove_ln_takes_the_output_norms_and_the_whole_projection_qk_norms(olmo2_dirs, tmp_path, tiny_corpus):
