@@ -111,9 +111,11 @@ def _visit(driver, url: str, title: str, compute: bool) -> dict:
 
 def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, chromedriver: str, port: int,
                      profile: Path, width: int = 1400, height: int = 1800, model: str | None = None,
-                     zoo: Path | None = None, compute: bool = False) -> dict[str, dict]:
+                     zoo: Path | None = None, compute: bool = False,
+                     visits: list[tuple[str, str, str]] = ()) -> dict[str, dict]:
     """Load every page at its own address (and, with ``model``, the pages that take one — Attribution,
-    Depth — opened on it through ``?model=SPEC``, reported as ``NAME?model``); screenshot each; report
+    Depth, Norms — opened on it through ``?model=SPEC``, reported as ``NAME?model``; ``visits``: more
+    (key, page, spec) to open the same way); screenshot each; report
     ``title_found``, ``errors`` (see ERRORS), ``computed`` (its Compute button was clicked: ``compute``)
     and ``offers`` (a Compute button is still there)."""
     from selenium import webdriver
@@ -128,11 +130,12 @@ def screenshot_pages(results: Path, out: Path, pages: list[str], chromium: str, 
     driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
     report = {}
     try:
-        visits = [(name, name, "") for name in pages]
+        opened = [(name, name, "") for name in pages]
         if model is not None:
-            query = "?" + urllib.parse.urlencode({"model": model})
-            visits += [(f"{name}?model", name, query) for name in ("attribution", "depth") if name in pages]
-        for key, name, query in visits:
+            opened += [(f"{name}?model", name, model) for name in ("attribution", "depth", "norms") if name in pages]
+        opened += list(visits)
+        for key, name, spec in opened:
+            query = "?" + urllib.parse.urlencode({"model": spec}) if spec else ""
             url = f"http://127.0.0.1:{port}/{PATHS.get(name, name)}{query}"
             report[key] = _visit(driver, url, TITLES[name], compute)
             driver.save_screenshot(str(out / f"{key.replace('?', '-')}.png"))

@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,24 @@ def hf_dirs(tmp_path_factory, tiny_corpus):
 @pytest.fixture(scope="session")
 def llama_dir(hf_dirs):
     return hf_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory, hf_dirs):
+    """A tiny random Gemma 2 directory (tests/test_gemma.py's config: sandwich norms, soft-caps, sliding
+    windows), with the tests' tokenizer: for the pages and analyses that take any model."""
+    from transformers import AutoModelForCausalLM
+
+    from test_gemma import SEED, _hf_config
+
+    d = tmp_path_factory.mktemp("gemma2_dir")
+    torch.manual_seed(SEED)
+    hf = AutoModelForCausalLM.from_config(_hf_config("gemma2"))
+    scale_weights(hf, seed=SEED)
+    hf.save_pretrained(d)
+    for f in hf_dirs["llama"].glob("tokenizer*"):
+        shutil.copy(f, d / f.name)
+    return d
 
 
 def every_analysis_runs(m) -> None:

@@ -259,14 +259,15 @@ def _chromium():
     return exe, driver
 
 
-def test_every_page_in_headless_chromium(results, tmp_path, llama_dir):
-    """Every page, plus Attribution and Depth opened on a Hugging Face Llama directory (?model=DIR)."""
+def test_every_page_in_headless_chromium(results, tmp_path, llama_dir, gemma2_dir):
+    """Every page, plus Attribution, Depth and Norms opened on a Hugging Face Llama directory (?model=DIR),
+    and Norms on a tiny Gemma 2 directory (its sandwich post-norms and soft-capped lens)."""
     from dashboard.browser import screenshot_pages
 
     exe, driver = _chromium()
     shots = screenshot_pages(results, ARTIFACTS, PAGES, exe, driver, port=_free_port(), profile=tmp_path / "profile",
-                             model=str(llama_dir))
-    assert set(shots) == set(PAGES) | {"attribution?model", "depth?model"}
+                             model=str(llama_dir), visits=[("norms?gemma2", "norms", str(gemma2_dir))])
+    assert set(shots) == set(PAGES) | {"attribution?model", "depth?model", "norms?model", "norms?gemma2"}
     for name in shots:
         assert shots[name]["errors"] == [], (name, shots[name]["errors"])
         assert shots[name]["title_found"], name

@@ -15,7 +15,7 @@ from einops import einsum
 from streamlit.testing.v1 import AppTest
 
 import workbench
-from conftest import ROOT, TINY_MODEL, save_run, scale_gpt, scale_weights
+from conftest import ROOT, TINY_MODEL, save_run, scale_gpt
 from workbench.analysis.norm_sites import lens_side_by_side, logit_lens, norm_scales
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -188,18 +188,8 @@ def test_logit_lens_is_recomputed_only_where_ln_final_has_no_per_token_scale(tok
 # --- a tiny Gemma 2 directory --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory, tok):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from test_gemma import SEED, _hf_config
-
-    d = tmp_path_factory.mktemp("gemma2")
-    torch.manual_seed(SEED)
-    hf = AutoModelForCausalLM.from_config(_hf_config("gemma2"))
-    scale_weights(hf, seed=SEED)
-    hf.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(d)
-    return d
+def gemma_dir(gemma2_dir):
+    return gemma2_dir
 
 
 def test_gemma2_post_norm_sites_and_a_soft_capped_lens(gemma_dir):
