@@ -88,3 +88,32 @@ def test_qwen3_variants_and_folding_a_live_qk_norm_are_refused_in_one_line(hf_di
     assert main(["convert", str(hf_dirs["qwen3"]), "--to", "folded", "--out", str(tmp_path / "conv")]) == 2
     err = capsys.readouterr().err.strip()
     assert "convert cannot fold QK-norm gains" in err and "\n" not in err and not (tmp_path / "conv").exists()
+
+
+def test_qwen3_exports_to_stock_qwen3_live_and_after_removal(hf_dirs, tmp_path, tiny_corpus):
+    """A live Qwen3 round-trips through a stock Qwen3ForCausalLM directory; its removal (QK-norms included,
+    one σ per head) is written as one too — q/k norms as identities — and read back norm-free, DLA exact."""
+    from transformers import Qwen3ForCausalLM
+
+    from workbench.analysis.dla import direct_logit_attribution
+    from workbench.loader import export
+    from workbench.removal import RemovalConfig, is_norm_free, remove_ln
+
+    m = workbench.load(hf_dirs["qwen3"])
+    report = export(m, tmp_path / "live")
+    stock = Qwen3ForCausalLM.from_pretrained(tmp_path / "live").eval()
+    t = torch.randint(0, m.cfg.d_vocab, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (stock(input_ids=t).logits - m(t)).abs().max().item() <= 1e-4 * m(t).abs().max().item()
+    assert report["architecture"] == "Qwen3ForCausalLM" and not report["ln_free"]
+
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                          dtype="float32", control=False)
+    s = remove_ln(hf_dirs["qwen3"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    assert any(e["norm"].endswith("attn.q_norm") and isinstance(e["sigma"], list) for e in s["schedule"])
+    assert s["export"]["architecture"] == "Qwen3ForCausalLM" and s["export"]["max_abs_logit_diff"] <= 1e-4
+    assert s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)
+    back = workbench.load(tmp_path / "free")
+    assert is_norm_free(back) and back.cfg.qk_norm is None
+    r = direct_logit_attribution(back, "And God said", " the")
+    assert abs(r.dla_sum - r.logit) <= 1e-4 * max(1.0, abs(r.logit)) and r.nmae <= 1e-5

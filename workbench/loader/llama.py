@@ -119,44 +119,38 @@ def projections(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, 
     return new
 
 
-@torch.no_grad()
-def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> dict:
-    """Write ``model`` as a stock Llama (or Qwen2) directory; returns ``{"max_abs_logit_diff", ...}``, the
-    difference of the directory read back by transformers on ``check_tokens`` (``verify_export``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    from ..io import atomic_dir
-
-    cfg = model.cfg
-    qwen = cfg.family == "qwen2"
+def _exportable(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` is of its Llama-family shape: pre-rms or norm-free, SwiGLU, full unscaled rotary, full
+    attention, the family's biases, and QK-norm exactly where the family has it (Qwen3: per head)."""
+    qwen2, qwen3 = cfg.family == "qwen2", cfg.family == "qwen3"
     ln_free = cfg.scheme.stock == "identity"
-    ok = (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
-          and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and cfg.scheme.stock in ("rmsnorm", "identity") and cfg.qk_norm is None
-          and not cfg.rotary_scaling and stock_attention(cfg)
-          and not cfg.unembed_bias
-          and (cfg.qkv_bias, cfg.o_bias) in (((True, False),) if qwen else ((False, False), (True, True))))
-    if not ok:
-        raise WorkbenchError(f"this model is not of the {'Qwen2' if qwen else 'Llama'} family's shape (pre-rms or "
-                             "norm-free, SwiGLU, full unscaled rotary, full attention, no QK-norm, its biases); it cannot be exported as one")
-    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
-    eps = LN_FREE_EPS if ln_free else cfg.eps
-    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+    biases = ((True, False),) if qwen2 else ((False, False),) if qwen3 else ((False, False), (True, True))
+    qk_ok = cfg.qk_norm is None if not qwen3 else (cfg.qk_norm == "head" or (ln_free and cfg.qk_norm is None))
+    return (cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
+            and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up
+            and cfg.scheme.stock in ("rmsnorm", "identity") and qk_ok and not cfg.rotary_scaling
+            and stock_attention(cfg) and not cfg.unembed_bias and (cfg.qkv_bias, cfg.o_bias) in biases)
 
-    def norm_weight(norm) -> Tensor:
-        return torch.full((d,), gain) if ln_free else norm.affine.w.detach() if isinstance(norm.affine, Affine) else torch.ones(d)
+
+def _tensors(model: GPT, norm_weight) -> dict[str, Tensor]:
+    """The model's weights in the Llama family's names; ``norm_weight(norm, width)`` gives each norm's."""
+    cfg = model.cfg
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
 
     def heads_out(W: Tensor) -> Tensor:  # [n, d, d_head] → [n·d_head, d]
         return W.permute(0, 2, 1).reshape(-1, d)
 
-    sd = {"model.embed_tokens.weight": model.W_E, "model.norm.weight": norm_weight(model.ln_final),
+    sd = {"model.embed_tokens.weight": model.W_E, "model.norm.weight": norm_weight(model.ln_final, d),
           "lm_head.weight": model.W_U.T}
     for l, b in enumerate(model.blocks):
         p, a = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
-        sd.update({p + "input_layernorm.weight": norm_weight(b.ln1), p + "post_attention_layernorm.weight": norm_weight(b.ln2),
+        sd.update({p + "input_layernorm.weight": norm_weight(b.ln1, d), p + "post_attention_layernorm.weight": norm_weight(b.ln2, d),
                    a + "q_proj.weight": heads_out(b.attn.W_Q), a + "k_proj.weight": heads_out(b.attn.W_K),
                    a + "v_proj.weight": heads_out(b.attn.W_V), a + "o_proj.weight": b.attn.W_O.reshape(h * dh, d).T,
                    p + "mlp.gate_proj.weight": b.mlp.W_gate.T, p + "mlp.up_proj.weight": b.mlp.W_in.T,
                    p + "mlp.down_proj.weight": b.mlp.W_out.T})
+        if cfg.family == "qwen3":  # its per-head QK-norms; identities (a gain of √ε) once removed
+            sd.update({a + "q_norm.weight": norm_weight(b.attn.q_norm, dh), a + "k_norm.weight": norm_weight(b.attn.k_norm, dh)})
         if cfg.qkv_bias:
             sd.update({a + "q_proj.bias": b.attn.b_Q.reshape(-1), a + "k_proj.bias": b.attn.b_K.reshape(-1),
                        a + "v_proj.bias": b.attn.b_V.reshape(-1)})
@@ -165,16 +159,51 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
         if cfg.mlp_bias:
             sd.update({p + "mlp.gate_proj.bias": b.mlp.b_gate, p + "mlp.up_proj.bias": b.mlp.b_in,
                        p + "mlp.down_proj.bias": b.mlp.b_out})
+    return sd
+
+
+def _stock_class(cfg: ModelConfig, common: dict):
+    import transformers as tf
+
+    if cfg.family == "qwen2":
+        return tf.Qwen2Config(**common, use_sliding_window=False), tf.Qwen2ForCausalLM
+    if cfg.family == "qwen3":
+        return tf.Qwen3Config(**common, attention_bias=False, use_sliding_window=False), tf.Qwen3ForCausalLM
+    return tf.LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias), tf.LlamaForCausalLM
+
+
+@torch.no_grad()
+def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> dict:
+    """Write ``model`` as a stock Llama, Qwen2 or Qwen3 directory (its ``cfg.family``); returns
+    ``{"max_abs_logit_diff", ...}``, the difference of the directory read back by transformers on
+    ``check_tokens`` (``verify_export``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..io import atomic_dir
+
+    cfg = model.cfg
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(cfg.family, "Llama")
+    ln_free = cfg.scheme.stock == "identity"
+    if not _exportable(cfg):
+        raise WorkbenchError(f"this model is not of the {name} family's shape (pre-rms or norm-free, SwiGLU, full "
+                             "unscaled rotary, full attention, its QK-norm and biases); it cannot be exported as one")
+    eps = LN_FREE_EPS if ln_free else cfg.eps
+    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+
+    def norm_weight(norm, width: int) -> Tensor:
+        if ln_free:
+            return torch.full((width,), gain)
+        return norm.affine.w.detach() if isinstance(norm.affine, Affine) else torch.ones(width)
+
+    sd = _tensors(model, norm_weight)
     tok = model.tokenizer
     bos = tok.token_to_id(cfg.bos_token) if tok is not None else None
-    common = dict(vocab_size=cfg.d_vocab, hidden_size=d, intermediate_size=cfg.d_mlp, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=h, num_key_value_heads=kv, head_dim=dh, max_position_embeddings=cfg.n_ctx,
+    common = dict(vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.n_key_value_heads, head_dim=cfg.d_head, max_position_embeddings=cfg.n_ctx,
                   rms_norm_eps=eps, rope_theta=cfg.rotary_base, tie_word_embeddings=False, bos_token_id=bos,
                   eos_token_id=bos, hidden_act="silu")
-    if qwen:
-        hf_cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
-    else:
-        hf_cfg, cls = LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias), LlamaForCausalLM
+    hf_cfg, cls = _stock_class(cfg, common)
     if ln_free:
         setattr(hf_cfg, MARKER, True)
     hf = cls(hf_cfg).eval()
@@ -191,10 +220,10 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
 
 # Removal on these models: fine-tuning at 128-token windows with a small learning rate (pretrained models
 # fine-tune at a fraction of their peak rate); the LN-free model is written as a stock directory.
-_REMOVAL = {"lr": 2e-5, "n_ctx": 128}
+REMOVAL_DEFAULTS = {"lr": 2e-5, "n_ctx": 128}
 
 LLAMA = Family(name="llama", model_types=("llama",), config=lambda c: _config(c, qwen=False), weights=weights,
-               export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")
+               export=export_llama, finish=read_back_ln_free, removal_defaults=REMOVAL_DEFAULTS, removal_output="export")
 def _mistral_config(cfg: dict) -> dict:
     window = cfg.get("sliding_window")
     if window is not None and (not isinstance(window, int) or window < 1):
@@ -205,6 +234,6 @@ def _mistral_config(cfg: dict) -> dict:
 # Mistral: the Llama layout with sliding-window attention in every layer. No exporter (a stock Mistral
 # directory back) yet, so its removal writes a workbench run.
 MISTRAL = Family(name="mistral", model_types=("mistral",), config=_mistral_config, weights=weights,
-                 removal_defaults=_REMOVAL)
+                 removal_defaults=REMOVAL_DEFAULTS)
 QWEN2 = Family(name="qwen2", model_types=("qwen2",), config=lambda c: _config(c, qwen=True), weights=weights,
-               export=export_llama, finish=read_back_ln_free, removal_defaults=_REMOVAL, removal_output="export")
+               export=export_llama, finish=read_back_ln_free, removal_defaults=REMOVAL_DEFAULTS, removal_output="export")

@@ -3,8 +3,9 @@ QK-norm — an RMSNorm with gain over each head's query and key after the projec
 embedding (``ModelConfig.qk_norm = "head"``; ``blocks.{l}.attn.q_norm`` / ``k_norm``).
 
 Sliding-window layers (``use_sliding_window``, ``layer_types`` other than full attention) are refused in
-one line: the workbench implements full causal attention only. There is no exporter (a stock Qwen3
-directory back) yet, and remove-ln refuses QK-norms, so the family offers neither.
+one line: the workbench implements full causal attention only. The exporter is the Llama family's
+(``llama.export_llama``), which writes Qwen3's per-head q/k norms too — as identities (a gain of √ε with
+ε = 1e15, as every norm of a norm-free export) once ``remove-ln`` has removed them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
-from .family import Family
-from .llama import config_of, weights as llama_weights
+from .family import Family, read_back_ln_free
+from .llama import REMOVAL_DEFAULTS, config_of, export_llama, weights as llama_weights
 
 
 def _config(cfg: dict) -> dict:
@@ -36,4 +37,5 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
     return new
 
 
-QWEN3 = Family(name="qwen3", model_types=("qwen3",), config=_config, weights=weights)
+QWEN3 = Family(name="qwen3", model_types=("qwen3",), config=_config, weights=weights, export=export_llama,
+               finish=read_back_ln_free, removal_defaults=REMOVAL_DEFAULTS, removal_output="export")
