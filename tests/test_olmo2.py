@@ -206,13 +206,32 @@ def test_dla_through_the_frozen_post_norms_sums_to_the_logit_and_the_cli_agrees(
 
 def test_what_cannot_take_olmo2_refuses_in_one_line(olmo2_dirs, tmp_path, capsys):
     o = str(olmo2_dirs["olmo2"])
-    # convert: the live QK-norms and post-sub-layer norms fold into nothing (whichever it names first)
-    for argv, message in ((["convert", o, "--to", "folded", "--out", str(tmp_path / "conv")], "error: convert "),
-                          (["export", o, "--out", str(tmp_path / "hf")], "the olmo2 family has no exporter")):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and "\n" not in err
-    assert not any((tmp_path / n).exists() for n in ("conv", "hf"))
+    assert main(["convert", o, "--to", "folded", "--out", str(tmp_path / "conv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "convert cannot fold QK-norm gains" in err and "\n" not in err and not (tmp_path / "conv").exists()
+    # a Pre-RMSNorm model is not of OLMo-2's shape: the exporter refuses it rather than write another model
+    from workbench.loader.olmo2 import export_olmo2
+
+    m = workbench.load(olmo2_dirs["olmo2"])
+    m.cfg = ModelConfig(**{**m.cfg.to_dict(), "norm": "pre-rms", "qk_norm": None})
+    with pytest.raises(WorkbenchError, match="not of OLMo-2's shape"):
+        export_olmo2(m, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_round_trips_through_stock_olmo2(olmo2_dirs, tmp_path):
+    from workbench.loader import export
+
+    m = workbench.load(olmo2_dirs["olmo2"])
+    report = export(m, tmp_path / "out")
+    t = _tokens()
+    with torch.no_grad():
+        assert rel_err(_hf(tmp_path / "out")(input_ids=t).logits, m(t)) <= 1e-5
+    assert report["architecture"] == "Olmo2ForCausalLM" and not report["ln_free"]
+    # rope scaling is not written back (the released OLMo-2 models have none): refused, never dropped
+    with pytest.raises(WorkbenchError, match="not of OLMo-2's shape"):
+        export(workbench.load(olmo2_dirs["olmo2-tied"]), tmp_path / "tied")
+    assert not (tmp_path / "tied").exists()
 
 
 def test_every_analysis_runs_on_olmo2(olmo2_dirs):
@@ -231,6 +250,9 @@ def test_remove_ln_takes_the_output_norms_and_the_whole_projection_qk_norms(olmo
     names = [e["norm"] for e in s["schedule"]]
     assert "blocks.0.attn.k_norm" in names and not any(n.endswith((".ln1", ".ln2")) for n in names)
     assert s["fold_max_abs_logit_diff"] <= 1e-3
+    # a stock OLMo-2 directory, every norm an identity, reloaded by transformers at the summary's CE
+    assert s["export"]["architecture"] == "Olmo2ForCausalLM" and s["export"]["ln_free"]  # verified on reload
+    assert s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)
     free = workbench.load(tmp_path / "free")
     assert is_norm_free(free) and free.cfg.qk_norm is None and free.cfg.norm == "none"
     r = direct_logit_attribution(free, "And God said", " the")

@@ -102,3 +102,43 @@ def verify_export(model: "GPT", directory: Path, tokens: Tensor | None = None) -
             f"transformers, differ by {diff:.3g} = {diff / max(scale, 1e-30):.2g} of the logit scale; tolerance "
             f"{EXPORT_TOLERANCE:g}): the model has something that format cannot represent; nothing was written")
     return diff
+
+
+def stock_norm_weight(ln_free: bool, eps: float) -> Callable[[Any, int], Tensor]:
+    """``norm_weight(norm, width)`` for an exporter: the norm's gain, or for a norm-free model the gain √ε
+    that makes a stock RMSNorm with ε = ``eps`` (1e15) the identity on any residual far below √ε."""
+    import torch
+
+    gain = float(torch.tensor(eps, dtype=torch.float32).sqrt())
+
+    def norm_weight(norm, width: int) -> Tensor:
+        if ln_free:
+            return torch.full((width,), gain)
+        w = getattr(norm.affine, "w", None)
+        return w.detach() if w is not None else torch.ones(width)
+
+    return norm_weight
+
+
+def write_stock(model: "GPT", hf_cfg, cls, sd: dict[str, Tensor], out: Path, check_tokens: Tensor | None = None) -> dict:
+    """Build ``cls(hf_cfg)`` from ``sd`` (every tensor it has, nothing else), save it with the model's tokenizer
+    atomically to ``out``, read it back with transformers and compare (``verify_export``); the export report."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..io import atomic_dir
+
+    ln_free = model.cfg.scheme.stock == "identity"
+    if ln_free:
+        setattr(hf_cfg, MARKER, True)
+    hf = cls(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{cls.__name__} export mismatch: missing {missing}, unexpected {unexpected}")
+    tok, bos = model.tokenizer, model.cfg.bos_token
+    with atomic_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        if tok is not None:
+            PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=bos).save_pretrained(tmp)
+        diff = verify_export(model, tmp, check_tokens)
+    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "rms_norm_eps": hf_cfg.rms_norm_eps,
+            "architecture": cls.__name__}

@@ -22,8 +22,7 @@ from torch import Tensor
 from ..config import ROPE_SCALINGS, ModelConfig, check_rotary_scaling
 from ..errors import WorkbenchError
 from ..model import GPT
-from ..norms import Affine
-from .family import LN_FREE_EPS, MARKER, Family, read_back_ln_free, stock_attention, verify_export
+from .family import LN_FREE_EPS, Family, read_back_ln_free, stock_attention, stock_norm_weight, write_stock
 
 # The working context of a rotary model: the window every analysis cuts text into (diagnose, confidence,
 # studies). 256 keeps those analyses as fast and comparable as before; longer texts are one argument away
@@ -132,25 +131,22 @@ def _exportable(cfg: ModelConfig) -> bool:
             and stock_attention(cfg) and not cfg.unembed_bias and (cfg.qkv_bias, cfg.o_bias) in biases)
 
 
-def _tensors(model: GPT, norm_weight) -> dict[str, Tensor]:
-    """The model's weights in the Llama family's names; ``norm_weight(norm, width)`` gives each norm's."""
+def export_tensors(model: GPT) -> dict[str, Tensor]:
+    """The model's embedding, projections, MLP, unembedding and biases in the Llama layout's names (what
+    Llama, Qwen2/3 and OLMo-2 share); each family adds its norms."""
     cfg = model.cfg
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
 
     def heads_out(W: Tensor) -> Tensor:  # [n, d, d_head] → [n·d_head, d]
         return W.permute(0, 2, 1).reshape(-1, d)
 
-    sd = {"model.embed_tokens.weight": model.W_E, "model.norm.weight": norm_weight(model.ln_final, d),
-          "lm_head.weight": model.W_U.T}
+    sd = {"model.embed_tokens.weight": model.W_E, "lm_head.weight": model.W_U.T}
     for l, b in enumerate(model.blocks):
         p, a = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
-        sd.update({p + "input_layernorm.weight": norm_weight(b.ln1, d), p + "post_attention_layernorm.weight": norm_weight(b.ln2, d),
-                   a + "q_proj.weight": heads_out(b.attn.W_Q), a + "k_proj.weight": heads_out(b.attn.W_K),
+        sd.update({a + "q_proj.weight": heads_out(b.attn.W_Q), a + "k_proj.weight": heads_out(b.attn.W_K),
                    a + "v_proj.weight": heads_out(b.attn.W_V), a + "o_proj.weight": b.attn.W_O.reshape(h * dh, d).T,
                    p + "mlp.gate_proj.weight": b.mlp.W_gate.T, p + "mlp.up_proj.weight": b.mlp.W_in.T,
                    p + "mlp.down_proj.weight": b.mlp.W_out.T})
-        if cfg.family == "qwen3":  # its per-head QK-norms; identities (a gain of √ε) once removed
-            sd.update({a + "q_norm.weight": norm_weight(b.attn.q_norm, dh), a + "k_norm.weight": norm_weight(b.attn.k_norm, dh)})
         if cfg.qkv_bias:
             sd.update({a + "q_proj.bias": b.attn.b_Q.reshape(-1), a + "k_proj.bias": b.attn.b_K.reshape(-1),
                        a + "v_proj.bias": b.attn.b_V.reshape(-1)})
@@ -160,6 +156,15 @@ def _tensors(model: GPT, norm_weight) -> dict[str, Tensor]:
             sd.update({p + "mlp.gate_proj.bias": b.mlp.b_gate, p + "mlp.up_proj.bias": b.mlp.b_in,
                        p + "mlp.down_proj.bias": b.mlp.b_out})
     return sd
+
+
+def common_config(cfg: ModelConfig, eps: float, bos: int | None) -> dict:
+    """The configuration fields every Llama-layout family shares, for ``cfg`` with norm ε ``eps``."""
+    return dict(vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_key_value_heads, head_dim=cfg.d_head, max_position_embeddings=cfg.n_ctx,
+                rms_norm_eps=eps, rope_theta=cfg.rotary_base, tie_word_embeddings=False, bos_token_id=bos,
+                eos_token_id=bos, hidden_act="silu")
 
 
 def _stock_class(cfg: ModelConfig, common: dict):
@@ -177,45 +182,26 @@ def export_llama(model: GPT, out: Path, check_tokens: Tensor | None = None) -> d
     """Write ``model`` as a stock Llama, Qwen2 or Qwen3 directory (its ``cfg.family``); returns
     ``{"max_abs_logit_diff", ...}``, the difference of the directory read back by transformers on
     ``check_tokens`` (``verify_export``)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from ..io import atomic_dir
-
     cfg = model.cfg
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(cfg.family, "Llama")
-    ln_free = cfg.scheme.stock == "identity"
     if not _exportable(cfg):
         raise WorkbenchError(f"this model is not of the {name} family's shape (pre-rms or norm-free, SwiGLU, full "
                              "unscaled rotary, full attention, its QK-norm and biases); it cannot be exported as one")
+    ln_free = cfg.scheme.stock == "identity"
     eps = LN_FREE_EPS if ln_free else cfg.eps
-    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
-
-    def norm_weight(norm, width: int) -> Tensor:
-        if ln_free:
-            return torch.full((width,), gain)
-        return norm.affine.w.detach() if isinstance(norm.affine, Affine) else torch.ones(width)
-
-    sd = _tensors(model, norm_weight)
+    norm_weight = stock_norm_weight(ln_free, eps)
+    sd = {**export_tensors(model), "model.norm.weight": norm_weight(model.ln_final, cfg.d_model)}
+    for l, b in enumerate(model.blocks):
+        p, a = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
+        sd.update({p + "input_layernorm.weight": norm_weight(b.ln1, cfg.d_model),
+                   p + "post_attention_layernorm.weight": norm_weight(b.ln2, cfg.d_model)})
+        if cfg.family == "qwen3":  # its per-head QK-norms; identities (a gain of √ε) once removed
+            sd.update({a + "q_norm.weight": norm_weight(b.attn.q_norm, cfg.d_head),
+                       a + "k_norm.weight": norm_weight(b.attn.k_norm, cfg.d_head)})
     tok = model.tokenizer
     bos = tok.token_to_id(cfg.bos_token) if tok is not None else None
-    common = dict(vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                  num_key_value_heads=cfg.n_key_value_heads, head_dim=cfg.d_head, max_position_embeddings=cfg.n_ctx,
-                  rms_norm_eps=eps, rope_theta=cfg.rotary_base, tie_word_embeddings=False, bos_token_id=bos,
-                  eos_token_id=bos, hidden_act="silu")
-    hf_cfg, cls = _stock_class(cfg, common)
-    if ln_free:
-        setattr(hf_cfg, MARKER, True)
-    hf = cls(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{cls.__name__} export mismatch: missing {missing}, unexpected {unexpected}")
-    with atomic_dir(out) as tmp:
-        hf.save_pretrained(tmp)
-        if tok is not None:
-            PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=cfg.bos_token, eos_token=cfg.bos_token).save_pretrained(tmp)
-        diff = verify_export(model, tmp, check_tokens)
-    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "rms_norm_eps": eps, "architecture": cls.__name__}
+    hf_cfg, cls = _stock_class(cfg, common_config(cfg, eps, bos))
+    return write_stock(model, hf_cfg, cls, sd, out, check_tokens)
 
 
 # Removal on these models: fine-tuning at 128-token windows with a small learning rate (pretrained models

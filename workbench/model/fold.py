@@ -178,7 +178,7 @@ def as_norm_free(model: "GPT", eps: float) -> "GPT":
 
     sigma = math.sqrt(torch.tensor(eps, dtype=torch.float32).item())
     for m in model.modules():
-        if isinstance(m, Norm):
+        if isinstance(m, Norm) and not m.standardize.is_identity:  # OLMo 2's absent input norms stay absent
             m.standardize = FrozenStandardize(sigma, centers=m.standardize.centers)
     return fold_norms(model)
 
