@@ -211,12 +211,34 @@ def test_what_cannot_take_gemma_refuses_in_one_line(gemma_dirs, tmp_path, capsys
                           (["convert", g, "--to", "folded", "--out", str(tmp_path / "conv")],
                            "convert cannot fold live norms on sub-layer outputs"),
                           (["convert", str(gemma_dirs["gemma3_text"]), "--to", "folded", "--out", str(tmp_path / "conv")],
-                           "convert cannot fold QK-norm gains"),
-                          (["export", g, "--out", str(tmp_path / "hf")], "the gemma2 family has no exporter")):
+                           "convert cannot fold QK-norm gains")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
     assert not any((tmp_path / n).exists() for n in ("conv", "hf"))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_export_round_trips_through_stock_gemma(gemma_dirs, tmp_path, family):
+    """√d embedding scale divided back out, (1 + w) gains, soft-caps, query_pre_attn_scalar, per-layer windows
+    and (Gemma 3) the local layers' rope base and the global layers' linear scaling, all written back."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.loader import export
+
+    m = workbench.load(gemma_dirs[family])
+    report = export(m, tmp_path / "out")
+    t = _tokens()
+    with torch.no_grad():
+        assert rel_err(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(input_ids=t).logits, m(t)) <= 1e-5
+    assert report["architecture"] == {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[family]
+    # a model Gemma's classes cannot compute (here: Pre-RMSNorm blocks) is refused, never written as another
+    from workbench.loader.gemma import export_gemma
+
+    m.cfg = ModelConfig(**{**m.cfg.to_dict(), "norm": "pre-rms"})
+    with pytest.raises(WorkbenchError, match="not of Gemma's shape"):
+        export_gemma(m, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
 
 
 def test_remove_ln_takes_every_gemma_norm_and_leaves_exact_dla(gemma_dirs, tmp_path, tiny_corpus):
@@ -236,6 +258,8 @@ def test_remove_ln_takes_every_gemma_norm_and_leaves_exact_dla(gemma_dirs, tmp_p
         names = [e["norm"] for e in s["schedule"]]
         assert names[0] == "blocks.0.ln2_post" and ("blocks.0.attn.q_norm" in names) == (family == "gemma3_text")
         assert s["fold_max_abs_logit_diff"] <= 1e-4 * 10
+        # a stock Gemma directory, every norm an identity, read back by transformers at the summary's CE
+        assert s["export"]["ln_free"] and s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)
         free = workbench.load(out)
         assert is_norm_free(free) and free.cfg.qk_norm is None and free.cfg.sliding_layers is not None
     r = direct_logit_attribution(workbench.load(tmp_path / "gemma3_text"), "And God said", " the")

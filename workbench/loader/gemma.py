@@ -14,20 +14,24 @@
 * Gemma 3 adds per-head QK-norm (``qk_norm="head"``, (1 + w) gains too) and its sliding layers' own
   unscaled rotary base (``sliding_rotary_base``).
 
-No exporter; remove-ln, convert and DLA refuse these models in one line (their post-sublayer norms; DLA
-also the capped logits). Loaded in float32 like every family: cast to bfloat16, the gains 1 + w round to
+The exporter writes a stock ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` directory back (``export_gemma``),
+so ``remove-ln`` ends in one, every norm an identity. ``convert`` refuses the live post-norms and QK-norms,
+DLA Gemma 2's capped logits (not linear in the residual). Loaded in float32 like every family: cast to bfloat16, the gains 1 + w round to
 bf16 where transformers keeps them in float32 — close to its bf16 model, not bit-equal.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
-from .family import Family
-from .llama import N_CTX, rope_parameters, weights as llama_weights
+from ..model import GPT
+from .family import LN_FREE_EPS, Family, read_back_ln_free, stock_norm_weight, write_stock
+from .llama import N_CTX, REMOVAL_DEFAULTS, export_tensors, rope_parameters, weights as llama_weights
 
 # transformers' activation names → the workbench's (gelu_pytorch_tanh is F.gelu(approximate="tanh")).
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -137,5 +141,84 @@ def weights(sd: dict[str, Tensor], mc: ModelConfig, cfg: dict) -> dict[str, Tens
     return new
 
 
-GEMMA2 = Family(name="gemma2", model_types=("gemma2",), config=_gemma2_config, weights=weights)
-GEMMA3 = Family(name="gemma3_text", model_types=("gemma3_text",), config=_gemma3_config, weights=weights)
+_HF_ACTIVATIONS = {ours: theirs for theirs, ours in _ACTIVATIONS.items()}
+
+
+def _query_scalar(cfg: ModelConfig) -> float:
+    """Gemma's query_pre_attn_scalar: the square of the attention logits' divisor."""
+    return (cfg.attn_scale or cfg.d_head ** 0.5) ** 2
+
+
+def _exportable(cfg: ModelConfig) -> bool:
+    """Gemma's shape: its sandwich RMSNorms (peri-rms; Gemma 3 with per-head QK-norm) or no norm at all, GeGLU,
+    full rotary, no MLP or unembedding bias, q/k/v/o biases all or none."""
+    ln_free = cfg.scheme.stock == "identity"
+    gemma3 = cfg.family == "gemma3_text"
+    norms = (cfg.norm == "peri-rms" and cfg.qk_norm == ("head" if gemma3 else None)) or (ln_free and cfg.qk_norm is None)
+    return (norms and cfg.mlp == "swiglu" and cfg.act_fn in _HF_ACTIVATIONS and cfg.pos == "rope"
+            and cfg.rotary_dim == cfg.d_head and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up
+            and not cfg.unembed_bias and not cfg.mlp_bias and cfg.qkv_bias == cfg.o_bias
+            and (gemma3 or cfg.sliding_rotary_base is None) and (not gemma3 or cfg.attn_scores_soft_cap is None)
+            and abs(_query_scalar(cfg) - round(_query_scalar(cfg))) < 1e-6)  # an integer in Gemma's config
+
+
+def _hf_config(cfg: ModelConfig, eps: float, bos: int | None):
+    """Gemma 2 / 3's configuration of ``cfg`` (transformers 5: rope parameters per layer type for Gemma 3)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    sliding = set(cfg.sliding_layers if cfg.sliding_layers is not None else
+                  (range(cfg.n_layers) if cfg.sliding_window is not None else ()))
+    full_rope = {"rope_type": "default", "rope_theta": cfg.rotary_base, **(cfg.rotary_scaling or {})}
+    common = dict(vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.n_key_value_heads, head_dim=cfg.d_head, max_position_embeddings=cfg.n_ctx,
+                  rms_norm_eps=eps, hidden_activation=_HF_ACTIVATIONS[cfg.act_fn], attention_bias=cfg.qkv_bias,
+                  query_pre_attn_scalar=round(_query_scalar(cfg)),
+                  sliding_window=cfg.sliding_window or 4096, final_logit_softcapping=cfg.output_logits_soft_cap,
+                  layer_types=["sliding_attention" if l in sliding else "full_attention" for l in range(cfg.n_layers)],
+                  tie_word_embeddings=False, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos)
+    if cfg.family == "gemma2":
+        return Gemma2Config(**common, rope_parameters=full_rope, attn_logit_softcapping=cfg.attn_scores_soft_cap), \
+            Gemma2ForCausalLM
+    local = {"rope_type": "default", "rope_theta": cfg.sliding_rotary_base or cfg.rotary_base}
+    return Gemma3TextConfig(**common, rope_parameters={"full_attention": full_rope, "sliding_attention": local}), \
+        Gemma3ForCausalLM
+
+
+@torch.no_grad()
+def export_gemma(model: GPT, out: Path, check_tokens: Tensor | None = None) -> dict:
+    """Write ``model`` as a stock Gemma 2 / Gemma 3 (text) directory: the embedding divided back by √d_model
+    (transformers multiplies it), every gain g stored as Gemma's w = g − 1, an untied unembedding (removal
+    folds the final norm into it); a norm-free model with identity norms (g = √ε, ε = 1e15). Checked against
+    transformers' reload (``verify_export``)."""
+    cfg = model.cfg
+    if not _exportable(cfg):
+        raise WorkbenchError("this model is not of Gemma's shape (sandwich RMSNorms, Gemma 3 with per-head QK-norm, "
+                             "or norm-free; GeGLU, full rotary, its biases); it cannot be exported as one")
+    ln_free = cfg.scheme.stock == "identity"
+    eps = LN_FREE_EPS if ln_free else cfg.eps
+    gain = stock_norm_weight(ln_free, eps)
+
+    def w(norm, width: int) -> Tensor:  # Gemma's RMSNorm multiplies by (1 + w)
+        return gain(norm, width).double() - 1.0
+
+    sd = export_tensors(model)
+    sd["model.embed_tokens.weight"] = model.W_E.double() / torch.tensor(cfg.d_model ** 0.5, dtype=torch.float64)
+    sd["model.norm.weight"] = w(model.ln_final, cfg.d_model)
+    sites = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm", "ln2": "pre_feedforward_layernorm",
+             "ln2_post": "post_feedforward_layernorm"}
+    for l, b in enumerate(model.blocks):
+        for site, theirs in sites.items():
+            sd[f"model.layers.{l}.{theirs}.weight"] = w(getattr(b, site, None), cfg.d_model)
+        if cfg.family == "gemma3_text":
+            for x in ("q", "k"):
+                sd[f"model.layers.{l}.self_attn.{x}_norm.weight"] = w(getattr(b.attn, f"{x}_norm"), cfg.d_head)
+    bos = model.tokenizer.token_to_id(cfg.bos_token) if model.tokenizer is not None else None
+    hf_cfg, cls = _hf_config(cfg, eps, bos)
+    return write_stock(model, hf_cfg, cls, sd, out, check_tokens)
+
+
+GEMMA2 = Family(name="gemma2", model_types=("gemma2",), config=_gemma2_config, weights=weights, export=export_gemma,
+                finish=read_back_ln_free, removal_defaults=REMOVAL_DEFAULTS, removal_output="export")
+GEMMA3 = Family(name="gemma3_text", model_types=("gemma3_text",), config=_gemma3_config, weights=weights,
+                export=export_gemma, finish=read_back_ln_free, removal_defaults=REMOVAL_DEFAULTS, removal_output="export")

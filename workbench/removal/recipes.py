@@ -30,7 +30,7 @@ class Recipe:
 
 RECIPES = {
     "gpt2": Recipe("gpt2", False, "an ungated (GELU) MLP", {},
-                   "the GPT-2 schedule of Heimersheim 2024 (ln2 → ln1 Q/K → ln1 V → ln_final → special positions, "
+                   "the GPT-2 schedule of Heimersheim 2024 (sandwich post-norms first where present; ln2 → QK-norms → ln1 Q/K → ln1 V → ln_final → special positions, "
                    "K = 2); every GELU zoo result in docs/ln_removal.md"),
     "gated": Recipe("gated", True, "a gated (SwiGLU) MLP",
                     {"split_mlp": True, "mlp_penalty": 1.0, "special_steps": 16, "steps_per_ln": 4},
