@@ -247,16 +247,20 @@ def test_remove_ln_takes_every_gemma_norm_and_leaves_exact_dla(gemma_dirs, tmp_p
     sites; its capped output keeps DLA undefined, but the norm-free model is what was evaluated."""
     from workbench.removal import RemovalConfig, is_norm_free, remove_ln
 
-    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
-                          dtype="float32", control=False)
+    small = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                 dtype="float32", control=False)
     # Gemma 3 without its final soft-cap (which alone would keep DLA undefined)
     sources = {"gemma3_text": _variant(gemma_dirs["gemma3_text"], tmp_path, "uncapped", final_logit_softcapping=None),
                "gemma2": gemma_dirs["gemma2"]}
     for family, source in sources.items():
         out = tmp_path / family
-        s = remove_ln(source, out, rc, corpus=str(tiny_corpus), progress=False)
+        # Gemma 3 through the recipe its gated (GeGLU) MLP chooses — the MLP norm split into up path and gate,
+        # the gate's last, the one-sided MLP penalty — Gemma 2 through the plain schedule
+        how = dict(options=small) if family == "gemma3_text" else dict(rc=RemovalConfig.of(**small))
+        s = remove_ln(source, out, corpus=str(tiny_corpus), progress=False, **how)
         names = [e["norm"] for e in s["schedule"]]
         assert names[0] == "blocks.0.ln2_post" and ("blocks.0.attn.q_norm" in names) == (family == "gemma3_text")
+        assert ("blocks.0.ln2_up" in names) == (family == "gemma3_text") and names[-1] == "special positions"
         assert s["fold_max_abs_logit_diff"] <= 1e-4 * 10
         # a stock Gemma directory, every norm an identity, read back by transformers at the summary's CE
         assert s["export"]["ln_free"] and s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)
