@@ -154,7 +154,7 @@ def _exportable(cfg: ModelConfig) -> bool:
     full rotary, no MLP or unembedding bias, q/k/v/o biases all or none."""
     ln_free = cfg.scheme.stock == "identity"
     gemma3 = cfg.family == "gemma3_text"
-    norms = (cfg.norm == "peri-rms" and cfg.qk_norm == ("head" if gemma3 else None)) or (ln_free and cfg.qk_norm is None)
+    norms = (cfg.scheme.stock == "rms-sandwich" and cfg.qk_norm == ("head" if gemma3 else None)) or (ln_free and cfg.qk_norm is None)
     return (norms and cfg.mlp == "swiglu" and cfg.act_fn in _HF_ACTIVATIONS and cfg.pos == "rope"
             and cfg.rotary_dim == cfg.d_head and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up
             and not cfg.unembed_bias and not cfg.mlp_bias and cfg.qkv_bias == cfg.o_bias

@@ -61,7 +61,7 @@ def _exportable(cfg: ModelConfig) -> bool:
     """OLMo-2's shape: its own norms (post-sub, whole-projection QK-norm) or none at all, SwiGLU, full unscaled
     rotary, full attention, q/k/v/o biases all or none, no MLP or unembedding bias."""
     ln_free = cfg.scheme.stock == "identity"
-    norms = (cfg.norm == "post-sub" and cfg.qk_norm == "proj") or (ln_free and cfg.qk_norm is None)
+    norms = (cfg.scheme.stock == "rms-post-sub" and cfg.qk_norm == "proj") or (ln_free and cfg.qk_norm is None)
     return (norms and cfg.mlp == "swiglu" and cfg.act_fn == "silu" and cfg.pos == "rope" and cfg.rotary_dim == cfg.d_head
             and not cfg.parallel and not cfg.split_ln1_v and not cfg.split_ln2_up and not cfg.rotary_scaling
             and stock_attention(cfg) and not cfg.unembed_bias and not cfg.mlp_bias and cfg.qkv_bias == cfg.o_bias)

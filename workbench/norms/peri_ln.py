@@ -42,6 +42,7 @@ POST_SUB = register(
         make=_post_only,
         placement=lambda ctx, layer: "peri",
         tl_normalization_type="RMS",
+        stock="rms-post-sub",  # OLMo 2's
     )
 )
 
@@ -53,6 +54,7 @@ PERI_RMS = register(
         make=lambda ctx, layer, site: rms_norm(ctx.d_model, ctx.eps),
         placement=lambda ctx, layer: "peri",
         tl_normalization_type="RMS",
+        stock="rms-sandwich",  # Gemma 2/3's
         in_default_zoo=False,
     )
 )

@@ -62,7 +62,8 @@ class NormScheme:
     # The QK-norm every model of this scheme has (``ModelConfig.qk_norm``; None: whatever the config says).
     qk_norm: str | None = None
     # What the norm is in a stock Hugging Face family, so an exporter asks the scheme and not its name:
-    # "layernorm" (GPT-2's Pre-LN), "rmsnorm" (Llama's Pre-RMSNorm), "identity" (no norm), None (no stock one).
+    # "layernorm" (GPT-2's Pre-LN), "rmsnorm" (Llama's Pre-RMSNorm), "rms-sandwich" (Gemma's RMSNorm before and
+    # after each sub-layer), "rms-post-sub" (OLMo 2's, after only), "identity" (no norm), None (no stock one).
     stock: str | None = None
     # True when no Pre-norm site normalizes any more: no norm at all, or what LayerNorm removal left.
     pre_norm_free: Callable[["NormContext"], bool] = _never
