@@ -88,6 +88,11 @@ def save_run(d: Path, model, record: dict[str, Any]) -> None:
     atomic_write_json(d / CONFIG_FILE, {"model": model.cfg.to_dict(), **record, "workbench_version": __version__})
     atomic_write_text(d / TOKENIZER_FILE, model.tokenizer.to_str())
     save_weights(model, d / MODEL_FILE)
+    from .model import sink
+
+    prefix = sink.prefix_of(model)
+    if prefix is not None:  # the fixed position 0 the weights alone do not compute (remove-ln --sink-prefix)
+        sink.save(prefix, d / sink.SINK_FILE)
 
 
 def check_out_dir(out: Path) -> None:
@@ -156,4 +161,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
             f"checkpoint {d / MODEL_FILE} does not match its config (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); re-train the model"
         )
-    return model.eval()
+    from .model import sink
+
+    return sink.beside(model, d).eval()

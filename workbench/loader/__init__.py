@@ -23,7 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import WorkbenchError
-from ..model import GPT
+from ..model import GPT, sink
 from .family import Family
 from .gpt2 import GPT2
 from .gemma import GEMMA2, GEMMA3
@@ -94,7 +94,7 @@ def load(spec: str | Path, device: str | torch.device = "cpu", n_ctx: int | None
     if family.finish is not None:
         model = family.finish(model, ckpt.config)
     model.name = s
-    return model.to(device).eval()
+    return sink.beside(model, d).to(device).eval()
 
 
 def export(model: GPT, out: str | Path, check_tokens: torch.Tensor | None = None) -> dict:

@@ -67,7 +67,8 @@ EXPORT_TOLERANCE = 1e-4
 
 
 def check_tokens(model: "GPT", tokens: Tensor | None = None) -> Tensor:
-    """The tokens an export is checked on: ``tokens`` when given, else two fixed random windows."""
+    """The tokens an export is checked on: ``tokens`` when given, else two fixed random windows (behind a
+    sink prefix, position 0 holds its token)."""
     import torch
 
     if tokens is not None:
@@ -85,11 +86,16 @@ def verify_export(model: "GPT", directory: Path, tokens: Tensor | None = None) -
     from transformers import AutoModelForCausalLM
 
     from ..errors import WorkbenchError
+    from ..model import sink
 
     t = check_tokens(model, tokens)
     stock = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prefix = sink.read(directory / sink.SINK_FILE) if (directory / sink.SINK_FILE).is_file() else None
+    if prefix is not None:
+        t = torch.cat([torch.full_like(t[:, :1], prefix.token), t[:, 1:]], dim=1)
     with torch.no_grad():
-        ours, ref = model.cpu()(t).float(), stock(input_ids=t).logits.float()
+        ref = stock(input_ids=t).logits if prefix is None else sink.stock_logits(stock, prefix, t)
+        ours, ref = model.cpu()(t).float(), ref.float()
     finite = torch.isfinite(ours)
     if not finite.any():
         raise WorkbenchError("the model's logits are not finite on the export check tokens, so the export cannot "
@@ -134,11 +140,16 @@ def write_stock(model: "GPT", hf_cfg, cls, sd: dict[str, Tensor], out: Path, che
     missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{cls.__name__} export mismatch: missing {missing}, unexpected {unexpected}")
+    from ..model import sink
+
     tok, bos = model.tokenizer, model.cfg.bos_token
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         if tok is not None:
             PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=bos).save_pretrained(tmp)
+        prefix = sink.prefix_of(model)
+        if prefix is not None:  # position 0 as a fixed key/value prefix beside the stock files
+            sink.save(prefix, tmp / sink.SINK_FILE)
         diff = verify_export(model, tmp, check_tokens)
     return {"max_abs_logit_diff": diff, "ln_free": ln_free, "rms_norm_eps": hf_cfg.rms_norm_eps,
             "architecture": cls.__name__}

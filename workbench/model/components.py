@@ -32,8 +32,8 @@ class PosEmbed(nn.Module):
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_pos[: tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    def forward(self, tokens: Int[Tensor, "batch pos"], offset: int = 0) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_pos[offset: offset + tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
 def add_bias(module: nn.Module, name: str, shape: tuple[int, ...], trainable: bool) -> None:
@@ -94,8 +94,10 @@ class Rotary(nn.Module):
             self._cache = (n, device, emb.cos(), emb.sin())
         return self._cache[2][:n], self._cache[3][:n]
 
-    def forward(self, x: Float[Tensor, "batch pos head_index d_head"]) -> Float[Tensor, "batch pos head_index d_head"]:
-        cos, sin = self._cos_sin(x.shape[1], x.device)
+    def forward(self, x: Float[Tensor, "batch pos head_index d_head"], offset: int = 0) -> Float[Tensor, "batch pos head_index d_head"]:
+        """``offset``: the absolute position of x's first entry (1 behind a sink prefix)."""
+        cos, sin = self._cos_sin(offset + x.shape[1], x.device)
+        cos, sin = cos[offset:], sin[offset:]
         cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
         r = self.rotary_dim
         rot, rest = x[..., :r], x[..., r:]
@@ -149,6 +151,9 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head_index, pos, key_pos]
         self.hook_pattern = HookPoint()  # [batch, head_index, pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        # A fixed key/value for key position 0 (``model/sink.py``): the queries are then positions 1, 2, …
+        self.register_buffer("sink_k", None, persistent=False)  # [kv_head_index, d_head]
+        self.register_buffer("sink_v", None, persistent=False)
 
     def _project(self, x: Tensor, W: Tensor, b: Tensor) -> Float[Tensor, "batch pos head_index d_head"]:
         # One (d_model × heads·d_head) matmul instead of a per-head einsum: same numbers, faster.
@@ -178,23 +183,31 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self._qk_normed(self.q_norm, q), self._qk_normed(self.k_norm, k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        offset = 0 if self.sink_k is None else 1
         if self.rotary is not None:
-            q, k = self.hook_rot_q(self.rotary(q)), self.hook_rot_k(self.rotary(k))
+            q, k = self.hook_rot_q(self.rotary(q, offset)), self.hook_rot_k(self.rotary(k, offset))
+        if self.sink_k is not None:  # the prefix is key position 0; the hooks above show the sequence's own
+            k, v = self._behind_sink(self.sink_k, k), self._behind_sink(self.sink_v, v)
         # The fused kernel has no soft-cap: a capped model always writes the scores out.
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or _slow_fused_kernel(q) \
                 or self.soft_cap is not None:
             z = self._explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v))
         else:
             # Nobody looks at the pattern: let PyTorch's fused kernel skip materializing it.
-            windowed = self.window is not None and k.shape[1] > self.window
+            # the fused kernel's is_causal aligns the first query with the first key: not so behind a prefix
+            masked = (self.window is not None and k.shape[1] > self.window) or k.shape[1] != q.shape[1]
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not windowed,
-                attn_mask=self._mask(q.shape[1], k.shape[1], q.device) if windowed else None,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not masked,
+                attn_mask=self._mask(q.shape[1], k.shape[1], q.device) if masked else None,
                 enable_gqa=self.n_kv != self.n_heads, scale=None if self.attn_scale is None else 1 / self.attn_scale,
             ).transpose(1, 2)
         z = self.hook_z(z)
         W_O = self.W_O.reshape(-1, self.W_O.shape[-1])
         return torch.addmm(self.b_O, z.reshape(-1, W_O.shape[0]), W_O).reshape(*z.shape[:2], -1)
+
+    @staticmethod
+    def _behind_sink(prefix: Tensor, x: Float[Tensor, "batch pos kv_head_index d_head"]) -> Tensor:
+        return torch.cat([prefix.to(x.dtype)[None, None].expand(x.shape[0], 1, -1, -1), x], dim=1)
 
     def _qk_normed(self, norm: nn.Module, x: Float[Tensor, "batch pos head_index d_head"]) -> Tensor:
         return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:]) if self.qk_whole else norm(x)

@@ -22,6 +22,7 @@ from ..errors import WorkbenchError
 from .blocks import BLOCKS
 from .cache import NormAwareCache
 from .components import Embed, PosEmbed, Unembed, soft_cap
+from .sink import check_input
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
@@ -41,6 +42,9 @@ class GPT(HookedRootModule):
         )
         self.ln_final = cfg.scheme.make(cfg.norm_context, None, "ln_final")
         self.unembed = Unembed(cfg)
+        # A fixed attention-sink prefix at position 0 (``model/sink.py``; None: position 0 is computed).
+        self.sink_token: int | None = None
+        self.register_buffer("sink_logits", None, persistent=False)  # [d_vocab]
         self.init_weights()
         self.setup()
 
@@ -70,18 +74,31 @@ class GPT(HookedRootModule):
                 f"input has {tokens.shape[-1]} tokens but the model's context is {self.cfg.n_ctx}; "
                 "shorten the text or truncate the tokens"
             )
-        residual = self.hook_embed(self.embed(tokens))
-        if self.cfg.pos == "learned":
-            residual = residual + self.hook_pos_embed(self.pos_embed(tokens))
-        for block in self.blocks:
-            residual = block(residual)
-        logits = self.final_logits(residual)
+        logits = self._logits(tokens) if self.sink_token is None else self._behind_sink(tokens)
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
         loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _logits(self, tokens: Int[Tensor, "batch pos"], offset: int = 0) -> Float[Tensor, "batch pos d_vocab"]:
+        residual = self.hook_embed(self.embed(tokens))
+        if self.cfg.pos == "learned":
+            residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
+        for block in self.blocks:
+            residual = block(residual)
+        return self.final_logits(residual)
+
+    def _behind_sink(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Position 0 is the fixed prefix (its stored logits); positions ≥ 1 are computed and attend to it.
+        The hooks see positions 1, 2, … only."""
+        check_input(self, tokens)
+        first = self.sink_logits.expand(tokens.shape[0], 1, -1)
+        if tokens.shape[1] == 1:
+            return first
+        rest = self._logits(tokens[:, 1:], offset=1)
+        return torch.cat([first.to(rest.dtype), rest], dim=1)
 
     def final_logits(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """The logits of a final residual: ln_final, the unembedding and, where the config caps them, the
@@ -150,7 +167,7 @@ class GPT(HookedRootModule):
         workbench and GPT-2 models, as during training). Pads right with it."""
         tok = self._tok()
         texts = [text] if isinstance(text, str) else list(text)
-        bos = [self.bos_token_id] if prepend_bos else []
+        bos = [self.bos_token_id] if prepend_bos or self.sink_token is not None else []
         ids = [bos + e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         width = max(len(i) for i in ids)
         out = torch.full((len(ids), width), self.bos_token_id, dtype=torch.long)
@@ -170,6 +187,9 @@ class GPT(HookedRootModule):
 
     @property
     def bos_token_id(self) -> int:
+        """The document-start token: the sink prefix's token for a model with one (its input starts with it)."""
+        if self.sink_token is not None:
+            return self.sink_token
         i = self._tok().token_to_id(self.cfg.bos_token)
         if i is None:
             raise WorkbenchError(f"the tokenizer has no {self.cfg.bos_token} token (the model's document start)")

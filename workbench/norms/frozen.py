@@ -11,6 +11,10 @@ Until ``special`` is switched off, position 0 (BOS) and end-of-text tokens divid
 σ: their residual norms are far from the others' (attention sinks), so one scalar for all positions
 would be too large a step at once; ``special_blend`` may move their σ to the shared one gradually. Not a registered scheme: it is swapped in for a norm's ``standardize`` part.
 
+With a sink prefix (``SpecialPositions(sink=True)``, ``remove-ln --sink-prefix``) position 0 keeps its *live*
+scale at every frozen norm to the end: it always holds the same token, so what it computes is a constant of
+the weights that ``model/sink.py`` stores as a key/value prefix instead of handing it over.
+
 A per-head QK-norm (input [batch, pos, head, d_head]) freezes one σ per head: ``sigma`` is then a list,
 held as an [head, 1] buffer that broadcasts over each head's d_head values.
 """
@@ -40,17 +44,23 @@ def _as_buffer(sigma: Sigma) -> Tensor:
 class SpecialPositions:
     """Which positions keep their own σ, shared by every fake norm of one model; set per forward."""
 
-    def __init__(self, eot_id: int | None, n_first: int = 1):
+    def __init__(self, eot_id: int | None, n_first: int = 1, sink: bool = False):
         self.eot_id = eot_id
         self.n_first = n_first  # the first n_first positions count as BOS (1 = position 0 only)
+        self.sink = sink  # position 0 keeps its live scale to the end
         self.bos: Bool[Tensor, "batch pos 1"] | None = None
         self.eot: Bool[Tensor, "batch pos 1"] | None = None
+        self.sink_mask: Bool[Tensor, "batch pos 1"] | None = None
 
     def update(self, tokens: Tensor) -> None:
         pos0 = torch.zeros_like(tokens, dtype=torch.bool)
         pos0[:, : self.n_first] = True
         eot = (tokens == self.eot_id) & ~pos0 if self.eot_id is not None else torch.zeros_like(pos0)
         self.bos, self.eot = pos0.unsqueeze(-1), eot.unsqueeze(-1)
+        if self.sink:
+            first = torch.zeros_like(self.bos)
+            first[:, 0] = True
+            self.sink_mask = first
 
     def ordinary(self) -> Bool[Tensor, "batch pos 1"]:
         return ~(self.bos | self.eot)
@@ -71,9 +81,10 @@ class FrozenStandardize(Standardize):
         self.register_buffer("sigma_eot", _as_buffer(sigma_eot if sigma_eot is not None else sigma))
         self.special = positions is not None and (sigma_bos is not None or sigma_eot is not None)
         self.handover = handover if handover is not None else AtOnce()
-        if self.handover.needs_live and live_eps is None:
+        if (self.handover.needs_live or (positions is not None and positions.sink)) and live_eps is None:
             raise WorkbenchError(f"--bridge {self.handover.name} needs a LayerNorm or RMSNorm (a live scale "
-                                 "sqrt(mean x² + eps))")
+                                 "sqrt(mean x² + eps))" if self.handover.needs_live else "--sink-prefix needs a "
+                                 "LayerNorm or RMSNorm: position 0 keeps its live scale sqrt(mean x² + eps)")
         self.live_eps = live_eps
         self.frozen_at = frozen_at  # the fine-tuning step at which the hand-over began
         self.progress = 0.0 if self.handover.needs_live else 1.0
@@ -122,7 +133,10 @@ class FrozenStandardize(Standardize):
         """EMA of σ (each head's, for a per-head norm) towards the live scale of this batch's ordinary
         positions (all ranks agree)."""
         sq = xc.pow(2).mean(-1, keepdim=True)
-        keep = self._mask(self.positions.ordinary(), sq) if self.special else torch.ones_like(sq)
+        if self.special:
+            keep = self._mask(self.positions.ordinary(), sq)
+        else:
+            keep = self._mask(~self.positions.sink_mask, sq) if self._sink_on() else torch.ones_like(sq)
         keep = keep.to(sq.dtype).expand_as(sq)
         stats = torch.stack([(sq * keep).sum((0, 1)), keep.sum((0, 1))])  # [2, (head,) 1]
         if dist.is_available() and dist.is_initialized():
@@ -140,14 +154,24 @@ class FrozenStandardize(Standardize):
             self.observed = self.handover.observe(live, frozen, self.progress)
         return self.handover.scale(live, frozen, self.progress)
 
+    def _sink_on(self) -> bool:
+        return self.positions is not None and self.positions.sink_mask is not None
+
+    def _at_sink(self, xc: Tensor, scale: Tensor) -> Tensor:
+        """``scale`` with position 0's replaced by its live one (with a sink prefix)."""
+        if not self._sink_on():
+            return scale
+        live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
+        return torch.where(self._mask(self.positions.sink_mask, xc), live, scale)
+
     def forward(self, x, hook_scale):
         xc = self._center(x)
         if self.training and self.ema > 0:
             self._follow(xc.detach().float())
-        return xc / hook_scale(self._handed_over(xc, self._scale(x)))
+        return xc / hook_scale(self._at_sink(xc, self._handed_over(xc, self._scale(x))))
 
     def frozen(self, x):
-        s = self._scale(x)
+        s = self._at_sink(self._center(x), self._scale(x))
         return (lambda c: self._center(c) / s), torch.zeros_like(x)
 
     def extra_repr(self) -> str:

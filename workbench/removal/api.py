@@ -14,7 +14,7 @@ from .. import io
 from ..batches import TokenData, load_token_data
 from ..errors import WorkbenchError
 from ..io import check_out_dir
-from ..model import GPT
+from ..model import GPT, sink
 from ..norms.frozen import SpecialPositions
 from ..precision import resolve_dtype, warn_if_emulated
 from ..version import __version__
@@ -140,7 +140,8 @@ def _prepare(spec, out: Path, rc, corpus, device, progress, data, options, recip
 
 def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None) -> dict[str, Any]:
     phase = "removal" if remove else "control"
-    arm = Arm(remove, SpecialPositions(adapter.eot_id, job.rc.calibration.special_positions),
+    cal = job.rc.calibration
+    arm = Arm(remove, SpecialPositions(adapter.eot_id, cal.special_positions, sink=remove and cal.sink_prefix),
               label="remove-ln" if remove else "control", val=val, ckpt=job.ckpts.get(phase),
               on_step=_ON_STEP.get(phase), progress=job.progress,
               teacher=job.model.eval().requires_grad_(False) if job.rc.losses.distils else None)
@@ -149,9 +150,10 @@ def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None
     return run
 
 
-def _folded(job: _Job, adapter, twin, val) -> tuple[GPT | None, float | None, float | None]:
+def _folded(job: _Job, adapter, twin, val, positions: SpecialPositions) -> tuple[GPT | None, float | None, float | None]:
     """The LN-free model folded from the trained adapter (on rank 0 under FSDP), its CE and the largest
-    logit difference the fold made."""
+    logit difference the fold made. With a sink prefix, position 0 as the adapter computes it (live norms)
+    becomes the folded model's fixed prefix."""
     plain, plain_dev = adapter, job.device
     if job.rc.runtime.fsdp:
         gather_into(adapter, twin)
@@ -159,9 +161,12 @@ def _folded(job: _Job, adapter, twin, val) -> tuple[GPT | None, float | None, fl
     if job.rc.runtime.fsdp and not job.group.main:  # under FSDP only rank 0 holds the whole model
         return None, None, None
     ln_free = plain.fold()
+    if positions.sink:
+        sink.attach(ln_free, sink.capture(plain.net, job.data.bos, before=positions.update))
     ce = evaluate(ln_free, val, None, plain_dev)
     with torch.no_grad():
         x = val[0].to(plain_dev)
+        positions.update(x)
         diff = (ln_free(x) - plain.net(x)).abs().max().item()
     return ln_free, ce, diff
 
@@ -178,8 +183,9 @@ def _remove(job: _Job) -> dict[str, Any]:
     val = job.data.val_batches(rc.runtime.eval_batches, rc.runtime.eval_batch_size, job.n_ctx)
     ce_original = evaluate(model, val, None, dev)
     run = _arm(job, adapter, remove=True, val=val)
-    ce_unfolded = evaluate(adapter.net, val, run.pop("positions"), dev)
-    ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val)
+    positions = run.pop("positions")
+    ce_unfolded = evaluate(adapter.net, val, positions, dev)
+    ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val, positions)
     summary = _summary(job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff)
     if ln_free is not None:  # how far the norm-free model is from the one it was made from, and where it breaks
         summary["kl_ln_free_to_original"] = evaluate_kl(ln_free.to(dev), model, val, dev)
@@ -297,7 +303,9 @@ def _stock_ce(directory: Path, val: list[torch.Tensor]) -> float:
     from ..model.gpt import lm_cross_entropy
 
     hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
-    losses = [lm_cross_entropy(hf(input_ids=b.cpu()).logits, b.cpu()).item() for b in val]
+    prefix = sink.read(directory / sink.SINK_FILE) if (directory / sink.SINK_FILE).is_file() else None
+    logits = (lambda b: hf(input_ids=b).logits) if prefix is None else (lambda b: sink.stock_logits(hf, prefix, b))
+    losses = [lm_cross_entropy(logits(b.cpu()), b.cpu()).item() for b in val]
     return sum(losses) / len(losses)
 
 

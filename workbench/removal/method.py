@@ -82,6 +82,9 @@ class Calibration:
                                     "end-of-text tokens; 1: BOS)")
     special_steps: int = opt(0, "hand the special positions (BOS, EOT) over to the shared σ over N steps "
                                 "(0: at once)")
+    sink_prefix: bool = opt(False, "position 0 (always the document-start token) keeps its live norms to the end "
+                                   "and is exported as a fixed key/value prefix (sink_prefix.safetensors) that the "
+                                   "norm-free model attends to")
 
     def __post_init__(self) -> None:
         if not (self.sigma in ("rms", "median") or percentile(self.sigma) is not None):

@@ -45,6 +45,7 @@ def robustness(model, data: TokenData, n_ctx: int, device: torch.device, sequenc
     held_out = data.val_batches(1, sequences, n_ctx)[0].to(device)
     g = torch.Generator().manual_seed(seed)
     random = torch.randint(0, model.cfg.d_vocab, held_out.shape, generator=g).to(device)
+    random[:, 0] = held_out[:, 0]  # the document start every window has (a sink prefix's token)
     rows = [probe(model, held_out, "held-out text"), probe(model, random, "random tokens")]
     if model.tokenizer is not None:  # the prompt a user types: BOS first (what `to_tokens` prepends)
         rows.insert(1, probe(model, bos_prefixed(held_out, model.bos_token_id), "held-out text after BOS"))
