@@ -151,3 +151,23 @@ def test_bad_prefixes_and_inputs_are_refused_in_one_line(removed, tmp_path, caps
     assert "is not a workbench-sink-prefix-1 file" in err and "\n" not in err
     with pytest.raises(WorkbenchError, match="already attends to a sink prefix"):
         sink.capture(back, p.token)
+
+
+def test_the_docs_lines_generate_with_the_prefix(removed):
+    """docs/ln_removal.md's transformers-only lines, run as written on the exported directory: they
+    generate what the workbench's sink model generates greedily."""
+    import re
+
+    from conftest import ROOT
+
+    out, _ = removed
+    doc = (ROOT / "docs" / "ln_removal.md").read_text()
+    code = re.search(r"<!-- sink-snippet -->\n```python\n(.*?)```\n<!-- /sink-snippet -->", doc, re.S).group(1)
+    scope = {"DIR": str(out)}
+    exec(compile(code, "docs/ln_removal.md", "exec"), scope)  # our own docs, not a file we were given
+    back = workbench.load(out)
+    ids = scope["ids"]
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.cat([ids, back(ids)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(scope["out"], ids)
