@@ -88,6 +88,23 @@ def test_bands_are_the_interval_of_each_layer():
     assert len(fills) == 1 and fills[0].legendgroup == "x"  # a band for the seeded group only
 
 
+def test_a_log_axis_band_is_the_interval_of_the_logs_and_stays_positive():
+    """Seeds spread 1 … 100 (post-sub's variance growth spans 10–30): the linear interval crosses zero,
+    which a log axis draws as a band down to its floor; the log-space one is exp(mean log ± t·s/√n)."""
+    import math
+
+    values = [1.0, 10.0, 100.0]
+    table = pd.DataFrame({"model": ["x/seed0", "x/seed1", "x/seed2"], "group": "x", "layer": 0,
+                          "metric": "resid_var_pos1", "value": values})
+    assert band_table(table).loc[0, "lo"] < 0
+    b = band_table(table, log=True).loc[0]
+    ref = mean_interval([math.log(v) for v in values])
+    assert abs(b["mean"] - 10.0) < 1e-9 and abs(b["lo"] - math.exp(ref["lo"])) < 1e-9 and b["lo"] > 0
+    fig = compare_figure(table, "resid_var")
+    band = next(t for t in fig.data if t.fill == "toself")
+    assert min(band.y) > 0 and "geometric mean of 3" in fig.data[-1].name
+
+
 def zoo(out, corpus, seeds, steps=8, norms="pre-ln,lns"):
     return train_zoo(out, norms=norms, steps=steps, corpus=str(corpus), progress=False, log=lambda *_: None,
                      model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN, seeds=seeds, device="cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis.compare import METRICS, band_table, compare_figure, compare_table
+from .analysis.compare import LOG_METRICS, METRICS, band_table, compare_figure, compare_table
 from .analysis.depth import SCHEMA_VERSION, diagnose
 from .analysis.study import Study, load_study, study_figure, study_table
 from .errors import WorkbenchError
@@ -57,7 +57,7 @@ def compare_zoo(zoo: str | Path, metric: str, tokens: int = 16384, out: str | Pa
     atomic_write_text(paths[1], fig.to_html(include_plotlyjs=True))
     if table.groupby("group").model.nunique().max() > 1:  # seeds: the band each curve shows, as numbers
         paths.append(out / f"compare_{metric}_bands.csv")
-        atomic_write_text(paths[-1], band_table(table).to_csv(index=False))
+        atomic_write_text(paths[-1], band_table(table, metric in LOG_METRICS).to_csv(index=False))
     try:  # a PNG too where kaleido (and its browser) is available
         png = out / f"compare_{metric}.png"
         fig.write_image(str(png))

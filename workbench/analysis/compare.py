@@ -35,28 +35,43 @@ def compare_table(results: dict[str, dict], metric: str, groups: dict[str, str] 
     return pd.concat(frames)[["model", "group", "layer", "metric", "value"]].reset_index(drop=True)
 
 
-def band_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per group and layer: the members' mean value and its 95 % Student-t interval (lo/hi NaN for one)."""
+# Metrics drawn on a log axis: their seeds are pooled as logarithms (a geometric mean and its interval),
+# which stays positive where a linear interval of a widely spread positive quantity would cross zero.
+LOG_METRICS = ("resid_var",)
+
+
+def band_table(table: pd.DataFrame, log: bool = False) -> pd.DataFrame:
+    """Per group and layer: the members' mean value and its 95 % Student-t interval (lo/hi NaN for one);
+    ``log``: the interval of log(value), exponentiated — the geometric mean and its interval."""
+    import math
+
     rows = []
     for (group, layer), g in table.groupby(["group", "layer"], sort=False):
-        rows.append({"group": group, "layer": layer, **mean_interval(g.value.tolist())})
+        if log:
+            r = mean_interval([math.log(v) for v in g.value if v is not None and v > 0])
+            r = {**r, **{k: math.exp(r[k]) if r[k] is not None else None for k in ("mean", "lo", "hi")}}
+        else:
+            r = mean_interval(g.value.tolist())
+        rows.append({"group": group, "layer": layer, **r})
     return pd.DataFrame(rows, columns=["group", "layer", "n", "mean", "sd", "lo", "hi"])
 
 
 def compare_figure(table: pd.DataFrame, metric: str) -> go.Figure:
-    """One line per group: the value itself, or for a group of several seeds their mean with a shaded
-    95 % interval."""
+    """One line per group: the value itself, or for a group of several seeds their mean (geometric on a log
+    axis) with a shaded 95 % interval."""
     fig = go.Figure()
     if "group" not in table:
         table = table.assign(group=table.model)
-    for i, (name, g) in enumerate(band_table(table).groupby("group", sort=False)):
+    log = metric in LOG_METRICS
+    for i, (name, g) in enumerate(band_table(table, log).groupby("group", sort=False)):
         n = int(g.n.max())
         if n > 1:
             add_band(fig, g.layer, g.lo, g.hi, color(i), name)
-        fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (f" (mean of {n})" if n > 1 else ""),
+        what = f" (geometric mean of {n})" if log else f" (mean of {n})"
+        fig.add_scatter(x=g.layer, y=g["mean"], mode="lines+markers", name=name + (what if n > 1 else ""),
                         legendgroup=name, line={"color": color(i)})
     fig.update_layout(title=METRICS[metric][1], xaxis_title="layer", yaxis_title=METRICS[metric][1],
-                      template="plotly_white", yaxis_type="log" if metric == "resid_var" else "linear",
+                      template="plotly_white", yaxis_type="log" if log else "linear",
                       height=legend_height(table.group.nunique()))
     return fig
 
