@@ -17,8 +17,10 @@ def color(i: int) -> str:
 
 
 def legend_height(entries: int, base: int = 450) -> int:
-    """A figure tall enough for a legend of ``entries`` lines (Plotly scrolls, and so hides, the rest)."""
-    return max(base, 140 + 24 * entries)
+    """A figure tall enough for a legend of ``entries`` lines (Plotly scrolls, and so hides, the rest): the
+    legend gets the plot area (the height less the default margins, 180 px) and needs about 30 px an entry
+    as Streamlit renders it (measured in the browser screenshots)."""
+    return max(base, 240 + 30 * entries)
 
 
 def add_band(fig: go.Figure, x, lo, hi, color: str, group: str) -> None:
