@@ -47,7 +47,7 @@ def band_table(table: pd.DataFrame, log: bool = False) -> pd.DataFrame:
 
     rows = []
     for (group, layer), g in table.groupby(["group", "layer"], sort=False):
-        if log:
+        if log and g.value.count() > 1:  # one member: its value as it is (exp(log v) would round it)
             r = mean_interval([math.log(v) for v in g.value if v is not None and v > 0])
             r = {**r, **{k: math.exp(r[k]) if r[k] is not None else None for k in ("mean", "lo", "hi")}}
         else:
