@@ -171,3 +171,18 @@ def test_the_docs_lines_generate_with_the_prefix(removed):
         for _ in range(20):
             ids = torch.cat([ids, back(ids)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(scope["out"], ids)
+
+
+def test_the_mlp_penalty_leaves_a_sinks_position_0_alone():
+    """With a sink prefix position 0 is never divided by σ: the penalty counts every other position only."""
+    import math
+
+    from workbench.removal.losses import mlp_scale_penalty
+
+    s = torch.tensor([20.0, 1.0, 1.0, 3.0, 9.0]).reshape(1, 5, 1)
+    keep = torch.tensor([False, True, True, True, True]).reshape(1, 5, 1)
+    first = torch.tensor([True, False, False, False, False]).reshape(1, 5, 1)
+    sigma = math.sqrt((1 + 1 + 9 + 81) / 4)
+    want = sum(max(0.0, v / sigma - 1.2) ** 2 for v in (1.0, 1.0, 3.0, 9.0)) / 4  # BOS's 20 not counted
+    assert mlp_scale_penalty([s], keep, 0.2, first).item() == pytest.approx(want, rel=1e-6)
+    assert mlp_scale_penalty([s], keep, 0.2).item() > want  # without the sink it is

@@ -141,7 +141,8 @@ def _prepare(spec, out: Path, rc, corpus, device, progress, data, options, recip
 def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None) -> dict[str, Any]:
     phase = "removal" if remove else "control"
     cal = job.rc.calibration
-    arm = Arm(remove, SpecialPositions(adapter.eot_id, cal.special_positions, sink=remove and cal.sink_prefix),
+    # both arms: the losses leave a sink's position 0 alone in the control too (it has no frozen norm to skip)
+    arm = Arm(remove, SpecialPositions(adapter.eot_id, cal.special_positions, sink=cal.sink_prefix),
               label="remove-ln" if remove else "control", val=val, ckpt=job.ckpts.get(phase),
               on_step=_ON_STEP.get(phase), progress=job.progress,
               teacher=job.model.eval().requires_grad_(False) if job.rc.losses.distils else None)

@@ -126,17 +126,19 @@ def scale_spread(log_scales: list[Tensor], keep: Bool[Tensor, "batch pos 1"]) ->
 
 
 def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], ordinary: Bool[Tensor, "batch pos 1"],
-                      delta: float) -> Tensor:
+                      delta: float, sink: Bool[Tensor, "batch pos 1"] | None = None) -> Tensor:
     """Mean over sites of mean over **every** position of relu(s_t / σ − (1 + δ))², σ = sqrt(mean s_t²)
     over the ordinary positions — the σ the site will be frozen at — held constant, so only the outliers
     are pushed down, not the scale as a whole. BOS and end-of-text tokens are included: they are the
-    loudest positions, and after the special positions lose their own σ they are divided by this one."""
+    loudest positions, and after the special positions lose their own σ they are divided by this one —
+    except a sink prefix's position 0 (``sink``), which is never divided by σ, so keeps its scale."""
     k = ordinary.float()
     n = k.sum().clamp_min(1)
+    counted = torch.ones_like(k) if sink is None else (~sink).float()
     out = []
     for s in scales:
         sigma = ((s.detach().pow(2) * k).sum() / n).sqrt().clamp_min(1e-12)
-        out.append(torch.relu(s / sigma - (1 + delta)).pow(2).mean())
+        out.append((torch.relu(s / sigma - (1 + delta)).pow(2) * counted).sum() / counted.sum().clamp_min(1))
     return torch.stack(out).mean()
 
 
@@ -178,7 +180,8 @@ class LossWatch:
         if w["scale"] > 0 and self.log_scales:
             total = total + w["scale"] * scale_spread(self.log_scales, positions.ordinary())
         if w["mlp"] > 0 and self.mlp_scales:
-            total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta)
+            total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta,
+                                                         positions.sink_mask)
         std = self.final_norm.standardize
         sigma = std.ordinary_scale()
         if w["anchor"] > 0 and self.final and sigma is not None:
