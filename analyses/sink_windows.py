@@ -1,0 +1,87 @@
+"""Window by window: the validation CE of a remove-ln directory, its control, the original and the stock
+reload (transformers, with the sink prefix as its cache when the directory has one), and where each
+overflowing window first grows past 1e5.
+
+    python analyses/sink_windows.py runs/smol/S5 [--original smollm2] [--corpus english] [--json]
+
+A norm-free model that overflows on a few windows has a NaN mean CE; this gives the mean over the windows
+every model keeps finite (the same windows for all four), how many did not, and the token and layer at
+which each of them broke (docs/ln_removal.md, fifth session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import workbench
+from workbench.batches import load_token_data
+from workbench.model import sink
+from workbench.model.gpt import lm_cross_entropy
+
+BLOWN = 1e5  # a residual entry this large: the window is overflowing (the models' entries stay below ~5e3)
+
+
+@torch.no_grad()
+def first_blow_up(model, window: torch.Tensor) -> dict | None:
+    """The first layer and position whose residual exceeds ``BLOWN`` (None if none does)."""
+    _, cache = model.run_with_cache(window[None], names_filter=lambda n: n.endswith("hook_resid_post"))
+    shift = 1 if model.sink_token is not None else 0  # behind a prefix the hooks start at position 1
+    for layer in range(model.cfg.n_layers):
+        peak = torch.nan_to_num(cache[f"blocks.{layer}.hook_resid_post"][0].abs().amax(-1), nan=math.inf)
+        if peak.max() > BLOWN:
+            pos = int(peak.argmax()) + shift
+            return {"layer": layer, "pos": pos, "text": model.to_string(window[max(0, pos - 3): pos + 1])}
+    return None
+
+
+@torch.no_grad()
+def window_table(directory: str, original: str, corpus: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    d = Path(directory)
+    models = {"ln_free": workbench.load(d), "control": workbench.load(d / "control"), "original": workbench.load(original)}
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    prefix = sink.read(d / sink.SINK_FILE) if (d / sink.SINK_FILE).is_file() else None
+    stock = (lambda b: hf(input_ids=b).logits) if prefix is None else (lambda b: sink.stock_logits(hf, prefix, b))
+    free = models["ln_free"]
+    data = load_token_data(corpus, free.cfg.d_vocab, tokenizer=free.tokenizer)
+    n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]
+    rows = []
+    for b in data.val_batches(16, 8, n_ctx):  # remove-ln's own validation windows
+        ce = {k: lm_cross_entropy(m(b), b, per_token=True).mean(1).tolist() for k, m in models.items()}
+        ce["stock"] = lm_cross_entropy(stock(b), b, per_token=True).mean(1).tolist()
+        rows += [({k: v[i] for k, v in ce.items()}, b[i]) for i in range(len(b))]
+    finite = [r for r, _ in rows if all(math.isfinite(x) and x < 30 for x in r.values())]
+    mean = {k: sum(r[k] for r in finite) / len(finite) for k in finite[0]}
+    broken = [first_blow_up(free, w) for r, w in rows if not (math.isfinite(r["ln_free"]) and r["ln_free"] < 30)]
+    return {"windows": len(rows), "finite": len(finite), "mean_ce_finite": mean,
+            "delta_vs_control": mean["ln_free"] - mean["control"], "delta_vs_original": mean["ln_free"] - mean["original"],
+            "overflowing": broken}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("directory")
+    p.add_argument("--original", default="smollm2")
+    p.add_argument("--corpus", default="english")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    t = window_table(a.directory, a.original, a.corpus)
+    if a.json:
+        print(json.dumps(t, indent=1))
+        return
+    m = t["mean_ce_finite"]
+    print(f"{t['finite']} of {t['windows']} windows finite; CE there: norm-free {m['ln_free']:.4f}, stock reload "
+          f"{m['stock']:.4f}, control {m['control']:.4f}, original {m['original']:.4f}; Δ vs control "
+          f"{t['delta_vs_control']:+.3f}, vs original {t['delta_vs_original']:+.3f}")
+    for b in t["overflowing"]:
+        print(f"  overflows: layer {b['layer']}, position {b['pos']} ({b['text']!r})" if b else "  overflows (no entry > 1e5)")
+
+
+if __name__ == "__main__":
+    main()
