@@ -46,8 +46,7 @@ def window_table(directory: str, original: str, corpus: str) -> dict:
     d = Path(directory)
     models = {"ln_free": workbench.load(d), "control": workbench.load(d / "control"), "original": workbench.load(original)}
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    prefix = sink.read(d / sink.SINK_FILE) if (d / sink.SINK_FILE).is_file() else None
-    stock = (lambda b: hf(input_ids=b).logits) if prefix is None else (lambda b: sink.stock_logits(hf, prefix, b))
+    stock = sink.stock_forward(hf, d)
     free = models["ln_free"]
     data = load_token_data(corpus, free.cfg.d_vocab, tokenizer=free.tokenizer)
     n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]

@@ -90,12 +90,11 @@ def verify_export(model: "GPT", directory: Path, tokens: Tensor | None = None) -
 
     t = check_tokens(model, tokens)
     stock = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    prefix = sink.read(directory / sink.SINK_FILE) if (directory / sink.SINK_FILE).is_file() else None
+    prefix = sink.read_beside(directory)
     if prefix is not None:
         t = torch.cat([torch.full_like(t[:, :1], prefix.token), t[:, 1:]], dim=1)
     with torch.no_grad():
-        ref = stock(input_ids=t).logits if prefix is None else sink.stock_logits(stock, prefix, t)
-        ours, ref = model.cpu()(t).float(), ref.float()
+        ours, ref = model.cpu()(t).float(), sink.stock_forward(stock, directory)(t).float()
     finite = torch.isfinite(ours)
     if not finite.any():
         raise WorkbenchError("the model's logits are not finite on the export check tokens, so the export cannot "

@@ -93,10 +93,16 @@ def attach(model: "GPT", prefix: SinkPrefix) -> "GPT":
     return model
 
 
+def read_beside(directory: Path) -> SinkPrefix | None:
+    """The prefix written beside the weights in ``directory``, or None."""
+    path = Path(directory) / SINK_FILE
+    return read(path) if path.is_file() else None
+
+
 def beside(model: "GPT", directory: Path) -> "GPT":
     """``model`` attending to the prefix written beside its weights in ``directory``, if there is one."""
-    path = Path(directory) / SINK_FILE
-    return attach(model, read(path)) if path.is_file() else model
+    prefix = read_beside(directory)
+    return model if prefix is None else attach(model, prefix)
 
 
 def prefix_of(model: "GPT") -> SinkPrefix | None:
@@ -161,5 +167,13 @@ def stock_logits(hf, prefix: SinkPrefix, tokens: Int[Tensor, "batch pos"]) -> Fl
     return torch.cat([prefix.logits.float().expand(tokens.shape[0], 1, -1), rest], dim=1)
 
 
-__all__ = ["SINK_FILE", "SinkPrefix", "attach", "beside", "capture", "check_input", "prefix_of", "read", "save", "stock_cache",
+def stock_forward(hf, directory: Path) -> Callable[[Tensor], Tensor]:
+    """tokens → logits of a stock transformers model read from ``directory``, behind its prefix if it has one."""
+    prefix = read_beside(directory)
+    if prefix is None:
+        return lambda tokens: hf(input_ids=tokens).logits
+    return lambda tokens: stock_logits(hf, prefix, tokens)
+
+
+__all__ = ["SINK_FILE", "SinkPrefix", "attach", "beside", "read_beside", "stock_forward", "capture", "check_input", "prefix_of", "read", "save", "stock_cache",
            "stock_logits"]

@@ -304,8 +304,7 @@ def _stock_ce(directory: Path, val: list[torch.Tensor]) -> float:
     from ..model.gpt import lm_cross_entropy
 
     hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
-    prefix = sink.read(directory / sink.SINK_FILE) if (directory / sink.SINK_FILE).is_file() else None
-    logits = (lambda b: hf(input_ids=b).logits) if prefix is None else (lambda b: sink.stock_logits(hf, prefix, b))
+    logits = sink.stock_forward(hf, directory)
     losses = [lm_cross_entropy(logits(b.cpu()), b.cpu()).item() for b in val]
     return sum(losses) / len(losses)
 
