@@ -129,6 +129,61 @@ def test_mlp_penalty_watches_only_the_mlp_norms_not_yet_frozen():
     watch.remove()
 
 
+def test_frozen_penalty_is_one_sided_against_each_sites_frozen_sigma():
+    """relu(s/σ_site − (1+δ))², written out: σ is the constant the site divides by (not this batch's rms), and
+    a sink's position 0 (which keeps its live norm) is not counted."""
+    from workbench.removal.losses import frozen_scale_penalty
+
+    a = torch.tensor([9.0, 1.0, 2.5, 4.0]).reshape(1, 4, 1)
+    b = torch.tensor([0.5, 0.5, 7.0, 0.1]).reshape(1, 4, 1)
+    sig_a, sig_b, delta = torch.tensor(2.0), torch.tensor(3.0), 0.1
+    pa = [max(0.0, v / 2.0 - 1.1) ** 2 for v in (9.0, 1.0, 2.5, 4.0)]
+    pb = [max(0.0, v / 3.0 - 1.1) ** 2 for v in (0.5, 0.5, 7.0, 0.1)]
+    got = frozen_scale_penalty([a, b], [sig_a, sig_b], delta).item()
+    assert got == pytest.approx((sum(pa) / 4 + sum(pb) / 4) / 2, rel=1e-6)
+    sink = torch.tensor([True, False, False, False]).reshape(1, 4, 1)
+    got = frozen_scale_penalty([a, b], [sig_a, sig_b], delta, sink).item()
+    assert got == pytest.approx((sum(pa[1:]) / 3 + sum(pb[1:]) / 3) / 2, rel=1e-6)
+    # the live penalty's σ is the batch's own rms: on the same scales it gives another number
+    keep = torch.ones(1, 4, 1, dtype=torch.bool)
+    assert mlp_scale_penalty([a], keep, delta).item() != pytest.approx(sum(pa) / 4, rel=1e-3)
+    s = a.clone().requires_grad_()
+    sig = torch.tensor(2.0, requires_grad=True)
+    frozen_scale_penalty([s], [sig], delta).backward()
+    assert sig.grad is None or sig.grad == 0  # σ is a constant of the frozen norm
+    assert s.grad[0, 1, 0] == 0 and s.grad[0, 0, 0] > 0 and s.grad[0, 3, 0] > 0
+
+
+def test_frozen_penalty_watches_the_frozen_mlp_norms_with_their_sigma():
+    m = heavy_swiglu()
+    adapter = GPTRemoval(m, split_mlp=True)
+    rc = RemovalConfig.of(frozen_penalty=2.0, penalty_delta=0.05)
+    watch = rc.losses.watch(adapter)
+    pos = SpecialPositions(eot_id=None)
+    t = tokens()
+    pos.update(t)
+    adapter.net(t)
+    assert watch.frozen_scales == [] and watch.mlp_scales == []  # nothing frozen; the live penalty is off
+    up0 = adapter.sites[0]
+    seen = []
+    h = up0.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    sig = calibrate(adapter, up0.norm, t, pos)
+    freeze(up0.norm, {**sig, "step": 0}, pos)
+    watch.clear()
+    seen.clear()
+    adapter.net(t)
+    h.remove()
+    assert len(watch.frozen_scales) == 1
+    sigma = up0.norm.standardize.ordinary_scale()
+    x = seen[0].float()
+    scale = x.pow(2).mean(-1, keepdim=True).sqrt()  # RMSNorm: no centering
+    want = 2.0 * torch.relu(scale / sigma - 1.05).pow(2).mean()
+    loss = torch.tensor(1.5)
+    assert (watch.objective(loss, pos) - loss).item() == pytest.approx(want.item(), rel=1e-5)
+    assert want.item() > 0  # the heavy model has positions above 1.05 σ: the check can fail
+    watch.remove()
+
+
 # --- the split MLP norm ------------------------------------------------------------------------------
 
 def test_split_schedule_freezes_up_paths_first_and_gates_last():
@@ -252,6 +307,7 @@ def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_cor
 @pytest.mark.parametrize("argv,message", [
     (["--mlp-penalty", "1", "--penalty-delta", "-0.1"], "--penalty-delta δ must be ≥ 0"),
     (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),
+    (["--frozen-penalty", "-0.5"], "--frozen-penalty must be ≥ 0"),
     (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
     (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
     (["--bridge-steps", "4"], "--bridge-steps needs a hand-over (ramp, clip, taper)"),

@@ -6,6 +6,9 @@
   scale are penalised (``--mlp-penalty W --penalty-delta δ``). A gated MLP answers a position k times
   above σ with an output ~k² larger once its norm is frozen, so the outliers, not the spread, are what
   must be gone before then.
+* ``frozen_scale_penalty`` — the same one-sided penalty after the freeze, against the σ each MLP norm was
+  frozen at (``--frozen-penalty W``): nothing else bounds the k² feedback then, and a rare token a few σ
+  loud at one frozen gate is louder at the next (how S6's validation windows overflowed).
 * ``kl_to_teacher`` — distillation (``--objective kl|mix``): KL(original ‖ model) per position, the
   original with its norms live, so the model tries to stay what it was instead of also adapting to
   the fine-tuning corpus.
@@ -43,12 +46,14 @@ class Losses:
     scale_loss: float = opt(0.0, "weight of a loss on the spread of log per-token scale at every norm")
     mlp_penalty: float = opt(0.0, "weight of a one-sided penalty on per-position scales above (1+δ)·σ at "
                                   "MLP-norm inputs not yet frozen")
-    penalty_delta: float = opt(0.1, "δ of --mlp-penalty")
+    penalty_delta: float = opt(0.1, "δ of --mlp-penalty and --frozen-penalty")
+    frozen_penalty: float = opt(0.0, "weight of the same one-sided penalty at MLP-norm inputs already frozen, "
+                                     "on scales above (1+δ) times the σ each was frozen at (0: off)")
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise WorkbenchError(f"unknown --objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        for name in ("aux_loss", "scale_loss", "mlp_penalty", "kl_weight", "logit_anchor"):
+        for name in ("aux_loss", "scale_loss", "mlp_penalty", "frozen_penalty", "kl_weight", "logit_anchor"):
             if getattr(self, name) < 0:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.penalty_delta < 1e6:
@@ -70,7 +75,7 @@ class Losses:
 
     def watch(self, adapter) -> LossWatch:
         return LossWatch(adapter, aux=self.aux_loss, scale=self.scale_loss, mlp=self.mlp_penalty,
-                         delta=self.penalty_delta, anchor=self.logit_anchor)
+                         delta=self.penalty_delta, anchor=self.logit_anchor, frozen=self.frozen_penalty)
 
 
 OBJECTIVES = ("ce", "kl", "mix")
@@ -142,24 +147,38 @@ def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], ordinary: Bool
     return torch.stack(out).mean()
 
 
+def frozen_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], sigmas: list[Tensor], delta: float,
+                         sink: Bool[Tensor, "batch pos 1"] | None = None) -> Tensor:
+    """Mean over frozen sites of mean over every position (but a sink prefix's position 0, which keeps its
+    live norm) of relu(s_t / σ_site − (1 + δ))², σ_site the constant the site divides by."""
+    out = []
+    for s, sigma in zip(scales, sigmas, strict=True):
+        counted = torch.ones_like(s) if sink is None else (~sink).to(s.dtype)
+        ratio = s / sigma.detach().float().clamp_min(1e-12)
+        out.append((torch.relu(ratio - (1 + delta)).pow(2) * counted).sum() / counted.sum().clamp_min(1))
+    return torch.stack(out).mean()
+
+
 class LossWatch:
     """What the auxiliary losses read during one forward — the final residual (``aux``), every site's
-    log scale (``scale``) and the scales of the MLP-norm inputs still live (``mlp``) — and the objective
-    they add to the language-model loss, each with its weight."""
+    log scale (``scale``) and the scales of the MLP-norm inputs, still live (``mlp``) or frozen
+    (``frozen``, with the σ each divides by) — and the objective they add to the language-model loss, each
+    with its weight."""
 
     def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1,
-                 anchor: float = 0.0):
-        self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor}
+                 anchor: float = 0.0, frozen: float = 0.0):
+        self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor, "frozen": frozen}
         self.final_norm = adapter.final_norm  # its standardization is replaced when it is frozen
         self.delta = delta
         self.final: list[Tensor] = []
         self.log_scales: list[Tensor] = []
         self.mlp_scales: list[Tensor] = []
+        self.frozen_scales: list[tuple[Tensor, Tensor]] = []
         self.handles = [adapter.final_norm.register_forward_pre_hook(self._final)]
         if scale > 0:
             # per token and residual-wide: a QK-norm's per-head scales are not spread over positions alike
             self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites if s.kind != "qk"]
-        if mlp > 0:
+        if mlp > 0 or frozen > 0:
             self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
 
     def _final(self, mod, args) -> None:
@@ -169,8 +188,12 @@ class LossWatch:
         self.log_scales.append(log_scale(args[0], mod.standardize.centers))
 
     def _mlp_scale(self, mod, args) -> None:
-        if not mod.standardize.scale_frozen:  # only until the norm is frozen
-            self.mlp_scales.append(token_scale(args[0], mod.standardize.centers))
+        std = mod.standardize
+        if not std.scale_frozen:
+            if self.weights["mlp"] > 0:
+                self.mlp_scales.append(token_scale(args[0], std.centers))
+        elif self.weights["frozen"] > 0:
+            self.frozen_scales.append((token_scale(args[0], std.centers), std.ordinary_scale()))
 
     def objective(self, loss: Tensor, positions: SpecialPositions) -> Tensor:
         w = self.weights
@@ -182,6 +205,10 @@ class LossWatch:
         if w["mlp"] > 0 and self.mlp_scales:
             total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta,
                                                          positions.sink_mask)
+        if w["frozen"] > 0 and self.frozen_scales:
+            scales, sigmas = zip(*self.frozen_scales)
+            total = total + w["frozen"] * frozen_scale_penalty(list(scales), list(sigmas), self.delta,
+                                                               positions.sink_mask)
         std = self.final_norm.standardize
         sigma = std.ordinary_scale()
         if w["anchor"] > 0 and self.final and sigma is not None:
@@ -192,6 +219,7 @@ class LossWatch:
         self.final.clear()
         self.log_scales.clear()
         self.mlp_scales.clear()
+        self.frozen_scales.clear()
 
     def remove(self) -> None:
         for h in self.handles:
