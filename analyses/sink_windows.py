@@ -2,7 +2,10 @@
 reload (transformers, with the sink prefix as its cache when the directory has one), and where each
 overflowing window first grows past 1e5.
 
-    python analyses/sink_windows.py runs/smol/S5 [--original smollm2] [--corpus english] [--json]
+    python analyses/sink_windows.py runs/smol/S5 [--original smollm2] [--control DIR] [--corpus english] [--json]
+
+``--control`` names another run's control, for an ablation run with ``--no-control`` on the same batches
+(its summary's batch hash must equal that run's: checked).
 
 A norm-free model that overflows on a few windows has a NaN mean CE; this gives the mean over the windows
 every model keeps finite (the same windows for all four), how many did not, and the token and layer at
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -40,11 +44,19 @@ def first_blow_up(model, window: torch.Tensor) -> dict | None:
 
 
 @torch.no_grad()
-def window_table(directory: str, original: str, corpus: str) -> dict:
+def window_table(directory: str, original: str, corpus: str, control: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     d = Path(directory)
-    models = {"ln_free": workbench.load(d), "control": workbench.load(d / "control"), "original": workbench.load(original)}
+    c = d / "control" if control is None else Path(control)
+    if control is not None:
+        ours = json.loads((d / "summary.json").read_text())["batches"]["removal"]
+        theirs = json.loads((c.parent / "summary.json").read_text())["batches"]["control"]
+        if ours != theirs:
+            print(f"error: {c} was fine-tuned on other batches ({theirs}) than {d} ({ours}); name the control of a "
+                  "run with the same --tokens-per-step, steps and seed", file=sys.stderr)
+            raise SystemExit(2)
+    models = {"ln_free": workbench.load(d), "control": workbench.load(c), "original": workbench.load(original)}
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     stock = sink.stock_forward(hf, d)
     free = models["ln_free"]
@@ -67,10 +79,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("directory")
     p.add_argument("--original", default="smollm2")
+    p.add_argument("--control", default=None, help="another run's control directory (default: DIR/control)")
     p.add_argument("--corpus", default="english")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    t = window_table(a.directory, a.original, a.corpus)
+    t = window_table(a.directory, a.original, a.corpus, a.control)
     if a.json:
         print(json.dumps(t, indent=1))
         return
