@@ -20,6 +20,9 @@ from workbench.tokenizer import EOT
 @torch.no_grad()
 def probe(spec: str, tokens: int) -> list[str]:
     model = workbench.load(spec)
+    if model.sink_token is not None:  # norm-free behind a stored position 0: no norm scale, no position-0 residual
+        print(f"error: {spec} has an attention-sink prefix and no norms; probe the model it was made from", file=sys.stderr)
+        raise SystemExit(2)
     batches = corpus_batches(model, "english", tokens)
     stats = residual_statistics(model, batches)
     L = model.cfg.n_layers

@@ -75,14 +75,39 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
             "overflowing": broken}
 
 
+@torch.no_grad()
+def long_windows(directory: str, original: str, corpus: str, length: int, count: int = 4) -> dict:
+    """CE of the stock reload (with its prefix) and of the original on ``count`` held-out windows of
+    ``length`` tokens — longer than the export's working context, which RoPE does not bound (issue 24,
+    item 6: the Ranker's 1024)."""
+    from transformers import AutoModelForCausalLM
+
+    d = Path(directory)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    stock = sink.stock_forward(hf, d)
+    orig = workbench.load(original, n_ctx=length)
+    data = load_token_data(corpus, orig.cfg.d_vocab, tokenizer=orig.tokenizer)
+    rows = []
+    for w in data.val_batches(count, 1, length):
+        free = lm_cross_entropy(stock(w).float(), w).item()
+        rows.append({"ln_free": free, "original": lm_cross_entropy(orig(w).float(), w).item()})
+    return {"length": length, "windows": rows, "finite": sum(math.isfinite(r["ln_free"]) and r["ln_free"] < 30 for r in rows)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("directory")
     p.add_argument("--original", default="smollm2")
     p.add_argument("--control", default=None, help="another run's control directory (default: DIR/control)")
     p.add_argument("--corpus", default="english")
+    p.add_argument("--long", type=int, default=0, help="also the stock reload's CE on 4 held-out windows this long")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.long:
+        t = long_windows(a.directory, a.original, a.corpus, a.long)
+        for r in t["windows"]:
+            print(f"{t['length']} tokens: norm-free (stock reload) {r['ln_free']:.4f}, original {r['original']:.4f}")
+        print(f"{t['finite']} of {len(t['windows'])} long windows finite")
     t = window_table(a.directory, a.original, a.corpus, a.control)
     if a.json:
         print(json.dumps(t, indent=1))

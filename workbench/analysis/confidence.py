@@ -7,6 +7,9 @@ weight geometry — output-weight norm and the fraction of it in the effective n
 left singular directions with the smallest singular values) — and measure their effect on the
 prediction entropy when mean-ablated, once with the final norm live and once with its scale frozen
 at the clean value. The share that goes through the scale is 1 − frozen / total.
+
+Behind an attention-sink prefix (``model/sink.py``) position 0 is the stored prefix: it is neither in the
+mean activation nor ablated, and its entropy (of the stored logits) is the same in every run.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ Layers index the residual stream: h_0 … h_{L−1} are the inputs of blocks 0 �
 of tokens. Pretrained models often park "massive activations" on the first token (an attention
 sink), which swamp a plain mean; every residual statistic is therefore also reported over positions
 ≥ 1 and as a median over tokens.
+
+Behind an attention-sink prefix (``model/sink.py``) position 0 is not computed: its residual is not there to
+measure, so what needs it (``resid_var``, ``resid_rms``, ``max_abs_first``) is None and every other statistic
+is over positions ≥ 1. The prefix is a constant of the weights: a skipped block is skipped at positions ≥ 1,
+position 0's keys, values and logits staying the stored ones, and no gradient flows through them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..model import GPT
+from .positions import first_computed
 from .streaming import LogHistogram, Welford
 
 SCHEMA_VERSION = 1
@@ -36,6 +43,43 @@ class _Layer:
     max_abs_first: Tensor | None = None  # per dimension, position 0
     max_abs_rest: Tensor | None = None  # per dimension, positions ≥ 1
     sq_norm: Tensor | None = None  # per-token ‖h‖² of the current batch
+
+    def add(self, x: Float[Tensor, "batch pos d_model"], first: int) -> None:
+        """One batch of residuals whose first position is token position ``first`` (1 behind a sink prefix)."""
+        d = x.shape[-1]
+        # One pass each for per-token sums and norms; everything else derives from them.
+        s1 = x.sum(-1).double()
+        s2 = torch.linalg.vector_norm(x, dim=-1).double().pow(2)
+        rest = 1 - first  # where positions ≥ 1 start in x
+        self.var_all.update_moments(s1.numel() * d, s1.sum().item(), s2.sum().item())
+        self.var_rest.update_moments(s1[:, rest:].numel() * d, s1[:, rest:].sum().item(), s2[:, rest:].sum().item())
+        self.token_var.update((s2 / d - (s1 / d) ** 2).clamp_min(0))
+        self.token_rms.update((s2 / d).sqrt())
+        if not first:
+            m0 = x[:, 0].abs().amax(0)
+            self.max_abs_first = m0 if self.max_abs_first is None else torch.maximum(self.max_abs_first, m0)
+        lo, hi = torch.aminmax(x[:, rest:], dim=1)  # reduce positions first: no copy of the slice
+        m1 = torch.maximum(hi.amax(0), -lo.amin(0))
+        self.max_abs_rest = m1 if self.max_abs_rest is None else torch.maximum(self.max_abs_rest, m1)
+        self.sq_norm = s2
+
+    def record(self, layer: int, first: int, scales: dict) -> dict:
+        """The layer's row of ``residual_statistics`` (``scales``: the norm-scale columns); behind a sink prefix
+        (``first`` 1) what needs position 0 is None."""
+        med_rms = self.token_rms.quantile(0.5)
+        m0, m1 = self.max_abs_first, self.max_abs_rest
+        peak = m1 if first else torch.maximum(m0, m1)
+        dims = [d for d in peak.argsort(descending=True)[:MAX_MASSIVE].tolist() if peak[d] > MASSIVE_FACTOR * med_rms]
+        massive = [{"dim": d, "max_abs_first": None if first else m0[d].item(), "max_abs_rest": m1[d].item()}
+                   for d in dims]
+        return {
+            "layer": layer,
+            "resid_var": None if first else self.var_all.var, "resid_var_pos1": self.var_rest.var,
+            "resid_rms": None if first else math.sqrt(self.var_all.var + self.var_all.mean ** 2),
+            "resid_rms_pos1": math.sqrt(self.var_rest.var + self.var_rest.mean ** 2),
+            "resid_var_median_token": self.token_var.quantile(0.5), "resid_rms_median_token": med_rms,
+            **scales, "massive_dims": massive,
+        }
 
 
 def _resid_names(model: GPT) -> list[str]:
@@ -56,24 +100,11 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
     angular = {n: [Welford() for _ in range(L + 1 - n)] for n in sorted({1, far})}
     n_tokens = 0
     current: dict[int, Tensor] = {}
+    first = first_computed(model)
 
     def resid_hook(x, hook, i):
         current[i] = x
-        s = layers[i]
-        d = x.shape[-1]
-        # One pass each for per-token sums and norms; everything else derives from them.
-        s1 = x.sum(-1).double()
-        s2 = torch.linalg.vector_norm(x, dim=-1).double().pow(2)
-        s.var_all.update_moments(s1.numel() * d, s1.sum().item(), s2.sum().item())
-        s.var_rest.update_moments(s1[:, 1:].numel() * d, s1[:, 1:].sum().item(), s2[:, 1:].sum().item())
-        s.token_var.update((s2 / d - (s1 / d) ** 2).clamp_min(0))
-        s.token_rms.update((s2 / d).sqrt())
-        m0 = x[:, 0].abs().amax(0)
-        lo, hi = torch.aminmax(x[:, 1:], dim=1)  # reduce positions first: no copy of the slice
-        m1 = torch.maximum(hi.amax(0), -lo.amin(0))
-        s.max_abs_first = m0 if s.max_abs_first is None else torch.maximum(s.max_abs_first, m0)
-        s.max_abs_rest = m1 if s.max_abs_rest is None else torch.maximum(s.max_abs_rest, m1)
-        s.sq_norm = s2
+        layers[i].add(x, first)
 
     hooks = [(name, lambda x, hook, i=i: resid_hook(x, hook, i)) for i, name in enumerate(names)]
     for site, acc in scales.items():
@@ -97,22 +128,11 @@ def residual_statistics(model: GPT, batches: list[Tensor], far: int = 4) -> dict
 
     out: dict = {"n_tokens": n_tokens, "layers": []}
     for i, s in enumerate(layers):
-        med_rms = s.token_rms.quantile(0.5)
-        peak = torch.maximum(s.max_abs_first, s.max_abs_rest)
-        dims = [d for d in peak.argsort(descending=True)[:MAX_MASSIVE].tolist() if peak[d] > MASSIVE_FACTOR * med_rms]
-        massive = [{"dim": d, "max_abs_first": s.max_abs_first[d].item(), "max_abs_rest": s.max_abs_rest[d].item()}
-                   for d in dims]
-        out["layers"].append({
-            "layer": i,
-            "resid_var": s.var_all.var, "resid_var_pos1": s.var_rest.var,
-            "resid_rms": math.sqrt(s.var_all.var + s.var_all.mean ** 2),
-            "resid_rms_pos1": math.sqrt(s.var_rest.var + s.var_rest.mean ** 2),
-            "resid_var_median_token": s.token_var.quantile(0.5), "resid_rms_median_token": med_rms,
+        out["layers"].append(s.record(i, first, {
             **{f"{site.removeprefix('attn.')}_scale": acc[i].mean if i < L else None for site, acc in scales.items()},
             "ln_final_scale": final_scale.mean if i == L else None,
             "block_update_ratio": update[i].mean if i < L else None,
-            "massive_dims": massive,
-        })
+        }))
     out["angular_distance"] = {str(n): [a.mean for a in accs] for n, accs in angular.items()}
     return out
 

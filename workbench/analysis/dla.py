@@ -27,6 +27,7 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Norm
+from .positions import hook_position
 
 
 @dataclass
@@ -83,8 +84,10 @@ def residual_components(
     """Names and vectors of the components whose sum is the final residual at ``pos``. In a sandwich
     block (``ln1_post``/``ln2_post``) every head, neuron and bias reaches the residual through the post-norm
     frozen at this position's actual scale — a linear map, so their images still sum exactly to what the
-    block added; the norm's own constant (its bias β) is one more component, ``L{l}.ln1_post.offset``."""
+    block added; the norm's own constant (its bias β) is one more component, ``L{l}.ln1_post.offset``.
+    ``pos`` is a token position: behind a sink prefix the hooks start at token 1, and position 0 is refused."""
     require_residual_sum(model)
+    pos = hook_position(model, tokens.shape[-1], pos, "direct logit attribution")
     names_filter = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith(  # noqa: E731
         ("attn.hook_z", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"))
     _, cache = model.run_with_cache(tokens, names_filter=names_filter)

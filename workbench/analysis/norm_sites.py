@@ -15,6 +15,10 @@ The logit lens reads an earlier residual h_ℓ through the final norm and the un
   linearization at h_L), then the same gain, unembedding and soft-cap. This is what TransformerLens'
   ``accumulated_resid(apply_ln=True)`` did before its bug #1076 was fixed; shown beside the recomputed
   lens because the two part wherever the residual's scale grows with depth.
+
+Positions are token positions. Behind an attention-sink prefix (``model/sink.py``) the model computes
+positions 1, 2, … only: position 0's norms ran once, when the prefix was captured, and its residual stream
+is not kept, so both tables start at position 1.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..errors import WorkbenchError
 from ..model import GPT
 from ..model.components import soft_cap
 from ..norms import Norm
+from .positions import SINK_POSITION_0, first_computed, require_computed
 
 # Said wherever the frozen lens is missing: what the final norm lacks, and why nothing is lost.
 NO_FROZEN = ("the frozen lens needs a final norm that divides each token by its own scale (hook_scale [batch, pos, "
@@ -39,8 +44,9 @@ LENS_VALUES = {"top_prob": "top-1 probability", "ce_next": "CE of the next token
 
 
 def prompt_tokens(model: GPT, prompt: str | Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
-                  min_tokens: int = 1) -> Int[Tensor, "1 pos"]:
-    """The prompt's tokens (BOS first for text), refused in one line when empty or too long."""
+                  min_tokens: int = 1, what: str = "this") -> Int[Tensor, "1 pos"]:
+    """The prompt's tokens (BOS first for text), refused in one line when empty, too long or with fewer than
+    ``min_tokens`` positions the model computes (behind a sink prefix, position 0 is not one)."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise WorkbenchError("the prompt is empty; type some text")
@@ -49,8 +55,7 @@ def prompt_tokens(model: GPT, prompt: str | Int[Tensor, "pos"] | Int[Tensor, "1 
         tokens = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise WorkbenchError(f"one prompt at a time, got tokens of shape {tuple(tokens.shape)}")
-    if tokens.shape[1] < min_tokens:
-        raise WorkbenchError(f"the prompt has {tokens.shape[1]} token(s); this needs at least {min_tokens}")
+    require_computed(model, tokens.shape[1], min_tokens, what)
     if tokens.shape[1] > model.cfg.n_ctx:
         raise WorkbenchError(f"the prompt is {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}; "
                              "shorten it")
@@ -85,15 +90,18 @@ def _not_per_token(scale: Tensor, n_pos: int) -> str | None:
 
 
 def _site_rows(site: str, scale: Tensor, strings: list[str]) -> pd.DataFrame:
+    """``strings``: every token's; the scale's positions are the last of them (behind a sink prefix, all but 0)."""
     s = scale[0, ..., 0].float().cpu()  # [pos] or [pos, head]
     per_head = s.dim() == 2
     s = s if per_head else s[:, None]
     n_pos, n_head = s.shape
+    first = len(strings) - n_pos
     kind, layer = site_kind(site)
     return pd.DataFrame({
         "site": site, "kind": kind, "layer": layer,
         "head": np.tile(np.arange(n_head), n_pos) if per_head else None,
-        "pos": np.repeat(np.arange(n_pos), n_head), "token": np.repeat(np.array(strings, dtype=object), n_head),
+        "pos": np.repeat(np.arange(first, first + n_pos), n_head),
+        "token": np.repeat(np.array(strings[first:], dtype=object), n_head),
         "scale": s.reshape(-1).double().numpy(),
     })
 
@@ -108,17 +116,20 @@ def norm_scales(model: GPT, prompt: str | Int[Tensor, "1 pos"]) -> pd.DataFrame:
     the prompt's tokens: BOS, end-of-text and massive-activation tokens stand out) and ``skipped``.
     A site whose scale is not per token (batch statistics, DyT, a frozen σ) gets one row whose
     ``skipped`` says why, its other values empty; identity norms get none. A model with no per-token
-    site at all is refused in one line. Puts the model in eval mode (running statistics are not updated).
+    site at all is refused in one line. Behind a sink prefix there are no rows for position 0.
+    Puts the model in eval mode (running statistics are not updated).
     """
     model.eval()
-    tokens = prompt_tokens(model, prompt, min_tokens=2)  # two positions: [1, pos, 1] ≠ a constant [1, 1, 1]
+    # two computed positions: [1, pos, 1] ≠ a constant [1, 1, 1]
+    tokens = prompt_tokens(model, prompt, min_tokens=2, what="the norm-scale table")
+    n_pos = tokens.shape[1] - first_computed(model)
     sites = norm_sites(model)
     hooks = {f"{name}.hook_scale" for name, _ in sites}
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
     strings = token_strings(model, tokens)
     measured, skipped = [], []
     for name, _ in sites:
-        why = _not_per_token(cache[f"{name}.hook_scale"], tokens.shape[1])
+        why = _not_per_token(cache[f"{name}.hook_scale"], n_pos)
         if why is None:
             measured.append(_site_rows(name, cache[f"{name}.hook_scale"], strings))
         else:
@@ -160,14 +171,15 @@ def frozen_final_logits(model: GPT, resid: Float[Tensor, "layer pos d_model"],
 def _lens_rows(model: GPT, logits: Tensor, tokens: Tensor, method: str, answer: int | None,
                strings: list[str]) -> pd.DataFrame:
     n_layer, n_pos, _ = logits.shape
+    first = len(tokens) - n_pos  # behind a sink prefix the logits start at token position 1
     logp = logits.float().log_softmax(-1)
     top_logp, top = logp.max(-1)
     ce = torch.full((n_layer, n_pos), float("nan"))
-    ce[:, :-1] = -logp[:, :-1].gather(-1, tokens[1:].expand(n_layer, -1)[..., None])[..., 0]
+    ce[:, :-1] = -logp[:, :-1].gather(-1, tokens[first + 1:].expand(n_layer, -1)[..., None])[..., 0]
     names = {i: model.to_string([i]) if model.tokenizer is not None else str(i) for i in top.unique().tolist()}
     df = pd.DataFrame({
-        "layer": np.repeat(np.arange(n_layer), n_pos), "pos": np.tile(np.arange(n_pos), n_layer),
-        "token": strings * n_layer, "next_token": (strings[1:] + [None]) * n_layer, "method": method,
+        "layer": np.repeat(np.arange(n_layer), n_pos), "pos": np.tile(np.arange(first, first + n_pos), n_layer),
+        "token": strings[first:] * n_layer, "next_token": (strings[first + 1:] + [None]) * n_layer, "method": method,
         "top_token": [names[i] for i in top.reshape(-1).tolist()], "top_token_id": top.reshape(-1).numpy(),
         "top_prob": top_logp.exp().reshape(-1).numpy(), "ce_next": ce.reshape(-1).numpy(),
     })
@@ -187,10 +199,10 @@ def logit_lens(model: GPT, prompt: str | Int[Tensor, "1 pos"], answer: str | int
     ``top_token``, ``top_token_id``, ``top_prob``, ``ce_next`` (−log p of the next token; NaN at the last
     position) and, with ``answer`` (a single token), ``answer_logprob`` and ``answer_rank``.
     ``frozen`` rows exist only where ln_final divides each token by its own scale (``NO_FROZEN``).
-    Puts the model in eval mode.
+    Behind a sink prefix there are no rows for position 0. Puts the model in eval mode.
     """
     model.eval()
-    tokens = prompt_tokens(model, prompt)
+    tokens = prompt_tokens(model, prompt, what="the logit lens")
     a = model.to_single_token(answer) if isinstance(answer, str) else answer
     if a is not None and not 0 <= a < model.cfg.d_vocab:
         raise WorkbenchError(f"answer token id {a} is outside the vocabulary (0..{model.cfg.d_vocab - 1})")
@@ -199,7 +211,7 @@ def logit_lens(model: GPT, prompt: str | Int[Tensor, "1 pos"], answer: str | int
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
     resid = torch.stack([cache[hook][0] for _, hook in sites])  # [layer, pos, d_model]
     logits = {"recomputed": model.final_logits(resid)}
-    if _not_per_token(cache["ln_final.hook_scale"], tokens.shape[1]) is None:
+    if _not_per_token(cache["ln_final.hook_scale"], resid.shape[1]) is None:
         logits["frozen"] = frozen_final_logits(model, resid, resid[-1])
     strings = token_strings(model, tokens)
     table = pd.concat([_lens_rows(model, lg.cpu(), tokens[0].cpu(), m, a, strings) for m, lg in logits.items()],
@@ -213,6 +225,11 @@ def lens_side_by_side(table: pd.DataFrame, pos: int = -1) -> pd.DataFrame:
     the other's: ``recomputed top_token``, ``frozen top_token``, … (columns empty at that position dropped)"""
     p = int(table.pos.max()) + 1 + pos if pos < 0 else pos
     t = table[table.pos == p]
+    if t.empty:
+        lo, hi = int(table.pos.min()), int(table.pos.max())
+        behind = f"; {SINK_POSITION_0}" if lo == 1 else ""
+        raise WorkbenchError(f"the logit-lens table has no position {pos} (it covers positions {lo}–{hi}{behind}); "
+                             "pick one of those")
     values = [c for c in ("top_token", "top_prob", "ce_next", "answer_logprob", "answer_rank") if c in t]
     wide = t.pivot(index="layer", columns="method", values=values)
     methods = [m for m in ("recomputed", "frozen") if m in set(t.method)]

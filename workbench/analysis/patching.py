@@ -6,6 +6,10 @@ attribution patching estimates the same change to first order, grad(metric) · (
 from one forward and one backward pass of the corrupted prompt. Units: the residual stream at each
 (layer, position), each attention head (hook_z, all positions) and each MLP (hook_mlp_out, all
 positions). Patching needs no linear residual stream, so it works on every normalization.
+
+Positions are token positions. Behind an attention-sink prefix (``model/sink.py``) the hooks see positions
+1, 2, … only; position 0 holds the sink token in both prompts and is a constant of the weights, so patching
+it changes nothing: its rows are exactly 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from ..model import GPT
 from .dla import answer_direction
+from .positions import first_computed, require_computed
 
 
 @dataclass
@@ -51,6 +56,7 @@ def _pair(model: GPT, clean: str | Tensor, corrupt: str | Tensor) -> tuple[Tenso
             f"clean and corrupted prompts must have the same number of tokens ({c.shape[-1]} vs {k.shape[-1]}); "
             "change words one-for-one so the positions line up"
         )
+    require_computed(model, c.shape[-1], 1, "patching")
     return c, k
 
 
@@ -78,16 +84,10 @@ def patching(
     corrupt_m, grads, acts = _corrupt_with_grads(model, corrupt_tokens, names, metric)
 
     rows = []
-    n_pos = clean_tokens.shape[-1]
     with torch.no_grad():
         for l in range(model.cfg.n_layers):
             key = f"blocks.{l}.hook_resid_pre"
-            delta = clean_cache[key] - acts[key]
-            attr = (grads[key] * delta).sum(-1)[0]
-            for p in range(n_pos):
-                m = _patched(model, corrupt_tokens, key, clean_cache[key], metric, pos=p)
-                rows.append(dict(kind="resid", layer=l, pos=p, head=None, activation=m - corrupt_m,
-                                 attribution=attr[p].item()))
+            rows += _resid_rows(model, corrupt_tokens, l, clean_cache[key], acts[key], grads[key], metric, corrupt_m)
             key = f"blocks.{l}.attn.hook_z"
             delta = clean_cache[key] - acts[key]
             attr = (grads[key] * delta).sum((0, 1, 3))
@@ -104,6 +104,19 @@ def patching(
     gap = clean_m - corrupt_m
     table["normalized"] = table["activation"] / gap if abs(gap) > 1e-9 else np.nan
     return PatchingResult(clean_m, corrupt_m, _pearson(table), table)
+
+
+def _resid_rows(model, tokens, layer, clean, corrupt, grad, metric, corrupt_m) -> list[dict]:
+    """One row per token position of the residual before ``layer``; the hooks' index is the position less
+    the first one the model computes (1 behind a sink prefix, whose position 0 no patch can move)."""
+    first = first_computed(model)
+    attr = (grad * (clean - corrupt)).sum(-1)[0]
+    rows = [dict(kind="resid", layer=layer, pos=p, head=None, activation=0.0, attribution=0.0) for p in range(first)]
+    for p in range(first, tokens.shape[-1]):
+        m = _patched(model, tokens, f"blocks.{layer}.hook_resid_pre", clean, metric, pos=p - first)
+        rows.append(dict(kind="resid", layer=layer, pos=p, head=None, activation=m - corrupt_m,
+                         attribution=attr[p - first].item()))
+    return rows
 
 
 def _corrupt_with_grads(model, tokens, names, metric):

@@ -126,6 +126,7 @@ def resolve_units(blocks: list | str, n_layers: int, model: str) -> list[tuple[s
 
 
 def _hooks(kind: str, blocks: list[int], means: dict[str, Tensor]):
+    # Behind a sink prefix (model/sink.py) the hooks see positions ≥ 1 only: the stored position 0 is never ablated.
     hooks = []
     for l in blocks:
         if kind == "skip":
@@ -142,19 +143,21 @@ def _hooks(kind: str, blocks: list[int], means: dict[str, Tensor]):
 
 @torch.no_grad()
 def _sublayer_means(model, batches) -> dict[str, Tensor]:
+    """Each sublayer output's mean over the positions its hook sees: behind a sink prefix (``model/sink.py``)
+    one fewer than the tokens, position 0 being the stored prefix, which no ablation reaches."""
     sums: dict[str, Tensor] = {}
-    count = 0
+    counts: dict[str, int] = {}
     names = {f"blocks.{l}.{s}" for l in range(model.cfg.n_layers) for s in ("hook_attn_out", "hook_mlp_out")}
 
     def add(x, hook):
         key = hook.name if hook.name in names else _canonical(hook.name)
         sums[key] = sums.get(key, 0) + x.sum((0, 1))
+        counts[key] = counts.get(key, 0) + x.shape[0] * x.shape[1]
 
     with model.hooks(fwd_hooks=[(n, add) for n in names]):
         for t in batches:
             model(t, return_type=None)
-            count += t.shape[0] * t.shape[1]
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def _canonical(name: str) -> str:
