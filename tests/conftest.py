@@ -100,6 +100,21 @@ def save_run(model, d: Path) -> Path:
     return d
 
 
+def assert_round_trips(model, d: Path, tokens) -> None:
+    """The config survives JSON unchanged, and the run directory written from ``model`` reloads to a model
+    with bit-equal logits on ``tokens``."""
+    import json
+
+    import workbench
+    from workbench.config import ModelConfig
+
+    c = model.cfg.to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(c))).to_dict() == c
+    again = workbench.load(save_run(model, d))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+
+
 def _hf_config(family: str, vocab: int):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 

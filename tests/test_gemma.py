@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import workbench
-from conftest import TINY_MODEL, every_analysis_runs, rel_err, save_run, scale_weights
+from conftest import TINY_MODEL, assert_round_trips, every_analysis_runs, rel_err, scale_weights
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -150,13 +150,7 @@ def test_the_window_and_the_attention_cap_apply_where_configured(gemma_dirs):
 
 
 def test_the_config_round_trips_through_a_run_directory(gemma_dirs, tmp_path):
-    m = workbench.load(gemma_dirs["gemma3_text"])
-    d = m.cfg.to_dict()
-    assert ModelConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
-    again = workbench.load(save_run(m, tmp_path / "run"))
-    t = _tokens(20)
-    with torch.no_grad():
-        assert torch.equal(again(t), m(t))
+    assert_round_trips(workbench.load(gemma_dirs["gemma3_text"]), tmp_path / "run", _tokens(20))
 
 
 def test_new_fields_default_to_the_old_model():

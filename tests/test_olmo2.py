@@ -15,7 +15,7 @@ import torch
 from einops import einsum
 
 import workbench
-from conftest import TINY_MODEL, every_analysis_runs, rel_err, save_run, scale_weights
+from conftest import TINY_MODEL, assert_round_trips, every_analysis_runs, rel_err, scale_weights
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -148,13 +148,7 @@ def test_each_sub_layer_output_is_normed_before_the_residual_add(olmo2_dirs):
 
 
 def test_the_config_round_trips_through_a_run_directory(olmo2_dirs, tmp_path):
-    m = workbench.load(olmo2_dirs["olmo2"])
-    d = m.cfg.to_dict()
-    assert ModelConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
-    again = workbench.load(save_run(m, tmp_path / "run"))
-    t = _tokens(20)
-    with torch.no_grad():
-        assert torch.equal(again(t), m(t))
+    assert_round_trips(workbench.load(olmo2_dirs["olmo2"]), tmp_path / "run", _tokens(20))
 
 
 def test_a_whole_projection_qk_norm_is_a_capability_of_any_model():
