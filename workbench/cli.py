@@ -28,7 +28,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="workbench", description="Mechanistic interpretability of normalization in transformers")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # The order of these calls is the order `workbench --help` lists the subcommands in.
+    _add_training_parsers(sub)
+    _add_analysis_parsers(sub)
+    _add_workflow_parsers(sub)
+    add_removal_parsers(sub)
+    add_language_parsers(sub)
+    return p
 
+
+def _add_training_parsers(sub) -> None:
+    """`norms`, `train` and `zoo`: the subcommands that list or train models."""
     sub.add_parser("norms", help="list every registered normalization scheme")
 
     t = sub.add_parser("train", help="train one model")
@@ -66,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--trust-pickle", action="store_true", help="resume members whose checkpoint.pt is a "
                    "workbench <= 0.1 pickle; only for checkpoints you trust")
 
+
+def _add_analysis_parsers(sub) -> None:
+    """`dla`, `norm-scales`, `patch`, `confidence` and `diagnose`: the subcommands that analyse one model."""
     d = sub.add_parser("dla", help="direct logit attribution with its error against each direct effect")
     d.add_argument("model", help="run directory")
     d.add_argument("--prompt", required=True)
@@ -102,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--far", type=int, help="second angular-distance offset n (default min(4, depth))")
     dg.add_argument("--out", required=True, help="FILE.json (written atomically)")
 
+
+def _add_workflow_parsers(sub) -> None:
+    """`study`, `fetch`, `demo` and `compare`: scripted studies, downloads and whole-zoo runs."""
     st = sub.add_parser("study", help="run a scripted layer-ablation study (TOML)")
     st.add_argument("file")
     st.add_argument("--out", required=True, help="directory for study.csv and the figures")
@@ -129,9 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--metric", required=True, choices=sorted(COMPARE_METRICS))
     cp.add_argument("--tokens", type=int, default=16384)
     cp.add_argument("--out", help="directory for the figure and table (default: the zoo directory)")
-    add_removal_parsers(sub)
-    add_language_parsers(sub)
-    return p
 
 
 def _dtype_arg(p) -> None:

@@ -70,14 +70,29 @@ def read_manifest(results: str | Path) -> dict[str, Any] | None:
 
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Every step of the demo; returns the manifest."""
-    from .analysis.depth import diagnose
-    from .analysis.report import attribution_report
-    from .languages.ranker import rank_languages
-    from .loader import load, smollm2_cached
-    from .removal import RemovalConfig, remove_ln
-    from .studies import zoo_diagnostics
-    from .zoo import collect_existing, train_zoo
+    from .loader import smollm2_cached
 
+    zoo, out = _prepare_dirs(cfg)
+    t0 = time.perf_counter()
+    finished, depth_zoo = _train_and_diagnose(cfg, zoo, progress, log)
+    removal = _remove_layernorm(cfg, zoo, out, finished, progress, log)
+    smollm2_ready = cfg.smollm2 and smollm2_cached()
+    diagnostics = _diagnose_smollm2(cfg, out, log) if smollm2_ready else {}
+    attribution = _attribute(cfg, zoo, out, finished, removal, smollm2_ready, log)
+    languages = _rank_zoo_languages(cfg, zoo, out, finished, removal, log)
+    if smollm2_ready:
+        languages["smollm2"] = _rank_smollm2_languages(cfg, out, log)
+
+    manifest = {"zoo": str(zoo), "depth_zoo": str(depth_zoo) if depth_zoo else None, "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
+                "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()},
+                           **({"smollm2": "smollm2"} if smollm2_ready else {})},
+                "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _prepare_dirs(cfg: DemoConfig) -> tuple[Path, Path]:
+    """Refuse a bad preset or a directory argument that is a file before any work; create the results folder."""
     from .presets import get_preset
 
     zoo, out = Path(cfg.zoo), Path(cfg.results)
@@ -86,7 +101,16 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         if path.exists() and not path.is_dir():
             raise WorkbenchError(f"{flag} {path} exists and is not a directory; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    return zoo, out
+
+
+def _train_and_diagnose(cfg: DemoConfig, zoo: Path, progress: bool,
+                        log: Callable[[str], None]) -> tuple[dict[str, dict], Path | None]:
+    """Steps 1-2: train (or reuse) the zoo and the depth-story members, with their depth diagnostics.
+    Returns the zoo members that finished without diverging, and the depth zoo (None when skipped)."""
+    from .studies import zoo_diagnostics
+    from .zoo import collect_existing, train_zoo
+
     log(f"[1/5] zoo in {zoo}")
     train_zoo(zoo, preset=cfg.preset, norms=cfg.norms, steps=cfg.steps, corpus=cfg.corpus, progress=progress, log=log,
               model_overrides=cfg.model_overrides or None, train_overrides=cfg.train_overrides or None, dtype=cfg.dtype)
@@ -102,6 +126,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
                   progress=progress, log=log, dtype=cfg.dtype, seeds=cfg.depth_seeds,
                   model_overrides=cfg.depth_model_overrides or None, train_overrides=cfg.train_overrides or None)
         zoo_diagnostics(depth_zoo, tokens=cfg.diagnose_tokens)
+    return finished, depth_zoo
+
+
+def _remove_layernorm(cfg: DemoConfig, zoo: Path, out: Path, finished: dict[str, dict], progress: bool,
+                      log: Callable[[str], None]) -> dict[str, str]:
+    """Step 3: the LN-free version of the removal norm's model, if that model trained; {norm: its directory}."""
+    from .removal import RemovalConfig, remove_ln
 
     removal: dict[str, str] = {}
     if cfg.removal_norm in finished:
@@ -113,16 +144,27 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
         removal[cfg.removal_norm] = str(ln_free)
     else:
         log(f"[3/5] skipped: no trained {cfg.removal_norm} model in {zoo}")
+    return removal
 
-    diagnostics: dict[str, str] = {}
-    smollm2_ready = cfg.smollm2 and smollm2_cached()
-    if smollm2_ready:
-        path = out / "diagnose_smollm2.json"
-        log(f"      SmolLM2 is cached: its depth diagnostics too → {path}")
-        if not path.is_file():
-            atomic_write_json(path, diagnose(load("smollm2"), corpus=cfg.corpus, tokens=cfg.smollm2_tokens,
-                                             model_id="smollm2"))
-        diagnostics["smollm2"] = str(path)
+
+def _diagnose_smollm2(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> dict[str, str]:
+    """SmolLM2's depth diagnostics beside the zoo's (called only when it is cached); {"smollm2": file}."""
+    from .analysis.depth import diagnose
+    from .loader import load
+
+    path = out / "diagnose_smollm2.json"
+    log(f"      SmolLM2 is cached: its depth diagnostics too → {path}")
+    if not path.is_file():
+        atomic_write_json(path, diagnose(load("smollm2"), corpus=cfg.corpus, tokens=cfg.smollm2_tokens,
+                                         model_id="smollm2"))
+    return {"smollm2": str(path)}
+
+
+def _attribute(cfg: DemoConfig, zoo: Path, out: Path, finished: dict[str, dict], removal: dict[str, str],
+               smollm2_ready: bool, log: Callable[[str], None]) -> Path:
+    """Step 4: direct logit attribution of the bundled prompts for every attributed model; the CSV written."""
+    from .analysis.report import attribution_report
+    from .loader import load
 
     log("[4/5] direct logit attribution of the bundled prompts, before and after removal")
     models = {n: str(zoo / n) for n in finished if n in RANKED_NORMS}
@@ -132,6 +174,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
     attribution = out / "attribution.csv"
     table = attribution_report({label: load(p) for label, p in models.items()}, corpus=cfg.corpus)
     atomic_write_text(attribution, table.to_csv(index=False))
+    return attribution
+
+
+def _rank_zoo_languages(cfg: DemoConfig, zoo: Path, out: Path, finished: dict[str, dict], removal: dict[str, str],
+                        log: Callable[[str], None]) -> dict[str, str]:
+    """Step 5: the Language Ranker on the UDHR for every ranked zoo member and LN-free model; {name: file}."""
+    from .languages.ranker import rank_languages
 
     log("[5/5] Language Ranker on the UDHR")
     languages: dict[str, str] = {}
@@ -144,24 +193,24 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, log: Callabl
             r = rank_languages(spec, "udhr", langs, max_units=cfg.rank_max_units, model_name=name)
             atomic_write_json(path, r)
         languages[name] = str(path)
-    if smollm2_ready:
-        path = out / "languages" / "smollm2.json"
-        log(f"      SmolLM2: every {cfg.smollm2_every}th declaration, bfloat16 → {path}")
-        if not path.is_file():
-            import torch
+    return languages
 
-            from .languages.parallel import load_parallel
 
-            model = load("smollm2", n_ctx=1024).to(torch.bfloat16)
-            pc = load_parallel("udhr")
-            codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
-            r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")
-            atomic_write_json(path, r)
-        languages["smollm2"] = str(path)
+def _rank_smollm2_languages(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> str:
+    """SmolLM2's Language Ranker on every ``smollm2_every``-th declaration, in bfloat16; the file written."""
+    from .languages.ranker import rank_languages
+    from .loader import load
 
-    manifest = {"zoo": str(zoo), "depth_zoo": str(depth_zoo) if depth_zoo else None, "removal": removal, "diagnostics": diagnostics, "attribution": str(attribution), "languages": languages,
-                "models": {**{n: str(zoo / n) for n in finished}, **{f"{n} LN-free": p for n, p in removal.items()},
-                           **({"smollm2": "smollm2"} if smollm2_ready else {})},
-                "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    path = out / "languages" / "smollm2.json"
+    log(f"      SmolLM2: every {cfg.smollm2_every}th declaration, bfloat16 → {path}")
+    if not path.is_file():
+        import torch
+
+        from .languages.parallel import load_parallel
+
+        model = load("smollm2", n_ctx=1024).to(torch.bfloat16)
+        pc = load_parallel("udhr")
+        codes = [lang.code for lang in pc.resolve(None, "article")][:: cfg.smollm2_every]
+        r = rank_languages(model, pc, codes, max_units=cfg.rank_max_units, model_name="smollm2 (bfloat16)")
+        atomic_write_json(path, r)
+    return str(path)

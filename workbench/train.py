@@ -221,19 +221,7 @@ def _read_checkpoint(out: Path, trust_pickle: bool) -> dict[str, Any] | None:
 
 
 def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_step) -> dict[str, Any]:
-    torch.manual_seed(train_cfg.seed)
-    model = GPT(model_cfg, data.tokenizer).to(dev)
-    optimizer = adamw(model, train_cfg.lr, train_cfg.weight_decay, betas=(train_cfg.beta1, train_cfg.beta2))
-    start, metrics, seconds = 0, [], 0.0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, metrics, seconds = int(state["step"]), list(state["metrics"]), float(state["seconds"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise WorkbenchError(
-                f"checkpoint in {out} does not fit this run ({e.__class__.__name__}); delete {out} and re-train"
-            ) from None
+    model, optimizer, start, metrics, seconds = _init_model(out, model_cfg, train_cfg, data, state, dev)
     resumed_from = start
     model.train()
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
@@ -246,29 +234,11 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     t0 = time.perf_counter()
     diverged: dict[str, Any] | None = None
     for step in range(start, train_cfg.steps):
-        batch = data.train_batch(step, train_cfg.batch_size, model_cfg.n_ctx, train_cfg.seed)
-        batch = ddp.share(batch).to(dev)
-        for group in optimizer.param_groups:
-            group["lr"] = train_cfg.lr_at(step)
-        with autocast(dev, train_cfg.dtype):
-            loss = ddp_model(batch, return_type="loss")
-        global_loss = loss.detach().clone()
-        if ddp.world > 1:
-            dist.all_reduce(global_loss)
-            global_loss /= ddp.world
-        if not torch.isfinite(global_loss):
-            diverged = {"step": step + 1, "reason": "non-finite loss"}
+        record, divergence = _train_step(step, model, ddp_model, optimizer, data, train_cfg, model_cfg.n_ctx, ddp, dev)
+        if divergence is not None:
+            diverged = {"step": step + 1, "reason": divergence}
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            diverged = {"step": step + 1, "reason": "non-finite gradient"}
-            break
-        optimizer.step()
-        done = step + 1
-        record = {"step": done, "train_loss": global_loss.item(), "lr": train_cfg.lr_at(step),
-                  "grad_norm": grad_norm.item()}
+        done = record["step"]
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
             record["val_loss"] = evaluate(model, val_batches, dev)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
@@ -283,6 +253,51 @@ def _train_loop(out, model_cfg, train_cfg, data, state, ddp, dev, progress, on_s
     if ddp.world > 1:
         dist.barrier()
     return _finish(out, model, train_cfg, data, metrics, seconds, diverged, ddp, resumed_from)
+
+
+def _init_model(out, model_cfg, train_cfg, data, state, dev):
+    """The seeded model and its optimizer, with the checkpoint ``state`` loaded when resuming; returns them
+    with the step, metrics and seconds to carry on from."""
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(model_cfg, data.tokenizer).to(dev)
+    optimizer = adamw(model, train_cfg.lr, train_cfg.weight_decay, betas=(train_cfg.beta1, train_cfg.beta2))
+    start, metrics, seconds = 0, [], 0.0
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, metrics, seconds = int(state["step"]), list(state["metrics"]), float(state["seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise WorkbenchError(
+                f"checkpoint in {out} does not fit this run ({e.__class__.__name__}); delete {out} and re-train"
+            ) from None
+    return model, optimizer, start, metrics, seconds
+
+
+def _train_step(step, model, ddp_model, optimizer, data, train_cfg, n_ctx, ddp,
+                dev) -> tuple[dict[str, Any] | None, str | None]:
+    """One optimizer step on the batch of ``step``: its metrics record, or (None, why) when the loss or
+    gradient is not finite — then the weights are left as they were."""
+    batch = data.train_batch(step, train_cfg.batch_size, n_ctx, train_cfg.seed)
+    batch = ddp.share(batch).to(dev)
+    for group in optimizer.param_groups:
+        group["lr"] = train_cfg.lr_at(step)
+    with autocast(dev, train_cfg.dtype):
+        loss = ddp_model(batch, return_type="loss")
+    global_loss = loss.detach().clone()
+    if ddp.world > 1:
+        dist.all_reduce(global_loss)
+        global_loss /= ddp.world
+    if not torch.isfinite(global_loss):
+        return None, "non-finite loss"
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+    if not torch.isfinite(grad_norm):
+        return None, "non-finite gradient"
+    optimizer.step()
+    return {"step": step + 1, "train_loss": global_loss.item(), "lr": train_cfg.lr_at(step),
+            "grad_norm": grad_norm.item()}, None
 
 
 def _save_checkpoint(out, model, optimizer, step, metrics, seconds) -> None:

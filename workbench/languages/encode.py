@@ -111,11 +111,32 @@ def encode_texts(tm: TextModel, texts: list[str], pooling: str | tuple[str, ...]
             raise WorkbenchError(f"unknown pooling {p!r}; choose one of: {', '.join(POOLINGS)}")
     width = tm.max_tokens - 1  # content tokens per window, after the start token
     body = [tm.tokenize(t) for t in texts]
-    # segments: (text, tokens with the start token, first scored position, is the representation window)
+    segs = _segments(tm, body, width)
+    pooled: dict[str, Tensor] = {}
+    at_cut: dict[tuple[str, int, int], Tensor] = {}
+    nll = torch.zeros(len(texts), dtype=torch.float64)
+    bar = tqdm(total=sum(len(s[1]) for s in segs), unit="tok", desc=desc, disable=not progress, leave=False)
+    for batch in _batches(segs, batch_tokens):
+        _encode_batch(tm, segs, batch, poolings, cuts, pooled, at_cut, nll)
+        bar.update(sum(len(segs[s][1]) for s in batch))
+    bar.close()
+    return Encoded(pooled[poolings[0]], nll, [len(b) for b in body], [len(b) > width for b in body],
+                   by_pooling=pooled, at_cut=at_cut)
+
+
+def _segments(tm: TextModel, body: list[list[int]], width: int) -> list[tuple[int, list[int], int, bool]]:
+    """Every text's windows as segments: (text, tokens with the start token, first scored position, is the
+    representation window)."""
     segs: list[tuple[int, list[int], int, bool]] = []
     for k, ids in enumerate(body):
         for start, scored in _windows(ids, width):
             segs.append((k, [tm.bos] + ids[start: start + width], 1 + scored - start, start == 0))
+    return segs
+
+
+def _batches(segs: list[tuple[int, list[int], int, bool]], batch_tokens: int) -> list[list[int]]:
+    """Segment indices grouped into batches of at most ``batch_tokens`` padded tokens (a segment longer
+    than that gets a batch of its own)."""
     order = sorted(range(len(segs)), key=lambda s: -len(segs[s][1]))
     batches, cur = [], []
     for s in order:  # longest first: a batch is as long as its first segment
@@ -125,47 +146,45 @@ def encode_texts(tm: TextModel, texts: list[str], pooling: str | tuple[str, ...]
         cur.append(s)
     if cur:
         batches.append(cur)
-    pooled: dict[str, Tensor] = {}
-    at_cut: dict[tuple[str, int, int], Tensor] = {}
-    nll = torch.zeros(len(texts), dtype=torch.float64)
-    bar = tqdm(total=sum(len(s[1]) for s in segs), unit="tok", desc=desc, disable=not progress, leave=False)
-    for batch in batches:
-        lengths = torch.tensor([len(segs[s][1]) for s in batch])
-        tokens = torch.full((len(batch), int(lengths.max())), tm.bos, dtype=torch.long)
-        for row, s in enumerate(batch):
-            tokens[row, : lengths[row]] = torch.tensor(segs[s][1])
-        primary = [row for row, s in enumerate(batch) if segs[s][3]]
-        # (row, c) for every cut asked of a text whose representation window is in this batch
-        wanted = [(row, c) for row in primary for c in sorted((cuts or {}).get(segs[batch[row]][0], ()))
-                  if 1 <= c < int(lengths[row])]
-        cut_rows = torch.tensor([r for r, _ in wanted], dtype=torch.long)
-        cut_at = torch.tensor([c for _, c in wanted], dtype=torch.long)
-        states: dict[tuple[str, int], Tensor] = {}
-        cut_states: dict[tuple[str, int], Tensor] = {}
+    return batches
 
-        def on_block(layer, x):
-            x = x.float()
-            for p in poolings:
-                states[p, layer] = _pool(x, lengths, p)
-                if wanted:
-                    cut_states[p, layer] = _pool_at(x, cut_rows, cut_at, p)
 
-        logits = tm.run(tokens, on_block)
-        d = states[poolings[0], 0].shape[-1]
+def _encode_batch(tm: TextModel, segs: list[tuple[int, list[int], int, bool]], batch: list[int],
+                  poolings: tuple[str, ...], cuts: dict[int, set[int]] | None, pooled: dict[str, Tensor],
+                  at_cut: dict[tuple[str, int, int], Tensor], nll: Tensor) -> None:
+    """One forward pass over a batch of segments, adding to the running ``pooled``, ``at_cut`` and ``nll``."""
+    lengths = torch.tensor([len(segs[s][1]) for s in batch])
+    tokens = torch.full((len(batch), int(lengths.max())), tm.bos, dtype=torch.long)
+    for row, s in enumerate(batch):
+        tokens[row, : lengths[row]] = torch.tensor(segs[s][1])
+    primary = [row for row, s in enumerate(batch) if segs[s][3]]
+    # (row, c) for every cut asked of a text whose representation window is in this batch
+    wanted = [(row, c) for row in primary for c in sorted((cuts or {}).get(segs[batch[row]][0], ()))
+              if 1 <= c < int(lengths[row])]
+    cut_rows = torch.tensor([r for r, _ in wanted], dtype=torch.long)
+    cut_at = torch.tensor([c for _, c in wanted], dtype=torch.long)
+    states: dict[tuple[str, int], Tensor] = {}
+    cut_states: dict[tuple[str, int], Tensor] = {}
+
+    def on_block(layer, x):
+        x = x.float()
         for p in poolings:
-            out = pooled.setdefault(p, torch.zeros(len(texts), tm.n_layers, d))
-            out[[segs[batch[r]][0] for r in primary]] = torch.stack(
-                [states[p, layer][primary] for layer in range(tm.n_layers)], dim=1)
+            states[p, layer] = _pool(x, lengths, p)
             if wanted:
-                stacked = torch.stack([cut_states[p, layer] for layer in range(tm.n_layers)], dim=1)
-                for k, (row, c) in enumerate(wanted):
-                    at_cut[p, segs[batch[row]][0], c] = stacked[k]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-        pos = torch.arange(1, tokens.shape[1])[None, :]  # the position of each predicted token
-        first = torch.tensor([segs[s][2] for s in batch])[:, None]
-        scored = (pos < lengths[:, None]) & (pos >= first)
-        nll.index_add_(0, torch.tensor([segs[s][0] for s in batch]), -(logp * scored).sum(1).double())
-        bar.update(int(lengths.sum()))
-    bar.close()
-    return Encoded(pooled[poolings[0]], nll, [len(b) for b in body], [len(b) > width for b in body],
-                   by_pooling=pooled, at_cut=at_cut)
+                cut_states[p, layer] = _pool_at(x, cut_rows, cut_at, p)
+
+    logits = tm.run(tokens, on_block)
+    d = states[poolings[0], 0].shape[-1]
+    for p in poolings:
+        out = pooled.setdefault(p, torch.zeros(len(nll), tm.n_layers, d))
+        out[[segs[batch[r]][0] for r in primary]] = torch.stack(
+            [states[p, layer][primary] for layer in range(tm.n_layers)], dim=1)
+        if wanted:
+            stacked = torch.stack([cut_states[p, layer] for layer in range(tm.n_layers)], dim=1)
+            for k, (row, c) in enumerate(wanted):
+                at_cut[p, segs[batch[row]][0], c] = stacked[k]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    pos = torch.arange(1, tokens.shape[1])[None, :]  # the position of each predicted token
+    first = torch.tensor([segs[s][2] for s in batch])[:, None]
+    scored = (pos < lengths[:, None]) & (pos >= first)
+    nll.index_add_(0, torch.tensor([segs[s][0] for s in batch]), -(logp * scored).sum(1).double())

@@ -178,41 +178,7 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
     if pooling not in le.enc.by_pooling:
         raise WorkbenchError(f"pooling {pooling!r} was not computed in this encoding")
     cos_on, ret_on = metric in ("cosine", "both"), metric in ("retrieval", "both")
-    eng_units = le.corpus.english.units(le.unit)
-    eng_tokens = dict(zip(le.keys, le.enc.n_tokens))
-    rows = []
-    for lang, have, idx in le.slots:
-        if not have:
-            continue
-        x, e = _pair(le, pooling, have, idx, matched)
-        check_units(lang.code, len(have), pairing, center, ret_on)
-        if pairing == "shuffled":
-            e = e[_derangement(len(have))]
-        bits = float(le.enc.nll[idx].sum()) / math.log(2)
-        own_bytes = sum(len(le.texts[i].encode()) for i in idx)
-        eng_bytes = sum(len(eng_units[k].encode()) for k in have)
-        tokens = sum(le.enc.n_tokens[i] for i in idx)
-        row = {"code": lang.code, "name": lang.name, "script": lang.script, "family": lang.family or None,
-               "share": lang.share}
-        if cos_on:
-            per_layer = cosine(x, e, center == "language").mean(0)
-            row.update(score=float(per_layer.mean()), per_layer=[float(v) for v in per_layer],
-                       score_ci95=cosine_interval(x, e, center == "language", seed=len(rows))
-                       if len(have) >= 2 and intervals else None)
-        if ret_on:
-            hits = retrieval_hits(x, e, center == "language").float()  # [unit, layer]
-            per_layer = hits.mean(0)
-            row.update(retrieval=float(per_layer.mean()), retrieval_max=float(per_layer.max()),
-                       retrieval_per_layer=[float(v) for v in per_layer],
-                       retrieval_ci95=mean_interval(hits.mean(1), seed=len(rows)) if intervals else None,
-                       retrieval_chance=1 / (2 * len(have) - 1))
-        row.update({
-            "bits_per_byte": bits / own_bytes if own_bytes else None,
-            "bits_per_english_byte": bits / eng_bytes if eng_bytes else None,
-            "token_ratio": tokens / max(1, sum(eng_tokens[k] for k in have)),
-            "n_units": len(have), "n_truncated": sum(le.enc.truncated[i] for i in idx), "tokens": tokens,
-        })
-        rows.append(row)
+    rows = _language_rows(le, pooling, pairing, center, matched, cos_on, ret_on, intervals)
     primary = "retrieval" if metric == "retrieval" else "score"
     rows.sort(key=lambda r: (-r[primary], -r.get("retrieval", 0.0)))
     for rank, r in enumerate(rows, 1):
@@ -227,20 +193,7 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
         "english": {"bits_per_byte": eng_bits / eng_bytes if eng_bytes else None, "tokens": sum(le.enc.n_tokens[:n_eng])},
         "languages": rows, "seconds": round(le.seconds, 2), "tokens": int(sum(le.enc.n_tokens)),
     }
-    bits = [r["bits_per_english_byte"] for r in rows]
-    ratio = [r["token_ratio"] for r in rows]
-    for name, key in (("score", "score"), ("retrieval", "retrieval")):
-        if rows and key in rows[0]:
-            vals = [r[key] for r in rows]
-            result[f"spearman_{name}_vs_bits_per_english_byte"] = _finite(spearman(vals, bits))
-            result[f"spearman_{name}_vs_bits_per_english_byte_ci95"] = spearman_interval(vals, bits)
-            result[f"partial_spearman_{name}_vs_bits_per_english_byte_given_token_ratio"] = _finite(
-                partial_spearman(vals, bits, ratio))
-            if any(r["share"] for r in rows):
-                log_share = [math.log(r["share"]) if r["share"] else None for r in rows]
-                result[f"spearman_{name}_vs_log_share"] = _finite(spearman(vals, log_share))
-                result[f"spearman_{name}_vs_log_share_ci95"] = spearman_interval(vals, log_share)
-    result["spearman_token_ratio_vs_bits_per_english_byte"] = _finite(spearman(ratio, bits))
+    result.update(_correlations(rows))
     if cos_on:
         result["score_definition"] = ("mean over layers of the cosine similarity between the pooled residual stream "
                                       "after each block for the text and for its English original, averaged over units")
@@ -248,6 +201,83 @@ def score_languages(le: LanguageEncoding, pooling: str = "last", pairing: str = 
         result["retrieval_definition"] = ("mean over layers of the share of units whose English original is the strict "
                                           "maximum of their row and column of the similarity matrix (MEXA)")
     return result
+
+
+def _language_rows(le: LanguageEncoding, pooling: str, pairing: str, center: str, matched: bool, cos_on: bool,
+                   ret_on: bool, intervals: bool) -> list[dict]:
+    """One unranked row per language sharing units with English: its scores, then its confounds."""
+    eng_units = le.corpus.english.units(le.unit)
+    eng_tokens = dict(zip(le.keys, le.enc.n_tokens))
+    rows = []
+    for lang, have, idx in le.slots:
+        if not have:
+            continue
+        x, e = _pair(le, pooling, have, idx, matched)
+        check_units(lang.code, len(have), pairing, center, ret_on)
+        if pairing == "shuffled":
+            e = e[_derangement(len(have))]
+        row = {"code": lang.code, "name": lang.name, "script": lang.script, "family": lang.family or None,
+               "share": lang.share}
+        # Bootstraps seeded by the language's position: the same encoding always gives the same intervals.
+        row.update(_similarity_scores(x, e, center == "language", cos_on, ret_on, intervals, seed=len(rows)))
+        row.update(_confounds(le, have, idx, eng_units, eng_tokens))
+        rows.append(row)
+    return rows
+
+
+def _similarity_scores(x: torch.Tensor, e: torch.Tensor, centered: bool, cos_on: bool, ret_on: bool,
+                       intervals: bool, seed: int) -> dict:
+    """The cosine and/or retrieval entries of a language's row from its [unit, layer, d] pairs ``x``, ``e``."""
+    n = len(x)
+    row: dict = {}
+    if cos_on:
+        per_layer = cosine(x, e, centered).mean(0)
+        row.update(score=float(per_layer.mean()), per_layer=[float(v) for v in per_layer],
+                   score_ci95=cosine_interval(x, e, centered, seed=seed) if n >= 2 and intervals else None)
+    if ret_on:
+        hits = retrieval_hits(x, e, centered).float()  # [unit, layer]
+        per_layer = hits.mean(0)
+        row.update(retrieval=float(per_layer.mean()), retrieval_max=float(per_layer.max()),
+                   retrieval_per_layer=[float(v) for v in per_layer],
+                   retrieval_ci95=mean_interval(hits.mean(1), seed=seed) if intervals else None,
+                   retrieval_chance=1 / (2 * n - 1))
+    return row
+
+
+def _confounds(le: LanguageEncoding, have: list[str], idx: list[int], eng_units: dict[str, str],
+               eng_tokens: dict[str, int]) -> dict:
+    """Bits per (English) byte, token ratio and counts of a language's units: what its scores are read beside."""
+    bits = float(le.enc.nll[idx].sum()) / math.log(2)
+    own_bytes = sum(len(le.texts[i].encode()) for i in idx)
+    eng_bytes = sum(len(eng_units[k].encode()) for k in have)
+    tokens = sum(le.enc.n_tokens[i] for i in idx)
+    return {
+        "bits_per_byte": bits / own_bytes if own_bytes else None,
+        "bits_per_english_byte": bits / eng_bytes if eng_bytes else None,
+        "token_ratio": tokens / max(1, sum(eng_tokens[k] for k in have)),
+        "n_units": len(have), "n_truncated": sum(le.enc.truncated[i] for i in idx), "tokens": tokens,
+    }
+
+
+def _correlations(rows: list[dict]) -> dict:
+    """Each score's Spearman (with interval) against bits per English byte and log share, the partial
+    Spearman given the token ratio, and the token ratio's own Spearman with bits per English byte."""
+    out: dict = {}
+    bits = [r["bits_per_english_byte"] for r in rows]
+    ratio = [r["token_ratio"] for r in rows]
+    for name, key in (("score", "score"), ("retrieval", "retrieval")):
+        if rows and key in rows[0]:
+            vals = [r[key] for r in rows]
+            out[f"spearman_{name}_vs_bits_per_english_byte"] = _finite(spearman(vals, bits))
+            out[f"spearman_{name}_vs_bits_per_english_byte_ci95"] = spearman_interval(vals, bits)
+            out[f"partial_spearman_{name}_vs_bits_per_english_byte_given_token_ratio"] = _finite(
+                partial_spearman(vals, bits, ratio))
+            if any(r["share"] for r in rows):
+                log_share = [math.log(r["share"]) if r["share"] else None for r in rows]
+                out[f"spearman_{name}_vs_log_share"] = _finite(spearman(vals, log_share))
+                out[f"spearman_{name}_vs_log_share_ci95"] = spearman_interval(vals, log_share)
+    out["spearman_token_ratio_vs_bits_per_english_byte"] = _finite(spearman(ratio, bits))
+    return out
 
 
 def rank_languages(model, corpus: str | ParallelCorpus = "udhr", langs: list[str] | None = None,

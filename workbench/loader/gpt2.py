@@ -87,12 +87,25 @@ def _readers_centered(model: GPT) -> float:
 def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None) -> dict:
     """Write ``model`` as a stock ``GPT2LMHeadModel`` directory; returns ``{"max_abs_logit_diff", ...}``, the
     difference of the directory read back by transformers on ``check_tokens`` (``verify_export``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from ..io import atomic_dir, check_out_dir
 
     out = Path(out)
     check_out_dir(out)
+    ln_free = _check_exportable(model)
+    eps = LN_FREE_EPS if ln_free else model.cfg.eps
+    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+    sd = _gpt2_state_dict(model, ln_free, gain)
+    hf = _gpt2_model(model, sd, eps, ln_free)
+    with atomic_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        if model.tokenizer is not None:
+            model.tokenizer.save(str(tmp / "tokenizer.json"))
+        diff = verify_export(model, tmp, check_tokens)
+    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
+
+
+def _check_exportable(model: GPT) -> bool:
+    """Refuse a model GPT-2 cannot express exactly; True when it is LN-free (its norms become identities)."""
     cfg = model.cfg
     ln_free = cfg.scheme.stock == "identity"
     if cfg.scheme.stock not in ("layernorm", "identity") or cfg.split_ln1_v or cfg.qk_norm is not None:
@@ -108,17 +121,23 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     if ln_free and _readers_centered(model) > 1e-4:
         raise WorkbenchError("this LN-free model's readers are not mean-centered (it did not come from a centered "
                              "LayerNorm), so GPT-2's LayerNorm cannot be made an identity on it; it cannot be exported")
-    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
-    eps = LN_FREE_EPS if ln_free else cfg.eps
-    gain = 1.0 / torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item() if ln_free else 1.0
+    return ln_free
 
-    def ln(norm) -> tuple[Tensor, Tensor]:
-        if ln_free:
-            return torch.full((d,), gain), torch.zeros(d)
-        a = norm.affine
-        w = a.w if isinstance(a, Affine) else torch.ones(d)
-        b = a.b if isinstance(a, Affine) and a.b is not None else torch.zeros(d)
-        return w * gain, b
+
+def _ln_params(norm, d: int, ln_free: bool, gain: float) -> tuple[Tensor, Tensor]:
+    """GPT-2 LayerNorm (weight, bias) for one of our norms: the constant gain of an identity when LN-free."""
+    if ln_free:
+        return torch.full((d,), gain), torch.zeros(d)
+    a = norm.affine
+    w = a.w if isinstance(a, Affine) else torch.ones(d)
+    b = a.b if isinstance(a, Affine) and a.b is not None else torch.zeros(d)
+    return w * gain, b
+
+
+def _gpt2_state_dict(model: GPT, ln_free: bool, gain: float) -> dict[str, Tensor]:
+    """``model``'s weights under GPT2LMHeadModel's names and layouts, final norm folded into ``lm_head``."""
+    cfg = model.cfg
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
 
     def heads_out(W: Tensor) -> Tensor:  # [h, d_model, dh] → [d_model, h*dh]
         return W.permute(1, 0, 2).reshape(d, h * dh)
@@ -127,7 +146,7 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     for i, b in enumerate(model.blocks):
         p = f"transformer.h.{i}."
         a = b.attn
-        (w1, b1), (w2, b2) = ln(b.ln1), ln(b.ln2)
+        (w1, b1), (w2, b2) = _ln_params(b.ln1, d, ln_free, gain), _ln_params(b.ln2, d, ln_free, gain)
         sd.update({
             p + "ln_1.weight": w1, p + "ln_1.bias": b1, p + "ln_2.weight": w2, p + "ln_2.bias": b2,
             p + "attn.c_attn.weight": torch.cat([heads_out(a.W_Q), heads_out(a.W_K), heads_out(a.W_V)], 1),
@@ -141,31 +160,34 @@ def export_gpt2(model: GPT, out: str | Path, check_tokens: Tensor | None = None)
     if ln_free:
         M, b_total = model.W_U.double(), model.b_U.double()
     else:
-        wf, bf = ln(model.ln_final)
+        wf, bf = _ln_params(model.ln_final, d, ln_free, gain)
         M, b_total = wf.double()[:, None] * model.W_U.double(), bf.double() @ model.W_U.double() + model.b_U.double()
     W_lm = M - M.mean(0, keepdim=True) + b_total[None, :]
     sd["transformer.ln_f.weight"] = torch.full((d,), gain)
     sd["transformer.ln_f.bias"] = torch.full((d,), 1.0 / d)
     sd["lm_head.weight"] = W_lm.T.float()
+    return sd
 
+
+def _gpt2_model(model: GPT, sd: dict[str, Tensor], eps: float, ln_free: bool):
+    """The GPT2LMHeadModel (its config marked when LN-free) holding ``sd``; a missing or extra weight is a bug."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
     eot = model.tokenizer.token_to_id(EOT) if model.tokenizer is not None else None
-    hf_cfg = GPT2Config(vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=d, n_layer=cfg.n_layers, n_head=h,
-                        n_inner=cfg.d_mlp, activation_function="gelu_new", layer_norm_epsilon=eps,
+    hf_cfg = GPT2Config(vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                        n_head=cfg.n_heads, n_inner=cfg.d_mlp, activation_function="gelu_new", layer_norm_epsilon=eps,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
                         bos_token_id=eot, eos_token_id=eot)
     if ln_free:
         setattr(hf_cfg, MARKER, True)
     hf = GPT2LMHeadModel(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict({k: v.detach().float().contiguous() for k, v in sd.items()}, strict=False)
+    # attn.bias and masked_bias are causal-mask buffers GPT2Attention builds itself, not weights.
     missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith("masked_bias")]
     if missing or unexpected:
         raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
-    with atomic_dir(out) as tmp:
-        hf.save_pretrained(tmp)
-        if model.tokenizer is not None:
-            model.tokenizer.save(str(tmp / "tokenizer.json"))
-        diff = verify_export(model, tmp, check_tokens)
-    return {"max_abs_logit_diff": diff, "ln_free": ln_free, "layer_norm_epsilon": eps}
+    return hf
 
 
 GPT2 = Family(name="gpt2", model_types=("gpt2",), config=config, weights=weights, export=export_gpt2,
