@@ -31,15 +31,21 @@ BLOWN = 1e5  # a residual entry this large: the window is overflowing (the model
 
 
 @torch.no_grad()
-def first_blow_up(model, window: torch.Tensor) -> dict | None:
-    """The first layer and position whose residual exceeds ``BLOWN`` (None if none does)."""
-    _, cache = model.run_with_cache(window[None], names_filter=lambda n: n.endswith("hook_resid_post"))
+def first_blow_up(model, window: torch.Tensor, original=None) -> dict | None:
+    """The first layer and position whose residual exceeds ``BLOWN`` (None if none does), and the RMS of that
+    position's residual after each block up to there — in the norm-free model and in ``original``, whose
+    growth there tells a runaway (layer by layer) from a circuit firing (one layer)."""
+    resid = lambda m: m.run_with_cache(window[None], names_filter=lambda n: n.endswith("hook_resid_post"))[1]  # noqa: E731
+    cache = resid(model)
     shift = 1 if model.sink_token is not None else 0  # behind a prefix the hooks start at position 1
     for layer in range(model.cfg.n_layers):
         peak = torch.nan_to_num(cache[f"blocks.{layer}.hook_resid_post"][0].abs().amax(-1), nan=math.inf)
         if peak.max() > BLOWN:
             pos = int(peak.argmax()) + shift
-            return {"layer": layer, "pos": pos, "text": model.to_string(window[max(0, pos - 3): pos + 1])}
+            rms = lambda c, s: [c[f"blocks.{k}.hook_resid_post"][0, pos - s].pow(2).mean().sqrt().item()  # noqa: E731
+                                for k in range(layer + 1)]
+            return {"layer": layer, "pos": pos, "text": model.to_string(window[max(0, pos - 3): pos + 1]),
+                    "rms": rms(cache, shift), "rms_original": rms(resid(original), 0) if original is not None else None}
     return None
 
 
@@ -69,7 +75,7 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
         rows += [({k: v[i] for k, v in ce.items()}, b[i]) for i in range(len(b))]
     finite = [r for r, _ in rows if all(math.isfinite(x) and x < 30 for x in r.values())]
     mean = {k: sum(r[k] for r in finite) / len(finite) for k in finite[0]}
-    broken = [first_blow_up(free, w) for r, w in rows if not (math.isfinite(r["ln_free"]) and r["ln_free"] < 30)]
+    broken = [first_blow_up(free, w, models["original"]) for r, w in rows if not (math.isfinite(r["ln_free"]) and r["ln_free"] < 30)]
     return {"windows": len(rows), "finite": len(finite), "mean_ce_finite": mean,
             "delta_vs_control": mean["ln_free"] - mean["control"], "delta_vs_original": mean["ln_free"] - mean["original"],
             "overflowing": broken}
@@ -117,7 +123,12 @@ def main() -> None:
           f"{m['stock']:.4f}, control {m['control']:.4f}, original {m['original']:.4f}; Δ vs control "
           f"{t['delta_vs_control']:+.3f}, vs original {t['delta_vs_original']:+.3f}")
     for b in t["overflowing"]:
-        print(f"  overflows: layer {b['layer']}, position {b['pos']} ({b['text']!r})" if b else "  overflows (no entry > 1e5)")
+        if b is None:
+            print("  overflows (no entry > 1e5)")
+            continue
+        print(f"  overflows: layer {b['layer']}, position {b['pos']} ({b['text']!r}); its RMS after each block, "
+              f"norm-free / original:")
+        print("    " + " ".join(f"{x:.3g}/{y:.2g}" for x, y in zip(b["rms"], b["rms_original"])))
 
 
 if __name__ == "__main__":
