@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--original", default="smollm2")
     p.add_argument("--control", default=None, help="another run's control directory (default: DIR/control)")
     p.add_argument("--corpus", default="english")
-    p.add_argument("--long", type=int, default=0, help="also the stock reload's CE on 4 held-out windows this long")
+    p.add_argument("--long", type=int, default=0, help="instead: the stock reload's CE on 4 held-out windows this long")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if a.long:
@@ -114,6 +114,7 @@ def main() -> None:
         for r in t["windows"]:
             print(f"{t['length']} tokens: norm-free (stock reload) {r['ln_free']:.4f}, original {r['original']:.4f}")
         print(f"{t['finite']} of {len(t['windows'])} long windows finite")
+        return
     t = window_table(a.directory, a.original, a.corpus, a.control)
     if a.json:
         print(json.dumps(t, indent=1))
