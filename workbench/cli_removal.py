@@ -106,7 +106,8 @@ def cmd_remove_ln(args) -> int:
     frac = f" ({100 * s['token_fraction']:.2f}% of pre-training)" if s.get("token_fraction") else ""
     print(f"CE original {s['ce_original']:.4f}  control {_f(s['ce_control'])}  LN-free {s['ce_ln_free']:.4f}"
           f"  | {s['tokens_used']} fine-tuning tokens{frac}")
-    print(f"wrote {args.out} (summary.json; the control model in {Path(args.out) / 'control'})")
+    control = f"; the control model in {Path(args.out) / 'control'}" if s["ce_control"] is not None else ""
+    print(f"wrote {args.out} (summary.json{control})")
     return 0
 
 
