@@ -171,7 +171,7 @@ def frozen_final_logits(model: GPT, resid: Float[Tensor, "layer pos d_model"],
 def _lens_rows(model: GPT, logits: Tensor, tokens: Tensor, method: str, answer: int | None,
                strings: list[str]) -> pd.DataFrame:
     n_layer, n_pos, _ = logits.shape
-    first = len(tokens) - n_pos  # behind a sink prefix the logits start at token position 1
+    first = first_computed(model)  # behind a sink prefix the logits start at token position 1
     logp = logits.float().log_softmax(-1)
     top_logp, top = logp.max(-1)
     ce = torch.full((n_layer, n_pos), float("nan"))
