@@ -56,6 +56,10 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
     d = Path(directory)
     c = d / "control" if control is None else Path(control)
     if control is not None:
+        if not (c.parent / "summary.json").is_file():
+            print(f"error: {c} is not the control of a remove-ln run (no summary.json beside it); name DIR/control",
+                  file=sys.stderr)
+            raise SystemExit(2)
         ours = json.loads((d / "summary.json").read_text())["batches"]["removal"]
         theirs = json.loads((c.parent / "summary.json").read_text())["batches"]["control"]
         if ours != theirs:
