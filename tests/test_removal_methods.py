@@ -1,6 +1,7 @@
 """Removal methods for gated (SwiGLU) MLPs: split MLP norm, one-sided scale penalty, clip and taper bridges.
 Each against its formula, on models far from linear; then end to end through `remove-ln`."""
 
+import json
 import math
 
 import pytest
@@ -184,6 +185,68 @@ def test_frozen_penalty_watches_the_frozen_mlp_norms_with_their_sigma():
     watch.remove()
 
 
+
+# --- the training-only guard ------------------------------------------------------------------------
+
+def _at_rms(rms: list[float], d=16, seed=0) -> torch.Tensor:
+    """[1, pos, d] rows of exactly the given RMS (no centering: an RMSNorm's scale), far from uniform."""
+    v = torch.randn(len(rms), d, generator=torch.Generator().manual_seed(seed))
+    v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
+    return (v * torch.tensor(rms).reshape(-1, 1)).unsqueeze(0)
+
+
+def test_guard_soft_caps_each_positions_output_rms_in_training_only():
+    """Output RMS r = s/σ for r ≤ C, C·(1 + ln(r/C)) above, written out; slope 1 then C/r (never 0, never
+    NaN — also for the quiet positions, where the unused branch's log would be ≤ −1); off in eval."""
+    sigma, cap, eps = 2.0, 3.0, 1e-6
+    rms = [0.5, 1.0, 2.0, 6.0, 8.0, 40.0, 4000.0]
+    st = FrozenStandardize(sigma, centers=False, live_eps=eps, guard=cap)
+    x = _at_rms(rms)
+    seen = []
+    y = st.train()(x, lambda s: seen.append(s) or s)
+    r = [math.sqrt(v * v + eps) / sigma for v in rms]
+    want = [v if v <= cap else cap * (1 + math.log(v / cap)) for v in r]
+    got = y.pow(2).mean(-1).sqrt().flatten().tolist()
+    assert got == pytest.approx(want, rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(y, x, dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # each position only rescaled
+    torch.testing.assert_close(seen[0].expand_as(x), x / y)  # hook_scale sees the effective divisor
+    torch.testing.assert_close(st.eval()(x, lambda s: s), x / sigma)  # evaluation: the plain frozen norm
+    for v in rms:  # d(output RMS)/d(input RMS), against the formula's derivative
+        s = torch.tensor(v, requires_grad=True)
+        st.train()(_at_rms([1.0]) * s, lambda t: t).pow(2).mean().sqrt().backward()
+        rv = math.sqrt(v * v + eps) / sigma
+        slope = (1.0 if rv <= cap else cap / rv) * v / math.sqrt(v * v + eps) / sigma
+        assert s.grad.item() == pytest.approx(slope, rel=1e-4), v
+    with pytest.raises(workbench.WorkbenchError, match="--guard needs a LayerNorm or RMSNorm"):
+        FrozenStandardize(sigma, centers=False, guard=cap)
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_remove_ln_guard_reaches_every_frozen_norm_and_leaves_the_export_alone(swiglu_run, tmp_path, tiny_corpus,
+                                                                             monkeypatch):
+    from workbench.removal import finetune as ft
+
+    made = []
+    real = ft.freeze
+    monkeypatch.setattr(ft, "freeze", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    base = dict(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1, control=False)
+    remove_ln(swiglu_run, tmp_path / "plain", RemovalConfig.of(**base), corpus=str(tiny_corpus),
+                      progress=False)
+    made.clear()
+    s = remove_ln(swiglu_run, tmp_path / "free", RemovalConfig.of(**base, guard=1.0), corpus=str(tiny_corpus),
+                  progress=False)
+    assert made and all(st.guard == 1.0 for st in made) and s["config"]["guard"] == 1.0
+    # C = 1 caps every position above σ, so training differs from the unguarded run's from the first freeze on
+    first = next(e["step"] for e in s["schedule"] if "sigma" in e)
+    guarded, unguarded = (_losses(tmp_path / d) for d in ("free", "plain"))
+    assert guarded[:first] == unguarded[:first] and guarded[first] != unguarded[first]
+    assert s["fold_max_abs_logit_diff"] <= 1e-4  # the export is the unguarded frozen model, folded
+    assert direct_logit_attribution(workbench.load(tmp_path / "free"), "And God said unto the", " the").nmae <= 1e-5
+
 # --- the split MLP norm ------------------------------------------------------------------------------
 
 def test_split_schedule_freezes_up_paths_first_and_gates_last():
@@ -308,6 +371,7 @@ def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_cor
     (["--mlp-penalty", "1", "--penalty-delta", "-0.1"], "--penalty-delta δ must be ≥ 0"),
     (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),
     (["--frozen-penalty", "-0.5"], "--frozen-penalty must be ≥ 0"),
+    (["--guard", "0.5"], "--guard C must be 0 (off) or at least 1"),
     (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
     (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
     (["--bridge-steps", "4"], "--bridge-steps needs a hand-over (ramp, clip, taper)"),

@@ -15,6 +15,13 @@ With a sink prefix (``SpecialPositions(sink=True)``, ``remove-ln --sink-prefix``
 scale at every frozen norm to the end: it always holds the same token, so what it computes is a constant of
 the weights that ``model/sink.py`` stores as a key/value prefix instead of handing it over.
 
+A *guard* (``remove-ln --guard C``, training only) soft-caps each position's output RMS r = s/scale at C:
+r where r ≤ C, C·(1 + log(r/C)) above (``soft_cap``). A frozen gated model squares a loud position's scale
+at every MLP, so one runaway token overflows its window and the step is skipped — no gradient from the
+very windows that matter; under the guard that window stays finite and its loss and penalties count. It
+acts whenever the model is in training mode (the fine-tune, and the calibration of the next σ, which a
+runaway window would otherwise make non-finite); at evaluation and in the folded model it is off.
+
 A per-head QK-norm (input [batch, pos, head, d_head]) freezes one σ per head: ``sigma`` is then a list,
 held as an [head, 1] buffer that broadcasts over each head's d_head values.
 """
@@ -32,6 +39,14 @@ from .handover import AtOnce, HandOver
 
 
 Sigma = float | list[float]  # one σ, or one per head
+
+
+def soft_cap(scale: Tensor, live: Tensor, cap: float) -> Tensor:
+    """The divisor under which a position's output RMS r = live/scale becomes r for r ≤ cap and
+    cap·(1 + log(r/cap)) above: continuous with slope 1 at cap, then slope cap/r, never 0."""
+    r = live / scale
+    capped = cap * (1 + torch.log(r.clamp_min(cap) / cap))  # clamped: the unused branch never divides by 0 (at r = cap/e)
+    return torch.where(r > cap, live / capped, scale)
 
 
 def _as_buffer(sigma: Sigma) -> Tensor:
@@ -71,7 +86,8 @@ class FrozenStandardize(Standardize):
 
     def __init__(self, sigma: Sigma, centers: bool, positions: SpecialPositions | None = None,
                  sigma_bos: Sigma | None = None, sigma_eot: Sigma | None = None, ema: float = 0.0,
-                 handover: HandOver | None = None, live_eps: float | None = None, frozen_at: int = 0):
+                 handover: HandOver | None = None, live_eps: float | None = None, frozen_at: int = 0,
+                 guard: float = 0.0):
         super().__init__()
         self.centers = centers
         self.positions = positions
@@ -85,7 +101,10 @@ class FrozenStandardize(Standardize):
             raise WorkbenchError(f"--bridge {self.handover.name} needs a LayerNorm or RMSNorm (a live scale "
                                  "sqrt(mean x² + eps))" if self.handover.needs_live else "--sink-prefix needs a "
                                  "LayerNorm or RMSNorm: position 0 keeps its live scale sqrt(mean x² + eps)")
+        if guard and live_eps is None:
+            raise WorkbenchError("--guard needs a LayerNorm or RMSNorm (a live scale sqrt(mean x² + eps))")
         self.live_eps = live_eps
+        self.guard = float(guard)  # 0: off
         self.frozen_at = frozen_at  # the fine-tuning step at which the hand-over began
         self.progress = 0.0 if self.handover.needs_live else 1.0
         self.observed: dict[str, Tensor] = {}  # what the hand-over reported on the last forward
@@ -149,7 +168,7 @@ class FrozenStandardize(Standardize):
         if self.progress >= 1.0:
             self.observed = {}
             return frozen
-        live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
+        live = self._live(xc)
         with torch.no_grad():
             self.observed = self.handover.observe(live, frozen, self.progress)
         return self.handover.scale(live, frozen, self.progress)
@@ -161,14 +180,20 @@ class FrozenStandardize(Standardize):
         """``scale`` with position 0's replaced by its live one (with a sink prefix)."""
         if not self._sink_on():
             return scale
-        live = (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
+        live = self._live(xc)
         return torch.where(self._mask(self.positions.sink_mask, xc), live, scale)
+
+    def _live(self, xc: Tensor) -> Tensor:
+        return (xc.pow(2).mean(-1, keepdim=True) + self.live_eps).sqrt()
 
     def forward(self, x, hook_scale):
         xc = self._center(x)
         if self.training and self.ema > 0:
             self._follow(xc.detach().float())
-        return xc / hook_scale(self._at_sink(xc, self._handed_over(xc, self._scale(x))))
+        scale = self._at_sink(xc, self._handed_over(xc, self._scale(x)))
+        if self.training and self.guard:
+            scale = soft_cap(scale, self._live(xc.float()).to(scale.dtype), self.guard)
+        return xc / hook_scale(scale)
 
     def frozen(self, x):
         s = self._at_sink(self._center(x), self._scale(x))
@@ -177,4 +202,4 @@ class FrozenStandardize(Standardize):
     def extra_repr(self) -> str:
         sigma = f"{self.sigma.item():.4g}" if self.sigma.dim() == 0 else f"{self.sigma.flatten().tolist()}"
         return (f"sigma={sigma}, centers={self.centers}, special={self.special}, ema={self.ema}, "
-                f"handover={self.handover.name}")
+                f"handover={self.handover.name}" + (f", guard={self.guard:g}" if self.guard else ""))

@@ -76,13 +76,14 @@ def finite(entry: dict[str, Any]) -> bool:
 
 def freeze(norm: Norm, entry: dict[str, Any], positions: SpecialPositions | None, ema: float = 0.0,
            handover: HandOver | None = None, frozen_at: int = 0,
-           device: torch.device | str = "cpu") -> FrozenStandardize:
+           device: torch.device | str = "cpu", guard: float = 0.0) -> FrozenStandardize:
     """Swap ``norm``'s live standardization for a frozen one at the calibrated σ of ``entry`` (its BOS and
-    EOT σ kept apart while the special positions are on); a gradual ``handover`` starts at ``frozen_at``."""
+    EOT σ kept apart while the special positions are on); a gradual ``handover`` starts at ``frozen_at``;
+    ``guard`` soft-caps its output in training (``FrozenStandardize``)."""
     live = norm.standardize
     st = FrozenStandardize(entry["sigma"], live.centers, positions, entry["sigma_bos"],
                            entry["sigma_eot"] or entry["sigma_bos"], ema, handover=handover,
-                           live_eps=live.live_rms_eps, frozen_at=frozen_at)
+                           live_eps=live.live_rms_eps, frozen_at=frozen_at, guard=guard)
     norm.standardize = st.to(device)
     return st
 

@@ -211,7 +211,7 @@ class _Loop:
                 f.special = f.special and self.rc.calibration.special_steps > 0
         elif remove and not isinstance(event, str):
             self.frozen.append(freeze(event.norm, entry, self.arm.positions, self.rc.calibration.ema,
-                                      self.handover, entry["step"], self.device))
+                                      self.handover, entry["step"], self.device, self.rc.handover.guard))
 
     def step(self, step: int, name: str, where: str) -> int:
         """One optimizer step at ``step`` (its batch, lr and hand-over all functions of the step); returns

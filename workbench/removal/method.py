@@ -107,9 +107,16 @@ def _handover_help() -> str:
 class HandOverSpec:
     bridge: str = opt("none", _handover_help())
     bridge_steps: int = opt(0, "steps over which --bridge hands over (each norm from its freezing on)")
+    # Without it, a window a runaway token overflows is a skipped step: no gradient from it.
+    guard: float = opt(0.0, "training only: soft-cap each frozen norm's per-position output RMS at C (growing as "
+                            "C·(1 + log(r/C)) above), so an overflowing window still gives a gradient; off at "
+                            "evaluation and in the exported model (0: off)")
 
     def __post_init__(self) -> None:
         self.build()  # the hand-over validates its own steps
+        if self.guard != 0 and not 1 <= self.guard < 1e6:
+            raise WorkbenchError(f"--guard C must be 0 (off) or at least 1 (ordinary positions have output RMS "
+                                 f"≈ 1), got {self.guard}")
 
     def build(self) -> HandOver:
         return handover(self.bridge, self.bridge_steps)
