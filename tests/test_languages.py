@@ -66,6 +66,18 @@ def test_nll_and_pooling_match_unbatched_references(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("pooling", ["mean", "weighted", "last"])
+def test_an_empty_text_pools_its_start_token_alone_or_padded(model, pooling):
+    tm = text_model(model)
+    start = model.run_with_cache(torch.tensor([[0]]))[1]
+    want = torch.stack([start[f"blocks.{i}.hook_resid_post"][0, 0] for i in range(model.cfg.n_layers)])
+    alone = encode_texts(tm, [""], pooling)
+    padded = encode_texts(tm, ["", TEXTS[0]], pooling)
+    assert torch.allclose(alone.pooled[0], want, atol=1e-5) and torch.allclose(padded.pooled[0], want, atol=1e-5)
+    assert alone.nll[0].item() == 0.0 and alone.n_tokens == [0]
+
+
+@torch.no_grad()
 def test_long_texts_are_scored_by_strided_windows(model):
     tm = text_model(model, max_tokens=9)
     text = TEXTS[2] * 2

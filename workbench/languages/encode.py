@@ -82,9 +82,13 @@ def _pool_at(x: Tensor, rows: Tensor, cuts: Tensor, pooling: str) -> Tensor:
 
 
 def _pool(x: Tensor, lengths: Tensor, pooling: str) -> Tensor:
-    if pooling == "last":  # an empty text pools its start token
-        return x[torch.arange(len(lengths)), lengths - 1]
-    return _pool_at(x, torch.arange(len(lengths)), (lengths - 1).clamp_min(1), pooling)
+    """Each row pooled over its content; an empty text (no content token) pools its start token under
+    every pooling, alone in its batch or padded."""
+    start_or_last = x[torch.arange(len(lengths)), lengths - 1]
+    if pooling == "last" or x.shape[1] == 1:
+        return start_or_last
+    body = _pool_at(x, torch.arange(len(lengths)), (lengths - 1).clamp_min(1), pooling)
+    return torch.where((lengths == 1)[:, None], start_or_last, body)
 
 
 def _windows(ids: list[int], width: int) -> list[tuple[int, int]]:
