@@ -1,6 +1,6 @@
 """Window by window: the validation CE of a remove-ln directory, its control, the original and the stock
-reload (transformers, with the sink prefix as its cache when the directory has one), and where each
-overflowing window first grows past 1e5.
+reload (transformers, with the sink prefix as its cache when the directory has one), the KL from the original
+to the norm-free model and to the control, and where each overflowing window first grows past 1e5.
 
     python analyses/sink_windows.py runs/smol/S5 [--original smollm2] [--control DIR] [--corpus english] [--json]
 
@@ -26,6 +26,7 @@ import workbench
 from workbench.batches import load_token_data
 from workbench.model import sink
 from workbench.model.gpt import lm_cross_entropy
+from workbench.removal.losses import kl_to_teacher
 
 BLOWN = 1e5  # a residual entry this large: the window is overflowing (the models' entries stay below ~5e3)
 
@@ -74,8 +75,11 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
     n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]
     rows = []
     for b in data.val_batches(16, 8, n_ctx):  # remove-ln's own validation windows
-        ce = {k: lm_cross_entropy(m(b), b, per_token=True).mean(1).tolist() for k, m in models.items()}
-        ce["stock"] = lm_cross_entropy(stock(b), b, per_token=True).mean(1).tolist()
+        logits = {k: m(b).float() for k, m in models.items()}
+        logits["stock"] = stock(b).float()
+        ce = {k: lm_cross_entropy(v, b, per_token=True).mean(1).tolist() for k, v in logits.items()}
+        for k in ("ln_free", "control"):  # KL(original ‖ model) per window, mean over its positions
+            ce[f"kl_{k}"] = [kl_to_teacher(logits["original"][i:i + 1], logits[k][i:i + 1]).item() for i in range(len(b))]
         rows += [({k: v[i] for k, v in ce.items()}, b[i]) for i in range(len(b))]
     finite = [r for r, _ in rows if all(math.isfinite(x) and x < 30 for x in r.values())]
     mean = {k: sum(r[k] for r in finite) / len(finite) for k in finite[0]}
@@ -126,7 +130,8 @@ def main() -> None:
     m = t["mean_ce_finite"]
     print(f"{t['finite']} of {t['windows']} windows finite; CE there: norm-free {m['ln_free']:.4f}, stock reload "
           f"{m['stock']:.4f}, control {m['control']:.4f}, original {m['original']:.4f}; Δ vs control "
-          f"{t['delta_vs_control']:+.3f}, vs original {t['delta_vs_original']:+.3f}")
+          f"{t['delta_vs_control']:+.3f}, vs original {t['delta_vs_original']:+.3f}; KL to the original: norm-free "
+          f"{m['kl_ln_free']:.4f}, control {m['kl_control']:.4f}")
     for b in t["overflowing"]:
         if b is None:
             print("  overflows (no entry > 1e5)")
