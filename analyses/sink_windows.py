@@ -36,17 +36,22 @@ def first_blow_up(model, window: torch.Tensor, original=None) -> dict | None:
     """The first layer and position whose residual exceeds ``BLOWN`` (None if none does), and the RMS of that
     position's residual after each block up to there — in the norm-free model and in ``original``, whose
     growth there tells a runaway (layer by layer) from a circuit firing (one layer)."""
-    resid = lambda m: m.run_with_cache(window[None], names_filter=lambda n: n.endswith("hook_resid_post"))[1]  # noqa: E731
+    names = ("hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    resid = lambda m: m.run_with_cache(window[None], names_filter=lambda n: n.endswith(names))[1]  # noqa: E731
     cache = resid(model)
     shift = 1 if model.sink_token is not None else 0  # behind a prefix the hooks start at position 1
     for layer in range(model.cfg.n_layers):
         peak = torch.nan_to_num(cache[f"blocks.{layer}.hook_resid_post"][0].abs().amax(-1), nan=math.inf)
         if peak.max() > BLOWN:
             pos = int(peak.argmax()) + shift
-            rms = lambda c, s: [c[f"blocks.{k}.hook_resid_post"][0, pos - s].pow(2).mean().sqrt().item()  # noqa: E731
-                                for k in range(layer + 1)]
+            rms = lambda c, s, h="hook_resid_post": [c[f"blocks.{k}.{h}"][0, pos - s].pow(2).mean().sqrt().item()  # noqa: E731
+                                                     for k in range(layer + 1)]
+            loudest = [c[0].abs().amax().item() for c in (cache[f"blocks.{k}.hook_resid_post"] for k in range(layer + 1))]
             return {"layer": layer, "pos": pos, "text": model.to_string(window[max(0, pos - 3): pos + 1]),
-                    "rms": rms(cache, shift), "rms_original": rms(resid(original), 0) if original is not None else None}
+                    "rms": rms(cache, shift), "rms_original": rms(resid(original), 0) if original is not None else None,
+                    # which sublayer writes the growth, and whether another position was loud first
+                    "attn_rms": rms(cache, shift, "hook_attn_out"), "mlp_rms": rms(cache, shift, "hook_mlp_out"),
+                    "window_max_abs": loudest}
     return None
 
 
@@ -139,6 +144,9 @@ def main() -> None:
         print(f"  overflows: layer {b['layer']}, position {b['pos']} ({b['text']!r}); its RMS after each block, "
               f"norm-free / original:")
         print("    " + " ".join(f"{x:.3g}/{y:.2g}" for x, y in zip(b["rms"], b["rms_original"])))
+        print("    what each block writes there, attention / MLP (RMS): " + " ".join(
+            f"{a:.2g}/{m:.2g}" for a, m in zip(b["attn_rms"], b["mlp_rms"])))
+        print("    the window's largest |entry| after each block: " + " ".join(f"{x:.2g}" for x in b["window_max_abs"]))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_guard_soft_caps_each_positions_output_rms_in_training_only():
     """Output RMS r = s/σ for r ≤ C, C·(1 + ln(r/C)) above, written out; slope 1 then C/r (never 0, never
     NaN — also for the quiet positions, where the unused branch's log would be ≤ −1); off in eval."""
     sigma, cap, eps = 2.0, 3.0, 1e-6
-    rms = [0.5, 1.0, 2.0, 6.0, 8.0, 40.0, 4000.0]
+    rms = [0.5, 1.0, 2.0, 7.0, 8.0, 40.0, 4000.0]
     st = FrozenStandardize(sigma, centers=False, live_eps=eps, guard=cap)
     x = _at_rms(rms)
     seen = []
@@ -211,6 +211,7 @@ def test_guard_soft_caps_each_positions_output_rms_in_training_only():
     cos = torch.nn.functional.cosine_similarity(y, x, dim=-1)
     torch.testing.assert_close(cos, torch.ones_like(cos))  # each position only rescaled
     torch.testing.assert_close(seen[0].expand_as(x), x / y)  # hook_scale sees the effective divisor
+    assert st.observed["guarded"].item() == pytest.approx(4 / 7)  # the share of positions above C
     torch.testing.assert_close(st.eval()(x, lambda s: s), x / sigma)  # evaluation: the plain frozen norm
     for v in rms:  # d(output RMS)/d(input RMS), against the formula's derivative
         s = torch.tensor(v, requires_grad=True)
@@ -222,8 +223,12 @@ def test_guard_soft_caps_each_positions_output_rms_in_training_only():
         FrozenStandardize(sigma, centers=False, guard=cap)
 
 
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in _metrics(run)]
 
 
 def test_remove_ln_guard_reaches_every_frozen_norm_and_leaves_the_export_alone(swiglu_run, tmp_path, tiny_corpus,
@@ -244,6 +249,8 @@ def test_remove_ln_guard_reaches_every_frozen_norm_and_leaves_the_export_alone(s
     first = next(e["step"] for e in s["schedule"] if "sigma" in e)
     guarded, unguarded = (_losses(tmp_path / d) for d in ("free", "plain"))
     assert guarded[:first] == unguarded[:first] and guarded[first] != unguarded[first]
+    shares = [m["guarded"] for m in _metrics(tmp_path / "free")[first:]]
+    assert len(shares) == len(guarded) - first and 0 < max(shares) <= 1  # C = 1: some position is above σ
     assert s["fold_max_abs_logit_diff"] <= 1e-4  # the export is the unguarded frozen model, folded
     assert direct_logit_attribution(workbench.load(tmp_path / "free"), "And God said unto the", " the").nmae <= 1e-5
 

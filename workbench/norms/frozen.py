@@ -192,7 +192,10 @@ class FrozenStandardize(Standardize):
             self._follow(xc.detach().float())
         scale = self._at_sink(xc, self._handed_over(xc, self._scale(x)))
         if self.training and self.guard:
-            scale = soft_cap(scale, self._live(xc.float()).to(scale.dtype), self.guard)
+            live = self._live(xc.float()).to(scale.dtype)
+            with torch.no_grad():  # the metrics file's share of positions capped
+                self.observed = {**self.observed, "guarded": (live > self.guard * scale).float().mean()}
+            scale = soft_cap(scale, live, self.guard)
         return xc / hook_scale(scale)
 
     def frozen(self, x):
