@@ -46,12 +46,15 @@ def first_blow_up(model, window: torch.Tensor, original=None) -> dict | None:
             pos = int(peak.argmax()) + shift
             rms = lambda c, s, h="hook_resid_post": [c[f"blocks.{k}.{h}"][0, pos - s].pow(2).mean().sqrt().item()  # noqa: E731
                                                      for k in range(layer + 1)]
-            loudest = [c[0].abs().amax().item() for c in (cache[f"blocks.{k}.hook_resid_post"] for k in range(layer + 1))]
+            loudest = []  # (token position, RMS) of the window's loudest position after each block
+            for k in range(layer + 1):
+                r = torch.nan_to_num(cache[f"blocks.{k}.hook_resid_post"][0].pow(2).mean(-1).sqrt(), nan=math.inf)
+                loudest.append((int(r.argmax()) + shift, r.max().item()))
             return {"layer": layer, "pos": pos, "text": model.to_string(window[max(0, pos - 3): pos + 1]),
                     "rms": rms(cache, shift), "rms_original": rms(resid(original), 0) if original is not None else None,
                     # which sublayer writes the growth, and whether another position was loud first
                     "attn_rms": rms(cache, shift, "hook_attn_out"), "mlp_rms": rms(cache, shift, "hook_mlp_out"),
-                    "window_max_abs": loudest}
+                    "window_loudest": loudest}
     return None
 
 
@@ -146,7 +149,8 @@ def main() -> None:
         print("    " + " ".join(f"{x:.3g}/{y:.2g}" for x, y in zip(b["rms"], b["rms_original"])))
         print("    what each block writes there, attention / MLP (RMS): " + " ".join(
             f"{a:.2g}/{m:.2g}" for a, m in zip(b["attn_rms"], b["mlp_rms"])))
-        print("    the window's largest |entry| after each block: " + " ".join(f"{x:.2g}" for x in b["window_max_abs"]))
+        print("    the window's loudest position after each block, position:RMS (a runaway elsewhere that attention "
+              "copies): " + " ".join(f"{p}:{x:.3g}" for p, x in b["window_loudest"]))
 
 
 if __name__ == "__main__":
