@@ -102,6 +102,8 @@ def test_mlp_penalty_is_one_sided_above_one_plus_delta_sigma():
     assert mlp_scale_penalty([uniform], keep, 0.0).item() == 0.0
     two = mlp_scale_penalty([s, 2 * uniform], keep, delta).item()
     assert two == pytest.approx(want / 2, rel=1e-6)  # the mean over sites
+    loudest = max(max(0.0, v / sigma - 1.2) ** 2 for v in (20.0, 1.0, 1.0, 3.0, 9.0))
+    assert mlp_scale_penalty([s], keep, delta, pool="max").item() == pytest.approx(loudest, rel=1e-6)
     s2 = s.clone().requires_grad_()
     mlp_scale_penalty([s2], keep, delta).backward()
     g = s2.grad[0, :, 0]
@@ -148,6 +150,14 @@ def test_frozen_penalty_is_one_sided_against_each_sites_frozen_sigma():
     # the live penalty's σ is the batch's own rms: on the same scales it gives another number
     keep = torch.ones(1, 4, 1, dtype=torch.bool)
     assert mlp_scale_penalty([a], keep, delta).item() != pytest.approx(sum(pa) / 4, rel=1e-3)
+    # pooled by max: each site's loudest counted position in full (9.0 at a, 7.0 at b; with the sink, 4.0 at a)
+    got = frozen_scale_penalty([a, b], [sig_a, sig_b], delta, pool="max").item()
+    assert got == pytest.approx((max(pa) + max(pb)) / 2, rel=1e-6)
+    got = frozen_scale_penalty([a, b], [sig_a, sig_b], delta, sink, pool="max").item()
+    assert got == pytest.approx((max(pa[1:]) + max(pb[1:])) / 2, rel=1e-6)
+    s = a.clone().requires_grad_()
+    frozen_scale_penalty([s], [sig_a], delta, pool="max").backward()
+    assert s.grad[0, 0, 0] > 0 and (s.grad[0, 1:] == 0).all()  # only the loudest position is pushed down
     s = a.clone().requires_grad_()
     sig = torch.tensor(2.0, requires_grad=True)
     frozen_scale_penalty([s], [sig], delta).backward()
@@ -182,6 +192,10 @@ def test_frozen_penalty_watches_the_frozen_mlp_norms_with_their_sigma():
     loss = torch.tensor(1.5)
     assert (watch.objective(loss, pos) - loss).item() == pytest.approx(want.item(), rel=1e-5)
     assert want.item() > 0  # the heavy model has positions above 1.05 σ: the check can fail
+    watch.pool = "max"  # what --penalty-pool max sets
+    assert (watch.objective(loss, pos) - loss).item() == pytest.approx(
+        2.0 * torch.relu(scale / sigma - 1.05).pow(2).max().item(), rel=1e-5)
+    assert RemovalConfig.of(frozen_penalty=1.0, penalty_pool="max").losses.watch(adapter).pool == "max"
     watch.remove()
 
 
@@ -379,6 +393,7 @@ def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_cor
     (["--mlp-penalty", "-1"], "--mlp-penalty must be ≥ 0"),
     (["--frozen-penalty", "-0.5"], "--frozen-penalty must be ≥ 0"),
     (["--guard", "0.5"], "--guard C must be 0 (off) or at least 1"),
+    (["--penalty-pool", "median"], "--penalty-pool must be one of: mean, max"),
     (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
     (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
     (["--bridge-steps", "4"], "--bridge-steps needs a hand-over (ramp, clip, taper)"),

@@ -49,6 +49,9 @@ class Losses:
     penalty_delta: float = opt(0.1, "δ of --mlp-penalty and --frozen-penalty")
     frozen_penalty: float = opt(0.0, "weight of the same one-sided penalty at MLP-norm inputs already frozen, "
                                      "on scales above (1+δ) times the σ each was frozen at (0: off)")
+    # A mean over ~10⁴ positions hardly sees the one runaway token that overflows a window.
+    penalty_pool: str = opt("mean", "how --mlp-penalty and --frozen-penalty pool a site's positions: mean, or max "
+                                    "(the batch's loudest position per site, counted in full)")
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -56,6 +59,8 @@ class Losses:
         for name in ("aux_loss", "scale_loss", "mlp_penalty", "frozen_penalty", "kl_weight", "logit_anchor"):
             if getattr(self, name) < 0:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        if self.penalty_pool not in POOLS:
+            raise WorkbenchError(f"--penalty-pool must be one of: {', '.join(POOLS)}; got {self.penalty_pool!r}")
         if not 0 <= self.penalty_delta < 1e6:
             raise WorkbenchError(f"--penalty-delta δ must be ≥ 0 (positions above (1 + δ)·σ are penalised), got "
                                  f"{self.penalty_delta}")
@@ -75,10 +80,19 @@ class Losses:
 
     def watch(self, adapter) -> LossWatch:
         return LossWatch(adapter, aux=self.aux_loss, scale=self.scale_loss, mlp=self.mlp_penalty,
-                         delta=self.penalty_delta, anchor=self.logit_anchor, frozen=self.frozen_penalty)
+                         delta=self.penalty_delta, anchor=self.logit_anchor, frozen=self.frozen_penalty,
+                         pool=self.penalty_pool)
 
 
 OBJECTIVES = ("ce", "kl", "mix")
+POOLS = ("mean", "max")
+
+
+def _pool(excess: Tensor, counted: Tensor, how: str) -> Tensor:
+    """A site's penalty from its per-position excess²: the mean over the counted positions, or their max."""
+    if how == "max":
+        return (excess * counted).amax()
+    return (excess * counted).sum() / counted.sum().clamp_min(1)
 
 
 def kl_to_teacher(teacher: Float[Tensor, "batch pos vocab"], student: Float[Tensor, "batch pos vocab"]) -> Tensor:
@@ -131,31 +145,33 @@ def scale_spread(log_scales: list[Tensor], keep: Bool[Tensor, "batch pos 1"]) ->
 
 
 def mlp_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], ordinary: Bool[Tensor, "batch pos 1"],
-                      delta: float, sink: Bool[Tensor, "batch pos 1"] | None = None) -> Tensor:
+                      delta: float, sink: Bool[Tensor, "batch pos 1"] | None = None, pool: str = "mean") -> Tensor:
     """Mean over sites of mean over **every** position of relu(s_t / σ − (1 + δ))², σ = sqrt(mean s_t²)
     over the ordinary positions — the σ the site will be frozen at — held constant, so only the outliers
     are pushed down, not the scale as a whole. BOS and end-of-text tokens are included: they are the
     loudest positions, and after the special positions lose their own σ they are divided by this one —
-    except a sink prefix's position 0 (``sink``), which is never divided by σ, so keeps its scale."""
+    except a sink prefix's position 0 (``sink``), which is never divided by σ, so keeps its scale.
+    ``pool="max"``: the loudest counted position's term instead of the mean."""
     k = ordinary.float()
     n = k.sum().clamp_min(1)
     counted = torch.ones_like(k) if sink is None else (~sink).float()
     out = []
     for s in scales:
         sigma = ((s.detach().pow(2) * k).sum() / n).sqrt().clamp_min(1e-12)
-        out.append((torch.relu(s / sigma - (1 + delta)).pow(2) * counted).sum() / counted.sum().clamp_min(1))
+        out.append(_pool(torch.relu(s / sigma - (1 + delta)).pow(2), counted, pool))
     return torch.stack(out).mean()
 
 
 def frozen_scale_penalty(scales: list[Float[Tensor, "batch pos 1"]], sigmas: list[Tensor], delta: float,
-                         sink: Bool[Tensor, "batch pos 1"] | None = None) -> Tensor:
-    """Mean over frozen sites of mean over every position (but a sink prefix's position 0, which keeps its
-    live norm) of relu(s_t / σ_site − (1 + δ))², σ_site the constant the site divides by."""
+                         sink: Bool[Tensor, "batch pos 1"] | None = None, pool: str = "mean") -> Tensor:
+    """Mean over frozen sites of mean (``pool="max"``: max) over every position (but a sink prefix's
+    position 0, which keeps its live norm) of relu(s_t / σ_site − (1 + δ))², σ_site the constant the site
+    divides by."""
     out = []
     for s, sigma in zip(scales, sigmas, strict=True):
         counted = torch.ones_like(s) if sink is None else (~sink).to(s.dtype)
         ratio = s / sigma.detach().float().clamp_min(1e-12)
-        out.append((torch.relu(ratio - (1 + delta)).pow(2) * counted).sum() / counted.sum().clamp_min(1))
+        out.append(_pool(torch.relu(ratio - (1 + delta)).pow(2), counted, pool))
     return torch.stack(out).mean()
 
 
@@ -166,8 +182,9 @@ class LossWatch:
     with its weight."""
 
     def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1,
-                 anchor: float = 0.0, frozen: float = 0.0):
+                 anchor: float = 0.0, frozen: float = 0.0, pool: str = "mean"):
         self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor, "frozen": frozen}
+        self.pool = pool
         self.final_norm = adapter.final_norm  # its standardization is replaced when it is frozen
         self.delta = delta
         self.final: list[Tensor] = []
@@ -204,11 +221,11 @@ class LossWatch:
             total = total + w["scale"] * scale_spread(self.log_scales, positions.ordinary())
         if w["mlp"] > 0 and self.mlp_scales:
             total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta,
-                                                         positions.sink_mask)
+                                                         positions.sink_mask, self.pool)
         if w["frozen"] > 0 and self.frozen_scales:
             scales, sigmas = zip(*self.frozen_scales)
             total = total + w["frozen"] * frozen_scale_penalty(list(scales), list(sigmas), self.delta,
-                                                               positions.sink_mask)
+                                                               positions.sink_mask, self.pool)
         std = self.final_norm.standardize
         sigma = std.ordinary_scale()
         if w["anchor"] > 0 and self.final and sigma is not None:
