@@ -88,3 +88,31 @@ def test_remove_ln_without_a_config_takes_the_recipe(gated_run, tmp_path, tiny_c
     assert json.loads((tmp_path / "free" / "summary.json").read_text())["recipe"] == "gated"
     with pytest.raises(WorkbenchError, match="either a RemovalConfig or a recipe"):
         remove_ln(gated_run, tmp_path / "other", RemovalConfig.of(), recipe="gpt2")
+
+
+def _method(rc: RemovalConfig) -> dict:
+    """Every field of the method but the runtime's (dtype, checkpoints), which do not change what is computed."""
+    return {f.name: getattr(getattr(rc, owner), f.name) for owner, f in rc.fields() if owner != "runtime"}
+
+
+def test_the_sink_recipe_is_the_documented_command_of_its_measured_run():
+    """`--recipe sink` must be the flags that made the run docs/ln_removal.md reports for it, parsed by the CLI
+    from the docs' command, with the Llama family's defaults under both; and it is never chosen unasked."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from workbench.loader.llama import REMOVAL_DEFAULTS
+
+    doc = (Path(__file__).parents[1] / "docs" / "ln_removal.md").read_text()
+    command = re.search(r"<!-- sink-recipe -->\n```\n(.*?)```\n<!-- /sink-recipe -->", doc, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:2] == ["workbench", "remove-ln"] and "--recipe" not in argv
+    args = build_parser().parse_args(argv[1:])
+    given = {f.name: getattr(args, f.name) for _, f in RemovalConfig.fields() if hasattr(args, f.name)}
+    assert len(given) >= 15
+    by_flags, _, _ = resolve(GATED, given, family=REMOVAL_DEFAULTS)
+    by_recipe, source, r = resolve(GATED, {}, recipe="sink", family=REMOVAL_DEFAULTS)
+    assert _method(by_recipe) == _method(by_flags)
+    assert source["lr"] == "recipe sink" and by_recipe.optimization.lr == 3e-5  # above the family's 2e-5
+    assert r.auto is False and resolve(GATED, {})[2].name == "gated"
