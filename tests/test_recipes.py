@@ -116,3 +116,15 @@ def test_the_sink_recipe_is_the_documented_command_of_its_measured_run():
     assert _method(by_recipe) == _method(by_flags)
     assert source["lr"] == "recipe sink" and by_recipe.optimization.lr == 3e-5  # above the family's 2e-5
     assert r.auto is False and resolve(GATED, {})[2].name == "gated"
+
+
+def test_a_flag_is_checked_against_the_recipe_it_overrides(gated_run, capsys):
+    """`--bridge-steps` alone needs a hand-over; under `--recipe sink`, which sets one, it is a valid override —
+    checked before the model loads, so an unknown recipe is refused there too."""
+    assert main(["remove-ln", str(gated_run), "--explain", "--recipe", "sink", "--bridge-steps", "8"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("    ")}
+    assert rows["bridge_steps"].split()[1:] == ["8", "(given)"] and rows["bridge"].endswith("(recipe sink)")
+    assert main(["remove-ln", str(gated_run), "--explain", "--bridge-steps", "8"]) == 2
+    assert "--bridge-steps needs a hand-over" in capsys.readouterr().err
+    assert main(["remove-ln", "no/such/model", "--out", "x", "--recipe", "fast"]) == 2
+    assert "unknown --recipe 'fast'" in capsys.readouterr().err

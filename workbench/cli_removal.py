@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import WorkbenchError
-from .removal.recipes import RECIPES
+from .removal.recipes import RECIPES, fields_asked
 
 
 
@@ -80,7 +80,7 @@ def cmd_remove_ln(args) -> int:
     from .removal.finetune import Diverged
 
     options, recipe = _method_options(args), getattr(args, "recipe", None)
-    RemovalConfig.of(**options)  # a bad value fails here, before the model is loaded
+    RemovalConfig.of(**{**fields_asked(recipe), **options})  # a bad value fails here, before the model is loaded
     if args.explain:
         from .removal.api import explain_method
 

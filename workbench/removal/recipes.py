@@ -63,6 +63,17 @@ def recipe_named(name: str | None, cfg: ModelConfig) -> Recipe:
     return RECIPES[name]
 
 
+def fields_asked(name: str | None) -> dict[str, Any]:
+    """The fields of the recipe asked for by name ({} for auto, whose recipe depends on the model): what a
+    flag is checked against before the model is loaded (``--recipe sink --bridge-steps 8`` is valid because
+    the recipe sets a hand-over)."""
+    if name in (None, "auto"):
+        return {}
+    if name not in RECIPES:
+        raise WorkbenchError(f"unknown --recipe {name!r}; choose one of: auto, {', '.join(RECIPES)}")
+    return dict(RECIPES[name].fields)
+
+
 def resolve(cfg: ModelConfig, given: dict[str, Any], recipe: str | None = None,
             family: dict[str, Any] | None = None) -> tuple[RemovalConfig, dict[str, str], Recipe]:
     """The config for ``cfg`` and, per field, where its value came from: default, recipe NAME, family, flag."""
@@ -93,4 +104,4 @@ def explain(rc: RemovalConfig, source: dict[str, str], r: Recipe, asked: bool) -
     return "\n".join(lines)
 
 
-__all__ = ["RECIPES", "Recipe", "choose", "explain", "recipe_named", "resolve"]
+__all__ = ["RECIPES", "Recipe", "choose", "explain", "fields_asked", "recipe_named", "resolve"]
