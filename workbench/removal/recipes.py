@@ -55,28 +55,31 @@ def choose(cfg: ModelConfig) -> Recipe:
     return next(r for r in RECIPES.values() if r.auto and r.applies(cfg))
 
 
-def recipe_named(name: str | None, cfg: ModelConfig) -> Recipe:
+def _asked(name: str | None) -> Recipe | None:
+    """The recipe named, or None for auto (which depends on the model); an unknown name is refused."""
     if name in (None, "auto"):
-        return choose(cfg)
+        return None
     if name not in RECIPES:
         raise WorkbenchError(f"unknown --recipe {name!r}; choose one of: auto, {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def recipe_named(name: str | None, cfg: ModelConfig) -> Recipe:
+    asked = _asked(name)
+    return choose(cfg) if asked is None else asked
 
 
 def fields_asked(name: str | None) -> dict[str, Any]:
     """The fields of the recipe asked for by name ({} for auto, whose recipe depends on the model): what a
     flag is checked against before the model is loaded (``--recipe sink --bridge-steps 8`` is valid because
     the recipe sets a hand-over)."""
-    if name in (None, "auto"):
-        return {}
-    if name not in RECIPES:
-        raise WorkbenchError(f"unknown --recipe {name!r}; choose one of: auto, {', '.join(RECIPES)}")
-    return dict(RECIPES[name].fields)
+    asked = _asked(name)
+    return {} if asked is None else dict(asked.fields)
 
 
 def resolve(cfg: ModelConfig, given: dict[str, Any], recipe: str | None = None,
             family: dict[str, Any] | None = None) -> tuple[RemovalConfig, dict[str, str], Recipe]:
-    """The config for ``cfg`` and, per field, where its value came from: default, recipe NAME, family, flag."""
+    """The config for ``cfg`` and, per field, where its value came from: default, family, recipe NAME, given."""
     r = recipe_named(recipe, cfg)
     names = {f.name for _, f in RemovalConfig.fields()}
     unknown = sorted(set(given) - names)
