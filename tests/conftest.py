@@ -43,6 +43,18 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 TINY_MODEL = dict(n_layers=2, d_model=32, n_heads=4, n_ctx=32, d_vocab=320)
 TINY_TRAIN = dict(batch_size=4, eval_every=4, eval_batches=2, ckpt_every=4, warmup_steps=2)
+SWIGLU = dict(mlp="swiglu", act_fn="silu", pos="rope")
+
+
+@pytest.fixture(scope="session")
+def swiglu_run(tmp_path_factory, tiny_corpus) -> Path:
+    """A tiny pre-RMS SwiGLU/RoPE zoo model trained 8 steps: what the removal methods for gated MLPs run on."""
+    import workbench
+
+    d = tmp_path_factory.mktemp("swiglu") / "pre-rms"
+    workbench.train("pre-rms", d, steps=8, corpus=str(tiny_corpus), model_overrides={**TINY_MODEL, **SWIGLU},
+                    train_overrides=TINY_TRAIN, progress=False)
+    return d
 
 
 def scale_weights(hf, seed: int = 0) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import workbench
-from conftest import TINY_MODEL, TINY_TRAIN, scale_gpt
+from conftest import SWIGLU, scale_gpt
 from workbench.batches import load_token_data
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -23,7 +23,6 @@ from workbench.removal.calibrate import calibrate, freeze
 from workbench.removal.gpt_sites import GPTRemoval
 from workbench.removal.losses import Losses, LossWatch, kl_to_teacher, logit_anchor_loss
 
-SWIGLU = dict(mlp="swiglu", act_fn="silu", pos="rope")
 
 
 # --- the formulas ------------------------------------------------------------------------------------
@@ -87,14 +86,6 @@ def test_the_anchor_acts_only_once_the_final_norm_is_frozen():
 
 
 # --- end to end ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def swiglu_run(tmp_path_factory, tiny_corpus):
-    d = tmp_path_factory.mktemp("distil") / "pre-rms"
-    workbench.train("pre-rms", d, steps=8, corpus=str(tiny_corpus), model_overrides={**TINY_MODEL, **SWIGLU},
-                    train_overrides=TINY_TRAIN, progress=False)
-    return d
-
 
 def _rc(**kw) -> RemovalConfig:
     return RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,

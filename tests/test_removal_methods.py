@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import workbench
-from conftest import TINY_MODEL, TINY_TRAIN, rel_err, scale_gpt
+from conftest import SWIGLU, TINY_MODEL, TINY_TRAIN, rel_err, scale_gpt
 from workbench.analysis.dla import direct_logit_attribution
 from workbench.cli import main
 from workbench.config import ModelConfig
@@ -20,7 +20,6 @@ from workbench.removal.calibrate import calibrate, freeze
 from workbench.removal.gpt_sites import GPTRemoval
 from workbench.removal.losses import LossWatch, mlp_scale_penalty, token_scale
 
-SWIGLU = dict(mlp="swiglu", act_fn="silu", pos="rope")
 
 
 def heavy_swiglu(**kw) -> GPT:
@@ -324,14 +323,6 @@ def test_split_mlp_folds_exactly_into_w_gate_and_w_in_and_dla_is_exact():
 
 # --- end to end ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def swiglu_run(tmp_path_factory, tiny_corpus):
-    d = tmp_path_factory.mktemp("swiglu") / "pre-rms"
-    workbench.train("pre-rms", d, steps=8, corpus=str(tiny_corpus), model_overrides={**TINY_MODEL, **SWIGLU},
-                    train_overrides=TINY_TRAIN, progress=False)
-    return d
-
-
 def test_remove_ln_with_split_penalty_and_clip_bridge(swiglu_run, tmp_path, tiny_corpus):
     rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
                        split_mlp=True, mlp_penalty=1.0, penalty_delta=0.05, bridge="clip", bridge_steps=3,
@@ -394,6 +385,8 @@ def test_a_bridge_hands_over_in_exactly_its_steps(swiglu_run, tmp_path, tiny_cor
     (["--frozen-penalty", "-0.5"], "--frozen-penalty must be ≥ 0"),
     (["--guard", "0.5"], "--guard C must be 0 (off) or at least 1"),
     (["--penalty-pool", "median"], "--penalty-pool must be one of: mean, max"),
+    (["--random-penalty", "-1", "--guard", "4"], "--random-penalty must be ≥ 0"),
+    (["--random-penalty", "1"], "--random-penalty needs --guard C"),
     (["--bridge", "taper"], "--bridge taper needs --bridge-steps"),
     (["--bridge", "clip", "--bridge-steps", "0"], "--bridge clip needs --bridge-steps"),
     (["--bridge-steps", "4"], "--bridge-steps needs a hand-over (ramp, clip, taper)"),

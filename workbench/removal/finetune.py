@@ -73,6 +73,23 @@ class Arm:
     teacher: torch.nn.Module | None = None  # the original model, norms live, under --objective kl|mix
 
 
+def _random_window(model, window: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: LossWatch,
+                   world: int) -> dict[str, float]:
+    """Forward and backward of ``--random-penalty``'s term on a random-token window (no language loss: there
+    is nothing to predict); returns the term and the window's largest final-residual |entry|."""
+    positions.update(window)
+    watch.clear()
+    sync = contextlib.nullcontext() if world == 1 or not hasattr(model, "no_sync") else model.no_sync()
+    with sync:  # the corpus batch's last backward all-reduces both
+        with autocast(window.device, resolve_dtype(rc.runtime.dtype, window.device)):
+            model(window)
+            term = watch.random_term(positions)
+        if term.requires_grad:
+            term.backward()
+    return {"random_penalty": term.detach().float().item(),
+            "random_peak": watch.final[-1].detach().abs().max().float().item()}
+
+
 def _accumulate(model, batch: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: LossWatch,
                 world: int, teacher: torch.nn.Module | None = None) -> dict[str, Any]:
     """Forward and backward over ``batch`` in micro-batches; returns the batch's mean cross-entropy
@@ -223,8 +240,12 @@ class _Loop:
             g["lr"] = rc.schedule.lr_at(step, self.removal_steps, self.final_steps, self.lr)
         self.hand_over(step)
         self.opt.zero_grad(set_to_none=True)
+        extra = {}
+        if self.arm.remove and rc.losses.random_penalty > 0 and self.frozen:
+            window = self.random_window(step, whole[:1, :1]).to(self.device)
+            extra = _random_window(self.model, window, rc, self.arm.positions, self.watch, world)
         acc = _accumulate(self.model, batch, rc, self.arm.positions, self.watch, world, self.arm.teacher)
-        loss, total, peak = acc["loss"], acc["total"], acc["peak"]
+        loss, total, peak = acc["loss"], acc["total"] + extra.get("random_penalty", 0.0), acc["peak"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), rc.optimization.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded (DTensor) norm
             grad_norm = grad_norm.full_tensor()
@@ -242,13 +263,21 @@ class _Loop:
         record = {"step": step + 1, "norm": name, "loss": _mean_over_ranks(loss, world), "resid_max": peak,
                   "lr": rc.schedule.lr_at(step, self.removal_steps, self.final_steps, self.lr),
                   "batch": batch_fingerprint(whole), **_observed(self.frozen),
-                  **({"kl": _mean_over_ranks(acc["kl"], world)} if acc["kl"] is not None else {})}
+                  **({"kl": _mean_over_ranks(acc["kl"], world)} if acc["kl"] is not None else {}), **extra}
         self.metrics.append({**record, **({} if finite_step else {"skipped": True})})
         if self.skipped_in_a_row > rc.optimization.max_skipped:
             raise Diverged(self.schedule, self.metrics, where, len(self.frozen), len(self.adapter.sites),
                            f"{self.skipped_in_a_row} non-finite losses or gradients in a row")
         self.last_loss = loss
         return step + 1
+
+    def random_window(self, step: int, start: Tensor) -> Tensor:
+        """``--random-penalty``'s window at ``step``: uniformly random tokens behind the corpus windows' own
+        first token (a sink prefix's), a function of the seed, the step and the rank, so a resume redraws it."""
+        g = torch.Generator().manual_seed(self.rc.optimization.seed * 1_000_003 + step * 1009 + self.group.rank)
+        window = torch.randint(0, self.adapter.net.cfg.d_vocab, (1, self.adapter.n_ctx), generator=g)
+        window[:, :1] = start
+        return window
 
     def save(self, step: int, done: bool) -> None:
         self.arm.ckpt.save(self.state(step, done))

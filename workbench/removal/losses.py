@@ -9,6 +9,8 @@
 * ``frozen_scale_penalty`` — the same one-sided penalty after the freeze, against the σ each MLP norm was
   frozen at (``--frozen-penalty W``): nothing else bounds the k² feedback then, and a rare token a few σ
   loud at one frozen gate is louder at the next (how S6's validation windows overflowed).
+  ``--random-penalty W`` adds the same term on a window of uniformly random tokens each step: the rare
+  tokens a corpus never holds are where the runaways that overflow a norm-free window start.
 * ``kl_to_teacher`` — distillation (``--objective kl|mix``): KL(original ‖ model) per position, the
   original with its norms live, so the model tries to stay what it was instead of also adapting to
   the fine-tuning corpus.
@@ -52,11 +54,16 @@ class Losses:
     # A mean over ~10⁴ positions hardly sees the one runaway token that overflows a window.
     penalty_pool: str = opt("mean", "how --mlp-penalty and --frozen-penalty pool a site's positions: mean, or max "
                                     "(the batch's loudest position per site, counted in full)")
+    # About half of SmolLM2's vocabulary never occurs in the `english` corpus (52 %), and the runaways that
+    # overflow a norm-free window start at such rare tokens: no corpus batch penalises them.
+    random_penalty: float = opt(0.0, "weight of --frozen-penalty's one-sided term (its δ and pooling) on one "
+                                     "window of uniformly random tokens per step, removal arm only (0: off)")
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise WorkbenchError(f"unknown --objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        for name in ("aux_loss", "scale_loss", "mlp_penalty", "frozen_penalty", "kl_weight", "logit_anchor"):
+        for name in ("aux_loss", "scale_loss", "mlp_penalty", "frozen_penalty", "kl_weight", "logit_anchor",
+                     "random_penalty"):
             if getattr(self, name) < 0:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         if self.penalty_pool not in POOLS:
@@ -81,7 +88,7 @@ class Losses:
     def watch(self, adapter) -> LossWatch:
         return LossWatch(adapter, aux=self.aux_loss, scale=self.scale_loss, mlp=self.mlp_penalty,
                          delta=self.penalty_delta, anchor=self.logit_anchor, frozen=self.frozen_penalty,
-                         pool=self.penalty_pool)
+                         pool=self.penalty_pool, random=self.random_penalty)
 
 
 OBJECTIVES = ("ce", "kl", "mix")
@@ -182,8 +189,8 @@ class LossWatch:
     with its weight."""
 
     def __init__(self, adapter, aux: float = 0.0, scale: float = 0.0, mlp: float = 0.0, delta: float = 0.1,
-                 anchor: float = 0.0, frozen: float = 0.0, pool: str = "mean"):
-        self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor, "frozen": frozen}
+                 anchor: float = 0.0, frozen: float = 0.0, pool: str = "mean", random: float = 0.0):
+        self.weights = {"aux": aux, "scale": scale, "mlp": mlp, "anchor": anchor, "frozen": frozen, "random": random}
         self.pool = pool
         self.final_norm = adapter.final_norm  # its standardization is replaced when it is frozen
         self.delta = delta
@@ -195,7 +202,7 @@ class LossWatch:
         if scale > 0:
             # per token and residual-wide: a QK-norm's per-head scales are not spread over positions alike
             self.handles += [s.norm.register_forward_pre_hook(self._log_scale) for s in adapter.sites if s.kind != "qk"]
-        if mlp > 0 or frozen > 0:
+        if mlp > 0 or frozen > 0 or random > 0:
             self.handles += [s.norm.register_forward_pre_hook(self._mlp_scale) for s in adapter.sites if s.kind == "mlp"]
 
     def _final(self, mod, args) -> None:
@@ -209,7 +216,7 @@ class LossWatch:
         if not std.scale_frozen:
             if self.weights["mlp"] > 0:
                 self.mlp_scales.append(token_scale(args[0], std.centers))
-        elif self.weights["frozen"] > 0:
+        elif self.weights["frozen"] > 0 or self.weights["random"] > 0:
             self.frozen_scales.append((token_scale(args[0], std.centers), std.ordinary_scale()))
 
     def objective(self, loss: Tensor, positions: SpecialPositions) -> Tensor:
@@ -223,14 +230,23 @@ class LossWatch:
             total = total + w["mlp"] * mlp_scale_penalty(self.mlp_scales, positions.ordinary(), self.delta,
                                                          positions.sink_mask, self.pool)
         if w["frozen"] > 0 and self.frozen_scales:
-            scales, sigmas = zip(*self.frozen_scales)
-            total = total + w["frozen"] * frozen_scale_penalty(list(scales), list(sigmas), self.delta,
-                                                               positions.sink_mask, self.pool)
+            total = total + w["frozen"] * self.frozen_term(positions)
         std = self.final_norm.standardize
         sigma = std.ordinary_scale()
         if w["anchor"] > 0 and self.final and sigma is not None:
             total = total + w["anchor"] * logit_anchor_loss(self.final[-1], sigma, std.centers, positions.ordinary())
         return total
+
+    def frozen_term(self, positions: SpecialPositions) -> Tensor:
+        """The one-sided penalty, unweighted, at the frozen MLP-norm inputs of the last forward (0 if none)."""
+        if not self.frozen_scales:
+            return torch.zeros(())
+        scales, sigmas = zip(*self.frozen_scales)
+        return frozen_scale_penalty(list(scales), list(sigmas), self.delta, positions.sink_mask, self.pool)
+
+    def random_term(self, positions: SpecialPositions) -> Tensor:
+        """``--random-penalty`` × the frozen term, for a forward on a random-token window."""
+        return self.weights["random"] * self.frozen_term(positions)
 
     def clear(self) -> None:
         self.final.clear()

@@ -188,6 +188,12 @@ class RemovalConfig:
     optimization: Optimization = field(default_factory=Optimization)
     runtime: Runtime = field(default_factory=Runtime)
 
+    def __post_init__(self) -> None:
+        # Norm-free, random tokens overflow (every SmolLM2 run): unguarded, the term is inf and each step skipped.
+        if self.losses.random_penalty > 0 and not self.handover.guard:
+            raise WorkbenchError("--random-penalty needs --guard C (a random window overflows without it); "
+                                 "add --guard 4")
+
     @staticmethod
     def fields() -> list[tuple[str, dataclasses.Field]]:
         """(part, field) for every field of every part, in order: the method's flat view."""
