@@ -54,8 +54,8 @@ class Losses:
     # A mean over ~10⁴ positions hardly sees the one runaway token that overflows a window.
     penalty_pool: str = opt("mean", "how --mlp-penalty and --frozen-penalty pool a site's positions: mean, or max "
                                     "(the batch's loudest position per site, counted in full)")
-    # About half of SmolLM2's vocabulary never occurs in the `english` corpus (52 %), and the runaways that
-    # overflow a norm-free window start at such rare tokens: no corpus batch penalises them.
+    # About half of SmolLM2's vocabulary never occurs in the `english` corpus (52 %), and runaways that
+    # overflow a norm-free window start at rare tokens, which a corpus batch hardly ever penalises.
     random_penalty: float = opt(0.0, "weight of --frozen-penalty's one-sided term (its δ and pooling) on one "
                                      "window of uniformly random tokens per step, removal arm only (0: off)")
 
