@@ -117,3 +117,28 @@ def test_a_killed_run_resumes_to_the_same_weights_redrawing_the_same_windows(swi
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "free" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (tmp_path / "free" / "metrics.jsonl").read_text()
+
+
+def test_behind_a_sink_prefix_the_window_starts_with_the_sink_token_and_position_0_is_not_penalised(
+        hf_dirs, tmp_path, tiny_corpus, monkeypatch):
+    """On a Llama with the exact sink prefix (what SmolLM2's runs use): every random window starts with the
+    sink token, and the term leaves position 0 out (it keeps its live norm)."""
+    from workbench.removal import finetune as ft
+    from workbench.removal import losses
+
+    seen = []
+    real_window, real_pen = ft._Loop.random_window, losses.frozen_scale_penalty
+    monkeypatch.setattr(ft._Loop, "random_window", lambda self, step, start: seen.append(
+        ("window", real_window(self, step, start))) or seen[-1][1])
+    monkeypatch.setattr(losses, "frozen_scale_penalty", lambda scales, sigmas, delta, sink=None, pool="mean": seen.append(
+        ("sink", sink)) or real_pen(scales, sigmas, delta, sink, pool))
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                          sink_prefix=True, random_penalty=1.0, guard=4.0, control=False)
+    remove_ln(hf_dirs["llama"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
+    windows = [w for k, w in seen if k == "window"]
+    sinks = [m for k, m in seen if k == "sink"]
+    from workbench.model import sink
+
+    assert windows and {int(w[0, 0]) for w in windows} == {sink.read(tmp_path / "free" / sink.SINK_FILE).token}
+    assert sinks and all(m is not None and m[:, 0].all() and not m[:, 1:].any() for m in sinks)
+    assert any("random_penalty" in m for m in _metrics(tmp_path / "free"))
