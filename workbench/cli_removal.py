@@ -1,8 +1,9 @@
-"""CLI commands of LayerNorm removal: ``remove-ln``, ``convert`` and ``export``."""
+"""CLI commands of LayerNorm removal: ``remove-ln``, ``repair-vocab``, ``convert``, ``truncate`` and ``export``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .removal.recipes import RECIPES, fields_asked
 
 
 def add_parsers(sub) -> None:
+    from .removal.repair import VocabRepair
+
     r = sub.add_parser("remove-ln", help="remove every norm by fine-tuning (frozen-std fake norms, one at a time)")
     r.add_argument("model", help="run directory, Hugging Face directory (GPT-2, Llama, Qwen2, GPT-NeoX), smollm2 or hf:NAME")
     r.add_argument("--out", help="directory to create: LN-free model, control/, summary.json (required unless "
@@ -26,6 +29,12 @@ def add_parsers(sub) -> None:
                    "file, and when the run diverges: how far it got and where the residual grew")
     r.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     r.add_argument("--quiet", action="store_true")
+
+    v = sub.add_parser("repair-vocab", help="shrink the embedding rows of the tokens a norm-free model runs away "
+                       "on (remove-ln's output), into a new directory")
+    v.add_argument("run", help="a remove-ln --out directory (norm-free model, summary.json, control/)")
+    v.add_argument("--out", required=True, help="directory to create")
+    _flags(v, dataclasses.fields(VocabRepair))
 
     c = sub.add_parser("convert", help="exact training-free transforms of a Pre-LN model")
     c.add_argument("model", help="a Pre-LN model: run directory, GPT-2 or GPT-NeoX Hugging Face directory")
@@ -52,7 +61,11 @@ def _method_flags(parser) -> None:
     Unset flags are absent from the namespace, so the recipe (or the field's default) decides them."""
     from .removal import RemovalConfig
 
-    for _, f in RemovalConfig.fields():
+    _flags(parser, [f for _, f in RemovalConfig.fields()])
+
+
+def _flags(parser, fields) -> None:
+    for f in fields:
         if "help" not in f.metadata:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
@@ -131,6 +144,21 @@ def cmd_truncate(args) -> int:
     return 0
 
 
+def cmd_repair_vocab(args) -> int:
+    from .removal.api import repair_to_dir
+    from .removal.repair import VocabRepair
+
+    names = [f.name for f in dataclasses.fields(VocabRepair) if hasattr(args, f.name)]
+    cfg = VocabRepair(**{n: getattr(args, n) for n in names})  # a bad value fails here, before any loading
+    s = repair_to_dir(args.run, args.out, cfg)
+    r = s["vocab_repair"]
+    left = "" if r["converged"] else f"; {len(r['still_running_away'])} still run away after {cfg.rounds} rounds"
+    print(f"repaired {r['repaired']} tokens' embedding rows{left}; CE {_f(r['ce_before'])} -> {_f(s['ce_ln_free'])}"
+          f" (control {_f(s.get('ce_control'))}, stock reload {_f(s['ce_stock_reload'])})")
+    print(f"wrote {args.out} (summary.json: vocab_repair lists every token, its ratio before and after)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .loader import export, load
 
@@ -140,4 +168,4 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"remove-ln": cmd_remove_ln, "convert": cmd_convert, "export": cmd_export, "truncate": cmd_truncate}
+COMMANDS = {"remove-ln": cmd_remove_ln, "repair-vocab": cmd_repair_vocab, "convert": cmd_convert, "export": cmd_export, "truncate": cmd_truncate}

@@ -83,12 +83,28 @@ class GPT(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def _logits(self, tokens: Int[Tensor, "batch pos"], offset: int = 0) -> Float[Tensor, "batch pos d_vocab"]:
+        *_, residual = self._stream(tokens, offset)
+        return self.final_logits(residual)
+
+    def _stream(self, tokens: Int[Tensor, "batch pos"], offset: int = 0):
+        """The residual stream after the embedding, then after each block."""
         residual = self.hook_embed(self.embed(tokens))
         if self.cfg.pos == "learned":
             residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
+        yield residual
         for block in self.blocks:
             residual = block(residual)
-        return self.final_logits(residual)
+            yield residual
+
+    def block_outputs(self, tokens: Int[Tensor, "batch pos"]) -> list[Float[Tensor, "batch pos d_model"]]:
+        """The residual stream after each block (``hook_resid_post``), without the unembedding: what a scan
+        over the whole vocabulary reads. Behind a sink prefix, positions 1, 2, … only (as the hooks)."""
+        if self.sink_token is not None:
+            check_input(self, tokens)
+            tokens, offset = tokens[:, 1:], 1
+        else:
+            offset = 0
+        return list(self._stream(tokens, offset))[1:]
 
     def _behind_sink(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
         """Position 0 is the fixed prefix (its stored logits); positions ≥ 1 are computed and attend to it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ..norms.frozen import SpecialPositions
 from ..precision import resolve_dtype, warn_if_emulated
 from ..version import __version__
 from .recipes import explain, resolve
+from .repair import VocabRepair, repair_vocab
 from ..runtime import Dist, init_distributed, resolve_device
 from .finetune import Arm, config_record, control_copy, evaluate, evaluate_kl, finetune, gather_into
 from .method import RemovalConfig
@@ -392,5 +393,41 @@ def truncate_to_dir(spec: str | Path | GPT, n_layers: int, out: str | Path, corp
                "eval": what, "eval_tokens": sum(b.numel() for b in batches)}
     with io.atomic_dir(out) as tmp:
         io.save_run(tmp, short, {"train": None, "truncated_from": summary["source"], "layers_kept": n_layers})
+        io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
+    return summary
+
+
+def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | None = None) -> dict[str, Any]:
+    """``workbench repair-vocab``: a remove-ln directory with its runaway tokens' embedding rows shrunk
+    (``removal/repair.py``), written atomically beside the source's control; the summary's CE, robustness
+    and stock reload are measured again on the same validation windows, the ones before kept."""
+    import shutil
+
+    from ..loader import export, load
+    d, out, cfg = Path(directory), Path(out), cfg or VocabRepair()
+    check_out_dir(out)
+    if not (d / io.SUMMARY_FILE).is_file():
+        raise WorkbenchError(f"{d} is not a remove-ln directory (no {io.SUMMARY_FILE}); give the --out of remove-ln")
+    before = io.read_json(d / io.SUMMARY_FILE, "run summary")
+    model = load(d, device=torch.device("cpu"))
+    data = load_token_data(before.get("corpus") or "english", model.cfg.d_vocab, tokenizer=model.tokenizer)
+    n_ctx, conf = before["n_ctx"], before.get("config", {})
+    val = data.val_batches(conf.get("eval_batches", 16), conf.get("eval_batch_size", 8), n_ctx)
+    text = [data.train_batch(i, 8, n_ctx, conf.get("seed", 1)) for i in range(2)]
+    ce_before = evaluate(model, val, None, torch.device("cpu"))
+    report = repair_vocab(model, text, cfg)
+    summary = {**before, "repaired_from": str(d), "ce_ln_free": evaluate(model, val, None, torch.device("cpu")),
+               "robustness": robustness(model, data, n_ctx, torch.device("cpu")),
+               "vocab_repair": {**asdict(cfg), "ce_before": ce_before, **report}}
+    if summary.get("ce_control") is not None:
+        summary["ce_ln_free_minus_control"] = summary["ce_ln_free"] - summary["ce_control"]
+    with io.atomic_dir(out) as tmp:
+        summary["export"] = export(model, tmp, val[0][:2])
+        summary["ce_stock_reload"] = _stock_ce(tmp, val)
+        for extra in ("control", io.METRICS_FILE):
+            if (d / extra).is_dir():
+                shutil.copytree(d / extra, tmp / extra)
+            elif (d / extra).is_file():
+                shutil.copy2(d / extra, tmp / extra)
         io.atomic_write_json(tmp / io.SUMMARY_FILE, summary)
     return summary

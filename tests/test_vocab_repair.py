@@ -1,0 +1,153 @@
+"""`repair-vocab`: the ratios against the activation cache, the repaired set against a brute-force scan, the
+rows it leaves alone, and the directory it writes (stock reload, control, summary), on a norm-free tiny Llama
+behind the exact sink prefix (what SmolLM2's runs are)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import workbench
+from workbench.cli import main
+from workbench.removal import RemovalConfig, remove_ln
+from workbench.removal.repair import VocabRepair, repair_vocab, text_rms, token_ratios, window_sources
+
+PLANT = 7.0  # a row this many times larger runs away (the tiny model's text stays below 4× its RMS)
+
+
+@pytest.fixture(scope="module")
+def free_run(hf_dirs, tmp_path_factory, tiny_corpus):
+    rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1,
+                          sink_prefix=True)
+    out = tmp_path_factory.mktemp("repair") / "free"
+    remove_ln(hf_dirs["llama"], out, rc, corpus=str(tiny_corpus), progress=False)
+    return out
+
+
+def _text(model, tiny_corpus):
+    from workbench.batches import load_token_data
+
+    data = load_token_data(str(tiny_corpus), model.cfg.d_vocab, tokenizer=model.tokenizer)
+    return [data.train_batch(i, 4, 24, 1) for i in range(2)]
+
+
+def _ratios_from_cache(model, windows, scale):
+    """Per window, the largest over blocks of the last position's RMS / scale, from ``hook_resid_post``."""
+    _, cache = model.run_with_cache(windows, names_filter=lambda n: n.endswith("hook_resid_post"))
+    rms = torch.stack([cache[f"blocks.{k}.hook_resid_post"][:, -1].float().pow(2).mean(-1).sqrt() / scale[k]
+                       for k in range(model.cfg.n_layers)])
+    return torch.nan_to_num(rms, nan=torch.inf).amax(0)
+
+
+def test_ratios_and_text_scale_equal_the_cache_written_out(free_run, tiny_corpus):
+    model = workbench.load(free_run)
+    text = _text(model, tiny_corpus)
+    _, cache = model.run_with_cache(torch.cat(text), names_filter=lambda n: n.endswith("hook_resid_post"))
+    want = torch.stack([cache[f"blocks.{k}.hook_resid_post"].float().pow(2).mean(-1).sqrt().flatten().median()
+                        for k in range(model.cfg.n_layers)])  # behind the prefix the hooks start at position 1
+    scale = text_rms(model, text)
+    torch.testing.assert_close(scale, want, rtol=1e-5, atol=0)
+    ids = torch.tensor([3, 50, 111, 250])
+    prefix = text[0][0, :4]
+    windows = torch.cat([prefix.expand(len(ids), -1), ids[:, None]], 1)
+    torch.testing.assert_close(token_ratios(model, ids, prefix, scale, batch=3), _ratios_from_cache(model, windows, scale),
+                               rtol=1e-5, atol=0)
+
+
+def _planted(free_run, tiny_corpus, token: int, factor: float = PLANT):
+    model = workbench.load(free_run)
+    text = _text(model, tiny_corpus)
+    assert token not in text[0][0, :4].tolist()
+    with torch.no_grad():
+        model.embed.W_E[token] *= factor
+    return model, text
+
+
+def test_repair_shrinks_exactly_the_runaways_a_brute_force_scan_finds(free_run, tiny_corpus):
+    token = 200
+    model, text = _planted(free_run, tiny_corpus, token)
+    w0 = model.embed.W_E.detach().clone()
+    scale = text_rms(model, text)
+    prefixes = [text[0][0, :1], text[0][0, :4]]
+    every = torch.arange(model.cfg.d_vocab)
+    worst = lambda: torch.stack([_ratios_from_cache(model, torch.cat([p.expand(len(every), -1), every[:, None]], 1),  # noqa: E731
+                                                    scale) for p in prefixes]).amax(0)
+    expected = set((worst() > 4.0).nonzero().flatten().tolist())
+    assert token in expected and len(expected) < model.cfg.d_vocab // 4
+    report = repair_vocab(model, text, VocabRepair(threshold=4.0, random_windows=0))
+    rows = {r["token"]: r for r in report["tokens"]}
+    assert set(rows) == expected and report["converged"]
+    after = worst()
+    assert (after <= 4.0).all()
+    for t, r in rows.items():  # each row shrunk by powers of 1/2 (exact), and by no more than it needed
+        assert torch.equal(model.embed.W_E[t], w0[t] * r["factor"])
+        assert r["ratio_after"] == pytest.approx(after[t].item(), rel=1e-5)
+        with torch.no_grad():
+            model.embed.W_E[t] = w0[t] * r["factor"] * 2  # one round fewer: still over the threshold
+            assert max(_ratios_from_cache(model, torch.cat([q, torch.tensor([t])])[None], scale).item()
+                       for q in prefixes) > 4.0
+            model.embed.W_E[t] = w0[t] * r["factor"]
+    untouched = torch.tensor([t for t in range(model.cfg.d_vocab) if t not in rows])
+    assert torch.equal(model.embed.W_E[untouched], w0[untouched])
+
+
+def test_window_sources_name_the_token_where_a_runaway_starts_not_where_it_is_copied(free_run, tiny_corpus):
+    token = 200
+    model, text = _planted(free_run, tiny_corpus, token, factor=1.0)
+    scale = text_rms(model, text)
+    w = text[0][:1].clone()
+    own = max((o[0].float().pow(2).mean(-1).sqrt() / s).max().item() for o, s in zip(model.block_outputs(w), scale))
+    threshold = 1.5 * own  # the window's own text stays below it
+    assert window_sources(model, w, scale, threshold) == []
+    with torch.no_grad():
+        model.embed.W_E[token] *= 20 * threshold
+    w[0, 5] = token
+    assert window_sources(model, w, scale, threshold) == [token]
+
+
+def test_repair_vocab_writes_a_directory_stock_transformers_reloads_at_its_summary(free_run, tiny_corpus, tmp_path,
+                                                                                    capsys):
+    from workbench.loader import export
+
+    token = 200
+    model, text = _planted(free_run, tiny_corpus, token)
+    planted = tmp_path / "planted"
+    export(model, planted, text[0][:2])  # checked on text: random tokens run away (what the repair is for)
+    for extra in ("summary.json", "control"):
+        (shutil.copytree if (free_run / extra).is_dir() else shutil.copy2)(free_run / extra, planted / extra)
+    assert main(["repair-vocab", str(planted), "--out", str(tmp_path / "fixed"), "--random-windows", "4"]) == 0
+    s = json.loads((tmp_path / "fixed" / "summary.json").read_text())
+    rows = {r["token"]: r for r in s["vocab_repair"]["tokens"]}
+    assert token in rows and s["vocab_repair"]["threshold"] == 4.0
+    assert s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)
+    fixed = workbench.load(tmp_path / "fixed")
+    torch.testing.assert_close(fixed.embed.W_E[token], model.embed.W_E[token] * rows[token]["factor"], rtol=1e-6, atol=0)
+    assert (tmp_path / "fixed" / "control" / "model.safetensors").is_file()
+    assert s["ce_ln_free_minus_control"] == pytest.approx(s["ce_ln_free"] - s["ce_control"])
+
+
+@pytest.mark.parametrize("case", ["live norms", "shrink", "not a run"])
+def test_bad_input_is_one_line_exit_2_nothing_written(case, free_run, hf_dirs, tmp_path, capsys):
+    run = {"live norms": tmp_path / "live", "shrink": free_run, "not a run": hf_dirs["llama"]}[case]
+    if case == "live norms":  # a run directory whose model still has its norms
+        shutil.copytree(hf_dirs["llama"], run)
+        shutil.copy2(free_run / "summary.json", run / "summary.json")
+    extra = ["--shrink", "1.5"] if case == "shrink" else []
+    assert main(["repair-vocab", str(run), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {"live norms": "norm-free", "shrink": "--shrink", "not a run": "summary.json"}[case] in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_block_outputs_are_the_cache_without_a_prefix(swiglu_run):
+    model = workbench.load(swiglu_run)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    outs = model.block_outputs(tokens)
+    assert len(outs) == model.cfg.n_layers
+    for k, o in enumerate(outs):
+        torch.testing.assert_close(o, cache[f"blocks.{k}.hook_resid_post"], rtol=0, atol=0)
