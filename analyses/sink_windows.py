@@ -3,6 +3,7 @@ reload (transformers, with the sink prefix as its cache when the directory has o
 to the norm-free model and to the control, and where each overflowing window first grows past 1e5.
 
     python analyses/sink_windows.py runs/smol/S5 [--original smollm2] [--control DIR] [--corpus english] [--json]
+    python analyses/sink_windows.py runs/smol/S12r --random 256 [--seed 2]   # windows of random tokens
 
 ``--control`` names another run's control, for an ablation run with ``--no-control`` on the same batches
 (its summary's batch hash must equal that run's: checked).
@@ -116,6 +117,23 @@ def long_windows(directory: str, original: str, corpus: str, length: int, count:
     return {"length": length, "windows": rows, "finite": sum(math.isfinite(r["ln_free"]) and r["ln_free"] < 30 for r in rows)}
 
 
+@torch.no_grad()
+def random_windows(directory: str, corpus: str, count: int, seed: int) -> dict:
+    """How many of ``count`` windows of uniformly random tokens (behind the document-start token, as every
+    window) the norm-free model keeps finite, and its CE there (seed 0 is remove-ln's robustness probe and
+    seed 1 repair-vocab's search: a held-out check uses another)."""
+    d = Path(directory)
+    free = workbench.load(d)
+    n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]
+    first = load_token_data(corpus, free.cfg.d_vocab, tokenizer=free.tokenizer).val_batches(1, 1, n_ctx)[0][0, 0]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, free.cfg.d_vocab, (count, n_ctx), generator=g)
+    w[:, 0] = first
+    ce = torch.cat([lm_cross_entropy(free(b).float(), b, per_token=True).mean(1) for b in w.split(8)])
+    ok = torch.isfinite(ce) & (ce < 30)
+    return {"windows": count, "finite": int(ok.sum()), "seed": seed, "mean_ce_finite": ce[ok].mean().item()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("directory")
@@ -123,8 +141,15 @@ def main() -> None:
     p.add_argument("--control", default=None, help="another run's control directory (default: DIR/control)")
     p.add_argument("--corpus", default="english")
     p.add_argument("--long", type=int, default=0, help="instead: the stock reload's CE on 4 held-out windows this long")
+    p.add_argument("--random", type=int, default=0, help="instead: how many of N random-token windows stay finite")
+    p.add_argument("--seed", type=int, default=2, help="seed of --random's windows (default 2: held out)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.random:
+        t = random_windows(a.directory, a.corpus, a.random, a.seed)
+        print(f"{t['finite']} of {t['windows']} random-token windows finite (seed {t['seed']}); CE there "
+              f"{t['mean_ce_finite']:.3f}")
+        return
     if a.long:
         t = long_windows(a.directory, a.original, a.corpus, a.long)
         for r in t["windows"]:
