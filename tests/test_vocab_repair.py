@@ -127,6 +127,13 @@ def test_repair_vocab_writes_a_directory_stock_transformers_reloads_at_its_summa
     torch.testing.assert_close(fixed.embed.W_E[token], model.embed.W_E[token] * rows[token]["factor"], rtol=1e-6, atol=0)
     assert (tmp_path / "fixed" / "control" / "model.safetensors").is_file()
     assert s["ce_ln_free_minus_control"] == pytest.approx(s["ce_ln_free"] - s["ce_control"])
+    original = workbench.load(s["source"])  # the KL is the repaired model's, not the source run's
+    from workbench.batches import load_token_data
+
+    val = load_token_data(s["corpus"], fixed.cfg.d_vocab, tokenizer=fixed.tokenizer).val_batches(2, 4, s["n_ctx"])
+    kl = [torch.nn.functional.kl_div(fixed(b).float().log_softmax(-1), original(b).float().log_softmax(-1),
+                                     log_target=True, reduction="none").sum(-1).mean().item() for b in val]
+    assert s["kl_ln_free_to_original"] == pytest.approx(sum(kl) / len(kl), rel=1e-4)
 
 
 @pytest.mark.parametrize("case", ["live norms", "shrink", "not a run"])

@@ -404,6 +404,7 @@ def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | Non
     import shutil
 
     from ..loader import export, load
+
     d, out, cfg = Path(directory), Path(out), cfg or VocabRepair()
     check_out_dir(out)
     if not (d / io.SUMMARY_FILE).is_file():
@@ -421,6 +422,9 @@ def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | Non
                "vocab_repair": {**asdict(cfg), "ce_before": ce_before, **report}}
     if summary.get("ce_control") is not None:
         summary["ce_ln_free_minus_control"] = summary["ce_ln_free"] - summary["ce_control"]
+    source = before.get("source")
+    summary["kl_ln_free_to_original"] = evaluate_kl(model, load(source, device=torch.device("cpu")), val,
+                                                    torch.device("cpu")) if source and source[0] != "<" else None
     with io.atomic_dir(out) as tmp:
         summary["export"] = export(model, tmp, val[0][:2])
         summary["ce_stock_reload"] = _stock_ce(tmp, val)
