@@ -168,4 +168,5 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"remove-ln": cmd_remove_ln, "repair-vocab": cmd_repair_vocab, "convert": cmd_convert, "export": cmd_export, "truncate": cmd_truncate}
+COMMANDS = {"remove-ln": cmd_remove_ln, "repair-vocab": cmd_repair_vocab, "convert": cmd_convert, "export": cmd_export,
+            "truncate": cmd_truncate}

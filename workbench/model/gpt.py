@@ -83,7 +83,8 @@ class GPT(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def _logits(self, tokens: Int[Tensor, "batch pos"], offset: int = 0) -> Float[Tensor, "batch pos d_vocab"]:
-        *_, residual = self._stream(tokens, offset)
+        for residual in self._stream(tokens, offset):  # only the last is kept alive
+            pass
         return self.final_logits(residual)
 
     def _stream(self, tokens: Int[Tensor, "batch pos"], offset: int = 0):
