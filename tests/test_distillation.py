@@ -138,10 +138,42 @@ def test_the_kl_objective_trains_towards_the_teacher_not_the_corpus(swiglu_run, 
     assert max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None) < 1e-5
 
 
+def _kl(teacher, student, batches) -> float:
+    """Mean over windows of KL(teacher ‖ student), written with torch's own kl_div."""
+    with torch.no_grad():
+        per = [F.kl_div(torch.log_softmax(student(b), -1).flatten(0, 1), torch.log_softmax(teacher(b), -1).flatten(0, 1),
+                        log_target=True, reduction="batchmean").item() for b in batches]
+    return sum(per) / len(per)
+
+
+def test_the_removal_distils_from_the_finished_control_which_trains_on_ce(swiglu_run, tmp_path, tiny_corpus):
+    """--teacher control: the control is the one a plain ce run trains (same weights), and the removal's
+    first step — every norm still live, so the student is the original — measures KL(control ‖ original)."""
+    kw = dict(precondition=1, dtype="float32")
+    s = remove_ln(swiglu_run, tmp_path / "kl", _rc(objective="kl", teacher="control", **kw), corpus=str(tiny_corpus),
+                  progress=False)
+    remove_ln(swiglu_run, tmp_path / "ce", _rc(**kw), corpus=str(tiny_corpus), progress=False)
+    assert s["teacher"] == "control" and s["config"]["teacher"] == "control" and s["batches"]["same"]
+    original, free, control, control_ce = (workbench.load(d) for d in (
+        swiglu_run, tmp_path / "kl", tmp_path / "kl" / "control", tmp_path / "ce" / "control"))
+    for (name, a), b in zip(control.state_dict().items(), control_ce.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    data = load_token_data(str(tiny_corpus), original.cfg.d_vocab, tokenizer=original.tokenizer)
+    first = data.train_batch(0, s["batch_size"], s["n_ctx"], 1)
+    metrics = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    expected = _kl(control, original, [first])
+    assert metrics[0]["kl"] == pytest.approx(expected, rel=1e-4) and expected > 1e-3
+    val = data.val_batches(2, 4, s["n_ctx"])
+    assert s["kl_ln_free_to_control"] == pytest.approx(_kl(control, free, val), rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--objective", "distil"], "unknown --objective 'distil'; choose one of: ce, kl, mix"),
     (["--logit-anchor", "-1"], "--logit-anchor must be ≥ 0"),
     (["--objective", "mix", "--kl-weight", "-0.5"], "--kl-weight must be ≥ 0"),
+    (["--objective", "kl", "--teacher", "student"], "unknown --teacher 'student'; choose one of: original, control"),
+    (["--teacher", "control"], "--teacher control needs a distilling objective; add --objective kl"),
+    (["--objective", "kl", "--teacher", "control", "--no-control"], "--teacher control distils from the control run"),
 ])
 def test_bad_distillation_options_are_one_line_exit_2_and_write_nothing(swiglu_run, tmp_path, tiny_corpus, capsys,
                                                                        argv, message):

@@ -60,12 +60,14 @@ def _same_result(a, b):
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("phase,kill_at,resumes_from", [("removal", 11, 9), ("control", 7, 5)])
+# removal at 9: halfway through the special positions' hand-over; at 5: a norm is calibrated at the resumed
+# step while the one before it is still bridging (it must see that bridge as the killed run left it)
+@pytest.mark.parametrize("phase,kill_at,resumes_from", [("removal", 11, 9), ("removal", 6, 5), ("control", 7, 5)])
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(source, uninterrupted, tmp_path, tiny_corpus, monkeypatch,
                                                            phase, kill_at, resumes_from):
     ref_out, ref = uninterrupted
     out = tmp_path / "free"
-    every = 5 if phase == "control" else 9  # removal: resumed halfway through the special positions' hand-over
+    every = resumes_from
     _kill_at(phase, kill_at, monkeypatch)
     with pytest.raises(Killed):
         remove_ln(source, out, RemovalConfig.of(**RC, checkpoint_every=every), corpus=str(tiny_corpus), progress=False)
@@ -85,6 +87,24 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(source, uninterrupted
     for k in ("ce_ln_free", "ce_control", "schedule", "fold_max_abs_logit_diff", "ce_before_special_off"):
         assert s[k] == ref[k], k
     assert not partial.exists()  # finished: the checkpoints are gone
+
+
+def test_distilling_from_the_control_resumes_with_the_finished_control_as_teacher(source, tmp_path, tiny_corpus,
+                                                                                monkeypatch):
+    """--teacher control trains the control first: killed in the removal arm, the resume loads the finished
+    control as the teacher (it does not train it again) and ends at the uninterrupted run's weights."""
+    def rc(every):
+        return RemovalConfig.of(**RC, objective="kl", teacher="control", checkpoint_every=every)
+
+    remove_ln(source, tmp_path / "ref", rc(0), corpus=str(tiny_corpus), progress=False)
+    _kill_at("removal", 6, monkeypatch)
+    with pytest.raises(Killed):
+        remove_ln(source, tmp_path / "free", rc(5), corpus=str(tiny_corpus), progress=False)
+    monkeypatch.setitem(api._ON_STEP, "removal", None)
+    control_steps = _kill_at("control", -1, monkeypatch)
+    s = remove_ln(source, tmp_path / "free", rc(5), corpus=str(tiny_corpus), progress=False)
+    assert control_steps == [] and s["resumed_from_step"] == 5
+    _same_result(tmp_path / "free", tmp_path / "ref")
 
 
 def test_a_checkpoint_of_another_command_is_refused_and_kept(source, tmp_path, tiny_corpus, monkeypatch, capsys):

@@ -139,15 +139,18 @@ def _prepare(spec, out: Path, rc, corpus, device, progress, data, options, recip
                 group, progress)
 
 
-def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None) -> dict[str, Any]:
+def _arm(job: _Job, adapter, remove: bool, val: list[torch.Tensor] | None = None,
+         teacher: torch.nn.Module | None = None) -> dict[str, Any]:
     phase = "removal" if remove else "control"
-    cal = job.rc.calibration
+    rc = job.rc.for_arm(remove)
+    cal = rc.calibration
+    if rc.losses.teacher_of(remove) == "original":
+        teacher = job.model.eval().requires_grad_(False)
     # both arms: the losses leave a sink's position 0 alone in the control too (it has no frozen norm to skip)
     arm = Arm(remove, SpecialPositions(adapter.eot_id, cal.special_positions, sink=cal.sink_prefix),
               label="remove-ln" if remove else "control", val=val, ckpt=job.ckpts.get(phase),
-              on_step=_ON_STEP.get(phase), progress=job.progress,
-              teacher=job.model.eval().requires_grad_(False) if job.rc.losses.distils else None)
-    run = finetune(adapter, job.data, job.rc, job.lr, job.device, arm)
+              on_step=_ON_STEP.get(phase), progress=job.progress, teacher=teacher)
+    run = finetune(adapter, job.data, rc, job.lr, job.device, arm)
     run["positions"] = arm.positions
     return run
 
@@ -184,7 +187,11 @@ def _remove(job: _Job) -> dict[str, Any]:
     control_twin = _cpu_copy(control) if fsdp and control is not None else None
     val = job.data.val_batches(rc.runtime.eval_batches, rc.runtime.eval_batch_size, job.n_ctx)
     ce_original = evaluate(model, val, None, dev)
-    run = _arm(job, adapter, remove=True, val=val)
+    teacher, crun = None, None
+    if rc.losses.teacher_of(True) == "control":  # the control trains first and stays on the device as teacher
+        crun = _control_arm(job, control)
+        teacher = control.net.eval().requires_grad_(False)
+    run = _arm(job, adapter, remove=True, val=val, teacher=teacher)
     positions = run.pop("positions")
     ce_unfolded = evaluate(adapter.net, val, positions, dev)
     ln_free, ce_ln_free, fold_diff = _folded(job, adapter, twin, val, positions)
@@ -198,19 +205,15 @@ def _remove(job: _Job) -> dict[str, Any]:
             ln_free.cpu()  # written from the CPU anyway; the device now holds only the control
         if not fsdp:
             adapter.net.cpu()
-        control.net.to(dev)
-        crun = _arm(job, control, remove=False)
-        summary["ce_control"] = evaluate(control.net, val, None, dev)
-        summary["kl_control_to_original"] = evaluate_kl(control.net, model, val, dev)
-        summary["robustness_control"] = robustness(control.net, job.data, job.n_ctx, dev)
-        if ce_ln_free is not None:
-            summary["ce_ln_free_minus_control"] = ce_ln_free - summary["ce_control"]
+        crun = crun or _control_arm(job, control)
+        metrics = _compare(job, control, run, crun, summary, val, ln_free)
         if fsdp:
             gather_into(control, control_twin)
             control = control_twin
-        summary["batches"] = same_batches(run, crun)
-        by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
-        metrics = [{**m, "control_loss": by_step.get(m["step"])} for m in metrics]
+        if ln_free is not None:  # rank 0 holds both whole models now (on the CPU under FSDP)
+            where = next(control.net.parameters()).device
+            summary["kl_ln_free_to_control"] = evaluate_kl(ln_free.to(where), control.net, val, where)
+            ln_free.cpu()
     kept = model.cfg.scheme.post_blocks(model.cfg.norm_context)
     if kept:
         summary["note"] = (f"{model.cfg.norm}: the Pre-norm blocks and the final norm were removed; the Post-norm "
@@ -226,6 +229,25 @@ def _remove(job: _Job) -> dict[str, Any]:
     return summary
 
 
+def _control_arm(job: _Job, control) -> dict[str, Any]:
+    control.net.to(job.device)
+    return _arm(job, control, remove=False)
+
+
+def _compare(job: _Job, control, run, crun, summary, val, ln_free) -> list[dict[str, Any]]:
+    """The control's side of the summary (CE, KL to the original, robustness, ΔCE, whether both arms saw the
+    same batches, the norm-free model's KL to it); returns the removal's metrics with the control's loss."""
+    dev, model = job.device, job.model
+    summary["ce_control"] = evaluate(control.net, val, None, dev)
+    summary["kl_control_to_original"] = evaluate_kl(control.net, model, val, dev)
+    summary["robustness_control"] = robustness(control.net, job.data, job.n_ctx, dev)
+    if summary["ce_ln_free"] is not None:
+        summary["ce_ln_free_minus_control"] = summary["ce_ln_free"] - summary["ce_control"]
+    summary["batches"] = same_batches(run, crun)
+    by_step = {m["step"]: m["loss"] for m in crun["metrics"]}
+    return [{**m, "control_loss": by_step.get(m["step"])} for m in run["metrics"]]
+
+
 def _summary(job: _Job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free, fold_diff) -> dict[str, Any]:
     source, model = job.source, job.model
     return {
@@ -238,6 +260,8 @@ def _summary(job: _Job, adapter, run, val, ce_original, ce_unfolded, ce_ln_free,
         "objective": job.rc.losses.objective,
         "kl_ln_free_to_original": None,
         "kl_control_to_original": None,
+        "kl_ln_free_to_control": None,
+        "teacher": job.rc.losses.teacher if job.rc.losses.distils else None,
         "batches": {"removal": run["batches"], "control": None, "same": None, "first_different_step": None},
         "ce_ln_free": ce_ln_free,
         "ce_ln_free_before_fold": ce_unfolded,

@@ -70,7 +70,7 @@ class Arm:
     ckpt: PhaseCheckpoint | None = None
     on_step: Callable[[int], None] | None = None
     progress: bool = True
-    teacher: torch.nn.Module | None = None  # the original model, norms live, under --objective kl|mix
+    teacher: torch.nn.Module | None = None  # under --objective kl|mix: the original (norms live) or the control
 
 
 def _random_window(model, window: Tensor, rc: RemovalConfig, positions: SpecialPositions, watch: LossWatch,
@@ -188,6 +188,8 @@ class _Loop:
             self.net.load_state_dict(self.saved["model"])
             self.opt.load_state_dict(self.saved["optimizer"])
             self.restored = True
+            # as the last step before the checkpoint left them: a norm calibrated at this very step sees them
+            self.hand_over(self.start - 1)
 
     def state(self, step: int, done: bool) -> dict[str, Any]:
         return {"step": step, "done": done, "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),

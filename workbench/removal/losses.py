@@ -11,9 +11,10 @@
   loud at one frozen gate is louder at the next (how S6's validation windows overflowed).
   ``--random-penalty W`` adds the same term on a window of uniformly random tokens each step: the rare
   tokens a corpus never holds are where the runaways that overflow a norm-free window start.
-* ``kl_to_teacher`` — distillation (``--objective kl|mix``): KL(original ‖ model) per position, the
-  original with its norms live, so the model tries to stay what it was instead of also adapting to
-  the fine-tuning corpus.
+* ``kl_to_teacher`` — distillation (``--objective kl|mix``): KL(teacher ‖ model) per position. The
+  teacher is the original with its norms live (the model tries to stay what it was instead of also
+  adapting to the corpus), or with ``--teacher control`` the finished control (what the model would be
+  had it kept its norms: the adaptation to the corpus included, as a full distribution per token).
 * ``logit_anchor_loss`` — once ``ln_final`` is frozen at σ, nothing but the loss holds the logit
   scale (TaperNorm, arXiv 2602.10408): (log s_t − log σ)² over ordinary positions (``--logit-anchor W``).
 """
@@ -40,6 +41,10 @@ class Losses:
                                "cross-entropy on the corpus), kl (KL from the original model, norms live, to "
                                "the model), mix (ce + --kl-weight × kl)")
     kl_weight: float = opt(1.0, "weight of the KL term under --objective mix")
+    # The control has adapted to the corpus as the norm-free model should: a dense target for the same batches.
+    teacher: str = opt("original", "whom --objective kl|mix distils from: original (its norms live; both arms "
+                                   "distil) or control (the control fine-tunes first on ce, then the removal "
+                                   "arm distils from it)")
     logit_anchor: float = opt(0.0, "weight of a loss pulling each token's final-residual scale to ln_final's "
                                    "frozen σ once it is frozen (0: off)")
 
@@ -66,6 +71,10 @@ class Losses:
                      "random_penalty"):
             if getattr(self, name) < 0:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        if self.teacher not in TEACHERS:
+            raise WorkbenchError(f"unknown --teacher {self.teacher!r}; choose one of: {', '.join(TEACHERS)}")
+        if self.teacher == "control" and self.objective == "ce":
+            raise WorkbenchError("--teacher control needs a distilling objective; add --objective kl (or mix)")
         if self.penalty_pool not in POOLS:
             raise WorkbenchError(f"--penalty-pool must be one of: {', '.join(POOLS)}; got {self.penalty_pool!r}")
         if not 0 <= self.penalty_delta < 1e6:
@@ -74,8 +83,14 @@ class Losses:
 
     @property
     def distils(self) -> bool:
-        """Whether the objective needs the original model's logits on every batch."""
+        """Whether the objective needs a teacher's logits on every batch."""
         return self.objective != "ce"
+
+    def teacher_of(self, remove: bool) -> str | None:
+        """Whom an arm distils from: the removal arm (``remove``) or the control; None for cross-entropy."""
+        if not self.distils or (self.teacher == "control" and not remove):
+            return None
+        return self.teacher
 
     def language_loss(self, ce: Tensor, kl: Tensor | None) -> Tensor:
         """The objective's language term from the batch's cross-entropy and KL to the original."""
@@ -92,6 +107,7 @@ class Losses:
 
 
 OBJECTIVES = ("ce", "kl", "mix")
+TEACHERS = ("original", "control")
 POOLS = ("mean", "max")
 
 
@@ -259,4 +275,4 @@ class LossWatch:
             h.remove()
 
 
-__all__ = ["LossWatch", "Losses", "OBJECTIVES", "aux_std_loss", "kl_to_teacher", "log_scale", "logit_anchor_loss", "mlp_scale_penalty", "scale_spread", "token_scale"]
+__all__ = ["LossWatch", "Losses", "OBJECTIVES", "TEACHERS", "aux_std_loss", "kl_to_teacher", "log_scale", "logit_anchor_loss", "mlp_scale_penalty", "scale_spread", "token_scale"]

@@ -193,6 +193,18 @@ class RemovalConfig:
         if self.losses.random_penalty > 0 and not self.handover.guard:
             raise WorkbenchError("--random-penalty needs --guard C (a random window overflows without it); "
                                  "add --guard 4")
+        if self.losses.teacher == "control" and not self.runtime.control:
+            raise WorkbenchError("--teacher control distils from the control run; drop --no-control or use "
+                                 "--teacher original")
+        if self.losses.teacher == "control" and self.runtime.fsdp:
+            raise WorkbenchError("--teacher control is not supported with --fsdp (a sharded teacher); run it "
+                                 "without --fsdp or use --teacher original")
+
+    def for_arm(self, remove: bool) -> RemovalConfig:
+        """The method one arm runs: with ``--teacher control`` the control itself fine-tunes on cross-entropy."""
+        if remove or self.losses.teacher != "control":
+            return self
+        return self.replace(objective="ce", teacher="original")
 
     @staticmethod
     def fields() -> list[tuple[str, dataclasses.Field]]:
