@@ -52,6 +52,17 @@ def test_objectives_combine_ce_and_kl_as_documented():
     assert not Losses().distils and Losses(objective="mix").distils
 
 
+def test_the_teacher_of_each_arm():
+    assert Losses(objective="kl").teacher_of(True) == Losses(objective="kl").teacher_of(False) == "original"
+    assert Losses(objective="kl", teacher="control").teacher_of(True) == "control"
+    assert Losses(objective="kl", teacher="control").teacher_of(False) is None  # the control trains on ce
+    assert Losses().teacher_of(True) is None
+    rc = RemovalConfig.of(objective="mix", teacher="control")
+    assert rc.for_arm(True) is rc and rc.for_arm(False).losses.objective == "ce"
+    with pytest.raises(WorkbenchError, match="--teacher control is not supported with --fsdp"):
+        RemovalConfig.of(objective="kl", teacher="control", fsdp=True)
+
+
 def test_logit_anchor_is_the_squared_log_ratio_of_each_token_scale_to_sigma():
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.5, 4, 5)[None, :, None]
     keep = torch.ones(2, 5, 1, dtype=torch.bool)

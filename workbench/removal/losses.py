@@ -38,8 +38,8 @@ class Losses:
     Adding an objective is a field here, its formula below and its term in ``LossWatch.objective``."""
 
     objective: str = opt("ce", "what the model is fine-tuned on, removal and control alike: ce (next-token "
-                               "cross-entropy on the corpus), kl (KL from the original model, norms live, to "
-                               "the model), mix (ce + --kl-weight × kl)")
+                               "cross-entropy on the corpus), kl (KL from the --teacher to the model), mix "
+                               "(ce + --kl-weight × kl)")
     kl_weight: float = opt(1.0, "weight of the KL term under --objective mix")
     # The control has adapted to the corpus as the norm-free model should: a dense target for the same batches.
     teacher: str = opt("original", "whom --objective kl|mix distils from: original (its norms live; both arms "
@@ -93,7 +93,7 @@ class Losses:
         return self.teacher
 
     def language_loss(self, ce: Tensor, kl: Tensor | None) -> Tensor:
-        """The objective's language term from the batch's cross-entropy and KL to the original."""
+        """The objective's language term from the batch's cross-entropy and KL to the teacher."""
         if self.objective == "ce":
             return ce
         if kl is None:
