@@ -449,6 +449,8 @@ def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | Non
     source = before.get("source")
     summary["kl_ln_free_to_original"] = evaluate_kl(model, load(source, device=torch.device("cpu")), val,
                                                     torch.device("cpu")) if source and source[0] != "<" else None
+    summary["kl_ln_free_to_control"] = evaluate_kl(model, load(d / "control", device=torch.device("cpu")), val,
+                                                   torch.device("cpu")) if (d / "control").is_dir() else None
     with io.atomic_dir(out) as tmp:
         summary["export"] = export(model, tmp, val[0][:2])
         summary["ce_stock_reload"] = _stock_ce(tmp, val)
