@@ -170,13 +170,14 @@ def test_llama_removal_writes_a_stock_llama_with_exact_dla(hf_dirs, tmp_path, ti
     rc = RemovalConfig.of(steps_per_ln=1, tokens_per_step=64, eval_batches=2, eval_batch_size=4, warmup_steps=1)
     s = remove_ln(hf_dirs["llama"], tmp_path / "free", rc, corpus=str(tiny_corpus), progress=False)
     assert s["family"] == "llama" and s["n_ctx"] == 64 and s["fold_max_abs_logit_diff"] <= 1e-4
-    assert s["export"]["max_abs_logit_diff"] <= 1e-4
     assert [e["norm"] for e in s["schedule"]][-2:] == ["ln_final", "special positions"]
     free = LlamaForCausalLM.from_pretrained(tmp_path / "free").eval()  # stock transformers, no custom code
     assert free.config.rms_norm_eps == LN_FREE_EPS and not free.config.tie_word_embeddings
     tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "free").backend_tokenizer
     data = load_token_data(str(tiny_corpus), tok.get_vocab_size(), tokenizer=tok)
-    with torch.no_grad():
+    with torch.no_grad():  # the export's claim: within 1e-4 of the logit scale on its check tokens (float32)
+        scale = free(input_ids=data.val_batches(2, 4, 64)[0][:2]).logits.abs().max().item()
+        assert s["export"]["max_abs_logit_diff"] <= 1e-4 * scale
         ce = [lm_cross_entropy(free(input_ids=b).logits, b).item() for b in data.val_batches(2, 4, 64)]
     assert sum(ce) / len(ce) == pytest.approx(s["ce_ln_free"], abs=1e-4)
     assert s["ce_stock_reload"] == pytest.approx(s["ce_ln_free"], abs=1e-4)  # the summary reports the reload
