@@ -108,6 +108,46 @@ def test_window_sources_name_the_token_where_a_runaway_starts_not_where_it_is_co
     assert window_sources(model, w, scale, threshold) == [token]
 
 
+def test_a_protected_token_is_passed_over_and_the_blame_falls_on_the_next_source(free_run, tiny_corpus):
+    model, text = _planted(free_run, tiny_corpus, 200, factor=1.0)
+    scale = text_rms(model, text)
+    w = text[0][:1].clone()
+    threshold = 1.5 * max((o[0].float().pow(2).mean(-1).sqrt() / s).max().item()
+                          for o, s in zip(model.block_outputs(w), scale))
+    hot, later = 200, 201  # both run away; the protected one sits first
+    with torch.no_grad():
+        model.embed.W_E[[hot, later]] *= 20 * threshold
+    w[0, 3], w[0, 8] = hot, later
+    protected = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    assert window_sources(model, w, scale, threshold, protected) == [hot]
+    protected[w[0]] = True  # every id of the window but one: attention copies `hot` to the positions between
+    protected[later] = False
+    assert window_sources(model, w, scale, threshold, protected) == [later]
+    protected[later] = True
+    assert window_sources(model, w, scale, threshold, protected) == []
+
+
+def test_protection_spares_only_the_random_windows_blame(free_run, tiny_corpus):
+    """A corpus token that runs away on its own after the first token is still shrunk; the count of protected
+    ids is the corpus's own, counted here directly."""
+    from collections import Counter
+
+    from workbench.batches import load_token_data
+
+    model, text = _planted(free_run, tiny_corpus, 200, factor=1.0)
+    data = load_token_data(str(tiny_corpus), model.cfg.d_vocab, tokenizer=model.tokenizer)
+    seen = Counter(data.train.tolist())
+    often = [t for t, n in seen.most_common() if n >= 8 and t not in text[0][0, :4].tolist()]
+    with torch.no_grad():
+        model.embed.W_E[often[0]] *= PLANT
+    counts = torch.tensor([seen.get(t, 0) for t in range(model.cfg.d_vocab)])
+    report = repair_vocab(model, text, VocabRepair(random_windows=4), counts)
+    assert report["protected"] == sum(n >= 8 for n in seen.values())
+    rows = {r["token"]: r for r in report["tokens"]}
+    assert rows[often[0]]["found_by"] == "after the first token"
+    assert not any(r["found_by"] == "random windows" and seen.get(t, 0) >= 8 for t, r in rows.items())
+
+
 def test_repair_vocab_writes_a_directory_stock_transformers_reloads_at_its_summary(free_run, tiny_corpus, tmp_path,
                                                                                     capsys):
     from workbench.loader import export
@@ -140,17 +180,18 @@ def test_repair_vocab_writes_a_directory_stock_transformers_reloads_at_its_summa
     assert s["kl_ln_free_to_control"] == pytest.approx(kl(workbench.load(free_run / "control")), rel=1e-4)
 
 
-@pytest.mark.parametrize("case", ["live norms", "shrink", "not a run"])
+@pytest.mark.parametrize("case", ["live norms", "shrink", "protect", "not a run"])
 def test_bad_input_is_one_line_exit_2_nothing_written(case, free_run, hf_dirs, tmp_path, capsys):
-    run = {"live norms": tmp_path / "live", "shrink": free_run, "not a run": hf_dirs["llama"]}[case]
+    run = {"live norms": tmp_path / "live", "shrink": free_run, "protect": free_run, "not a run": hf_dirs["llama"]}[case]
     if case == "live norms":  # a run directory whose model still has its norms
         shutil.copytree(hf_dirs["llama"], run)
         shutil.copy2(free_run / "summary.json", run / "summary.json")
-    extra = ["--shrink", "1.5"] if case == "shrink" else []
+    extra = {"shrink": ["--shrink", "1.5"], "protect": ["--protect-seen", "-1"]}.get(case, [])
     assert main(["repair-vocab", str(run), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert {"live norms": "norm-free", "shrink": "--shrink", "not a run": "summary.json"}[case] in err
+    assert {"live norms": "norm-free", "shrink": "--shrink", "protect": "--protect-seen",
+            "not a run": "summary.json"}[case] in err
     assert not (tmp_path / "out").exists()
 
 

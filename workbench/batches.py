@@ -67,10 +67,13 @@ class TokenData:
         offsets = np.linspace(0, last, num=n).astype(np.int64)
         return [self._windows(self.val, offsets[i : i + batch_size], n_ctx) for i in range(0, n, batch_size)]
 
+    def train_counts(self, vocab_size: int | None = None) -> np.ndarray:
+        """How often each id occurs in the training split (``vocab_size`` entries, default the tokenizer's)."""
+        return np.bincount(self.train, minlength=vocab_size or self.tokenizer.get_vocab_size()).astype(np.int64)
+
     def unigram_cross_entropy(self) -> float:
         """Validation CE (nats/token) of the add-one-smoothed training unigram: the no-context baseline."""
-        v = self.tokenizer.get_vocab_size()
-        counts = np.bincount(self.train, minlength=v).astype(np.float64) + 1.0
+        counts = self.train_counts().astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())
         return float(-logp[self.val].mean())
 

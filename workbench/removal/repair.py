@@ -7,7 +7,9 @@ the gated MLPs square it, attention copies it, and the window overflows (docs/ln
 session). Their embedding rows were never trained against the frozen σ. The repair finds them — every id
 behind the document-start token and behind a few text tokens, then the sources of runaways in windows of
 random tokens — and multiplies each one's row by ``shrink`` until its residual stays within ``threshold``
-times the text's RMS at every block. Nothing else changes: the blocks, the unembedding and every other row
+times the text's RMS at every block. A token the corpus holds often is never blamed by a random window: a
+runaway can show first where attention copies it (``' The'`` in S15r), and shrinking such a token costs text
+CE without stopping anything. Nothing else changes: the blocks, the unembedding and every other row
 are the model's own, so DLA stays exact and text without those ids gives the same logits.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import WorkbenchError
@@ -33,6 +35,8 @@ class VocabRepair:
     random_windows: int = opt(64, "windows of random tokens (behind the document-start token) searched for "
                                   "runaway sources beyond single tokens")
     seed: int = opt(1, "seed of the random windows (robustness checks use seed 0)")
+    protect_seen: int = opt(8, "a token the fine-tuning corpus holds at least this many times is never blamed by "
+                               "the random windows (a runaway shows first where attention copies it); 0: none")
     batch: int = 512
 
     def __post_init__(self) -> None:
@@ -40,8 +44,8 @@ class VocabRepair:
             raise WorkbenchError(f"--threshold must be above 1 (a multiple of the text's RMS), got {self.threshold}")
         if not 0 < self.shrink < 1:
             raise WorkbenchError(f"--shrink must be in (0, 1), got {self.shrink}")
-        if self.rounds < 1 or self.random_windows < 0 or self.batch < 1:
-            raise WorkbenchError("--rounds must be ≥ 1 and --random-windows ≥ 0")
+        if self.rounds < 1 or self.random_windows < 0 or self.batch < 1 or self.protect_seen < 0:
+            raise WorkbenchError("--rounds must be ≥ 1, --random-windows ≥ 0 and --protect-seen ≥ 0")
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -70,14 +74,18 @@ def token_ratios(model, tokens: Int[Tensor, "n"], prefix: Int[Tensor, "p"], scal
 
 @torch.no_grad()
 def window_sources(model, windows: Int[Tensor, "batch pos"], scale: Float[Tensor, "n_layers"],
-                   threshold: float) -> list[int]:
+                   threshold: float, protected: Bool[Tensor, "vocab"] | None = None) -> list[int]:
     """The ids where runaways start: in each window, the leftmost position above ``threshold`` at the first
-    block where any is (causal attention copies a runaway only to later positions, already in that block)."""
+    block where any is (causal attention copies a runaway only to later positions, already in that block).
+    Positions holding a ``protected`` id are passed over, so the blame falls on the first unprotected
+    position to cross, at the block where one first does."""
     shift = 1 if model.sink_token is not None else 0
     ratios = torch.stack([_rms(o) / s for o, s in zip(model.block_outputs(windows), scale)])  # layer, batch, pos
     found = []
     for b in range(windows.shape[0]):
         over = ratios[:, b] > threshold
+        if protected is not None:
+            over &= ~protected[windows[b, shift:]]
         layers = over.any(1).nonzero()
         if len(layers):
             found.append(int(windows[b, int(over[int(layers[0])].nonzero()[0]) + shift]))
@@ -92,7 +100,7 @@ def _random(model, first: int, cfg: VocabRepair, n_ctx: int) -> Int[Tensor, "win
 
 
 def _runaways(model, scale: Tensor, cfg: VocabRepair, contexts: dict[str, Tensor], ids: Tensor,
-              randoms: Tensor) -> tuple[dict[int, str], Tensor]:
+              randoms: Tensor, protected: Tensor | None) -> tuple[dict[int, str], Tensor]:
     """The ids among ``ids`` over the threshold after some context, and the sources of runaways in
     ``randoms``: id → where it was found; and each of ``ids``' largest ratio over the contexts."""
     bad: dict[int, str] = {}
@@ -104,16 +112,18 @@ def _runaways(model, scale: Tensor, cfg: VocabRepair, contexts: dict[str, Tensor
             bad.setdefault(int(ids[i]), name)
     per = max(1, cfg.batch // randoms.shape[1])
     for chunk in randoms.split(per) if len(randoms) else ():
-        for t in window_sources(model, chunk, scale, cfg.threshold):
+        for t in window_sources(model, chunk, scale, cfg.threshold, protected):
             bad.setdefault(t, "random windows")
     return bad, worst
 
 
 @torch.no_grad()
-def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair) -> dict[str, Any]:
+def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair,
+                 counts: Int[Tensor, "vocab"] | None = None) -> dict[str, Any]:
     """Shrink the embedding rows of the tokens ``model`` runs away on (in place); returns the table (one row
     per token: id, text, where found, its ratio before and after, the factor its row got) and whether every
-    context and random window ended below the threshold."""
+    context and random window ended below the threshold. ``counts`` (each id's count in the fine-tuning
+    corpus) protects the ids seen ``cfg.protect_seen`` times or more from the random windows' blame."""
     if not model.cfg.scheme.pre_norm_free(model.cfg.norm_context):
         raise WorkbenchError("repair-vocab is for a norm-free model (remove-ln's output); this one still has "
                              "norms, which keep every token's scale")
@@ -122,7 +132,8 @@ def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair) 
     first = text[0][0]
     contexts = {"after the first token": first[:1], "after 4 text tokens": first[:4]}
     randoms = _random(model, int(first[0]), cfg, text[0].shape[1])
-    bad, before = _runaways(model, scale, cfg, contexts, torch.arange(model.cfg.d_vocab), randoms)
+    protected = counts >= cfg.protect_seen if counts is not None and cfg.protect_seen > 0 else None
+    bad, before = _runaways(model, scale, cfg, contexts, torch.arange(model.cfg.d_vocab), randoms, protected)
     found, factor = dict(bad), {}
     for _ in range(cfg.rounds):
         if not bad:
@@ -131,14 +142,14 @@ def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair) 
         for t, where in bad.items():
             factor[t] = factor.get(t, 1.0) * cfg.shrink
             found.setdefault(t, where)
-        bad, after = _runaways(model, scale, cfg, contexts, torch.tensor(sorted(factor)), randoms)
+        bad, after = _runaways(model, scale, cfg, contexts, torch.tensor(sorted(factor)), randoms, protected)
     ids = sorted(factor)
     after = dict(zip(ids, after.tolist())) if ids else {}
     table = [{"token": t, "text": model.tokenizer.decode([t]) if model.tokenizer is not None else None,
               "found_by": found[t], "ratio_before": before[t].item(), "factor": factor[t], "ratio_after": after[t]}
              for t in ids]
     return {"text_rms": scale.tolist(), "tokens": table, "repaired": len(table), "converged": not bad,
-            "still_running_away": sorted(bad)}
+            "still_running_away": sorted(bad), "protected": int(protected.sum()) if protected is not None else 0}
 
 
 __all__ = ["VocabRepair", "repair_vocab", "text_rms", "token_ratios", "window_sources"]
