@@ -28,6 +28,7 @@ from workbench.batches import load_token_data
 from workbench.model import sink
 from workbench.model.gpt import lm_cross_entropy
 from workbench.removal.losses import kl_to_teacher
+from workbench.removal.robustness import random_windows
 
 BLOWN = 1e5  # a residual entry this large: the window is overflowing (the models' entries stay below ~5e3)
 
@@ -118,7 +119,7 @@ def long_windows(directory: str, original: str, corpus: str, length: int, count:
 
 
 @torch.no_grad()
-def random_windows(directory: str, corpus: str, count: int, seed: int) -> dict:
+def random_finite(directory: str, corpus: str, count: int, seed: int) -> dict:
     """How many of ``count`` windows of uniformly random tokens (behind the document-start token, as every
     window) the norm-free model keeps finite, and its CE there (seed 0 is remove-ln's robustness probe and
     seed 1 repair-vocab's search: a held-out check uses another)."""
@@ -126,9 +127,7 @@ def random_windows(directory: str, corpus: str, count: int, seed: int) -> dict:
     free = workbench.load(d)
     n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]
     first = load_token_data(corpus, free.cfg.d_vocab, tokenizer=free.tokenizer).val_batches(1, 1, n_ctx)[0][0, 0]
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(0, free.cfg.d_vocab, (count, n_ctx), generator=g)
-    w[:, 0] = first
+    w = random_windows(free.cfg.d_vocab, count, n_ctx, first, seed)
     ce = torch.cat([lm_cross_entropy(free(b).float(), b, per_token=True).mean(1) for b in w.split(8)])
     ok = torch.isfinite(ce) & (ce < 30)
     return {"windows": count, "finite": int(ok.sum()), "seed": seed, "mean_ce_finite": ce[ok].mean().item()}
@@ -146,7 +145,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if a.random:
-        t = random_windows(a.directory, a.corpus, a.random, a.seed)
+        t = random_finite(a.directory, a.corpus, a.random, a.seed)
         print(f"{t['finite']} of {t['windows']} random-token windows finite (seed {t['seed']}); CE there "
               f"{t['mean_ce_finite']:.3f}")
         return

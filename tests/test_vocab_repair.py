@@ -203,3 +203,31 @@ def test_block_outputs_are_the_cache_without_a_prefix(swiglu_run):
     assert len(outs) == model.cfg.n_layers
     for k, o in enumerate(outs):
         torch.testing.assert_close(o, cache[f"blocks.{k}.hook_resid_post"], rtol=0, atol=0)
+
+
+def test_sink_windows_random_counts_the_finite_windows_computed_here(free_run, tiny_corpus):
+    """`analyses/sink_windows.py --random N`: uniformly random ids behind the corpus windows' first token, a
+    window finite when its mean CE is (and below 30); rebuilt and scored here with torch alone."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.batches import load_token_data
+
+    script = Path(__file__).resolve().parents[1] / "analyses" / "sink_windows.py"
+    r = subprocess.run([sys.executable, str(script), str(free_run), "--random", "8", "--corpus", str(tiny_corpus),
+                        "--seed", "3"], capture_output=True, text=True, check=True)
+    finite, count, ce = re.search(r"(\d+) of (\d+) random-token windows finite \(seed 3\); CE there ([\d.]+)",
+                                  r.stdout).groups()
+    model = workbench.load(free_run)
+    n_ctx = json.loads((free_run / "summary.json").read_text())["n_ctx"]
+    first = load_token_data(str(tiny_corpus), model.cfg.d_vocab, tokenizer=model.tokenizer).val_batches(1, 1, n_ctx)[0][0, 0]
+    w = torch.randint(0, model.cfg.d_vocab, (8, n_ctx), generator=torch.Generator().manual_seed(3))
+    w[:, 0] = first
+    with torch.no_grad():
+        logits = model(w).float()
+    per = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), w[:, 1:], reduction="none").mean(1)
+    ok = torch.isfinite(per) & (per < 30)
+    assert (int(finite), int(count)) == (int(ok.sum()), 8)
+    assert float(ce) == pytest.approx(per[ok].mean().item(), abs=1e-3)

@@ -31,6 +31,7 @@ from .calibrate import calibrate, finite, freeze
 from .losses import LossWatch, kl_to_teacher
 from .method import RemovalConfig
 from .resume import PhaseCheckpoint
+from .robustness import random_windows
 from .schedule import SPECIAL_OFF
 
 
@@ -276,10 +277,8 @@ class _Loop:
     def random_window(self, step: int, start: Tensor) -> Tensor:
         """``--random-penalty``'s window at ``step``: uniformly random tokens behind the corpus windows' own
         first token (a sink prefix's), a function of the seed, the step and the rank, so a resume redraws it."""
-        g = torch.Generator().manual_seed(self.rc.optimization.seed * 1_000_003 + step * 1009 + self.group.rank)
-        window = torch.randint(0, self.adapter.net.cfg.d_vocab, (1, self.adapter.n_ctx), generator=g)
-        window[:, :1] = start
-        return window
+        seed = self.rc.optimization.seed * 1_000_003 + step * 1009 + self.group.rank
+        return random_windows(self.adapter.net.cfg.d_vocab, 1, self.adapter.n_ctx, int(start.flatten()[0]), seed)
 
     def save(self, step: int, done: bool) -> None:
         self.arm.ckpt.save(self.state(step, done))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from .options import opt
+from .robustness import random_windows
 
 
 @dataclass
@@ -92,13 +93,6 @@ def window_sources(model, windows: Int[Tensor, "batch pos"], scale: Float[Tensor
     return sorted(set(found))
 
 
-def _random(model, first: int, cfg: VocabRepair, n_ctx: int) -> Int[Tensor, "windows pos"]:
-    g = torch.Generator().manual_seed(cfg.seed)
-    w = torch.randint(0, model.cfg.d_vocab, (cfg.random_windows, n_ctx), generator=g)
-    w[:, 0] = first
-    return w
-
-
 def _runaways(model, scale: Tensor, cfg: VocabRepair, contexts: dict[str, Tensor], ids: Tensor,
               randoms: Tensor, protected: Tensor | None) -> tuple[dict[int, str], Tensor]:
     """The ids among ``ids`` over the threshold after some context, and the sources of runaways in
@@ -131,7 +125,7 @@ def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair,
     scale = text_rms(model, text)
     first = text[0][0]
     contexts = {"after the first token": first[:1], "after 4 text tokens": first[:4]}
-    randoms = _random(model, int(first[0]), cfg, text[0].shape[1])
+    randoms = random_windows(model.cfg.d_vocab, cfg.random_windows, text[0].shape[1], int(first[0]), cfg.seed)
     protected = counts >= cfg.protect_seen if counts is not None and cfg.protect_seen > 0 else None
     bad, before = _runaways(model, scale, cfg, contexts, torch.arange(model.cfg.d_vocab), randoms, protected)
     found, factor = dict(bad), {}

@@ -19,6 +19,15 @@ from ..batches import TokenData
 from ..model.gpt import lm_cross_entropy
 
 
+def random_windows(d_vocab: int, count: int, n_ctx: int, first: int | Tensor, seed: int) -> Int[Tensor, "count pos"]:
+    """``count`` windows of uniformly random ids behind ``first`` (the document start every corpus window has,
+    a sink prefix's token): a pure function of the seed. Seed 0 is the robustness probe's, 1 repair-vocab's
+    search; a held-out check uses another."""
+    w = torch.randint(0, d_vocab, (count, n_ctx), generator=torch.Generator().manual_seed(seed))
+    w[:, 0] = first
+    return w
+
+
 @torch.no_grad()
 def probe(model, tokens: Int[Tensor, "batch pos"], name: str) -> dict[str, Any]:
     """CE (nats, float32) and the largest |entry| of the last residual on ``tokens``; finite or not."""
@@ -43,9 +52,7 @@ def robustness(model, data: TokenData, n_ctx: int, device: torch.device, sequenc
     (capped at the model's context and the validation text's length)."""
     model.eval()
     held_out = data.val_batches(1, sequences, n_ctx)[0].to(device)
-    g = torch.Generator().manual_seed(seed)
-    random = torch.randint(0, model.cfg.d_vocab, held_out.shape, generator=g).to(device)
-    random[:, 0] = held_out[:, 0]  # the document start every window has (a sink prefix's token)
+    random = random_windows(model.cfg.d_vocab, sequences, n_ctx, held_out[:, 0].cpu(), seed).to(device)
     rows = [probe(model, held_out, "held-out text"), probe(model, random, "random tokens")]
     if model.tokenizer is not None:  # the prompt a user types: BOS first (what `to_tokens` prepends)
         rows.insert(1, probe(model, bos_prefixed(held_out, model.bos_token_id), "held-out text after BOS"))
@@ -55,4 +62,4 @@ def robustness(model, data: TokenData, n_ctx: int, device: torch.device, sequenc
     return rows
 
 
-__all__ = ["bos_prefixed", "probe", "robustness"]
+__all__ = ["bos_prefixed", "probe", "random_windows", "robustness"]
