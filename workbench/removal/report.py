@@ -33,6 +33,30 @@ def ce_table(summary: dict) -> pd.DataFrame:
     return df
 
 
+RUNAWAY_LOSS = 10.0  # a batch loss above this held a runaway window (the original's is ~4 on text)
+
+
+def stretch_table(metrics: pd.DataFrame, every: int = 32) -> pd.DataFrame:
+    """The trend of a run, one row per ``every`` consecutive steps of a phase (the preconditioning, the
+    removal of the norms, the cool-down after the last one): each stretch's median training loss, the
+    control's on the same batches and their gap, the median KL to the teacher when distilling, and how many
+    steps held a runaway window (a loss above ``RUNAWAY_LOSS`` or not finite)."""
+    if every < 1:
+        raise WorkbenchError(f"a stretch needs at least 1 step, got {every}")
+    if metrics.empty:
+        return pd.DataFrame()
+    m = metrics.sort_values("step").reset_index(drop=True)
+    m["phase"] = m.norm.where(m.norm.isin(["precondition", "final"]), "removal").replace({"final": "cool-down"})
+    m["stretch"] = m.groupby("phase", sort=False).cumcount() // every
+    if "control_loss" in m:
+        m["gap"] = m.loss - m.control_loss
+    m["runaway"] = ~(m.loss <= RUNAWAY_LOSS)
+    cols = {c: (c, "median") for c in ("loss", "control_loss", "gap", "kl") if c in m}
+    out = m.groupby(["phase", "stretch"], sort=False).agg(first_step=("step", "min"), last_step=("step", "max"),
+                                                          **cols, runaway_steps=("runaway", "sum"))
+    return out.reset_index()
+
+
 def removal_figure(metrics: pd.DataFrame, schedule: pd.DataFrame, title: str = "Fine-tuning while norms are removed") -> go.Figure:
     """Training loss of the removal run and of its control, with a marker where each norm was frozen."""
     fig = go.Figure()
