@@ -32,7 +32,7 @@ from .losses import LossWatch, kl_to_teacher
 from .method import RemovalConfig
 from .resume import PhaseCheckpoint
 from .robustness import random_windows
-from .schedule import SPECIAL_OFF
+from .schedule import COOL_DOWN, PRECONDITION, SPECIAL_OFF
 
 
 def evaluate(forward: Callable[[Tensor], Tensor], batches: list[Tensor], positions: SpecialPositions | None,
@@ -161,8 +161,8 @@ class _Loop:
         pre = rc.schedule.precondition
         self.removal_steps = pre + len(events) * self.K
         self.final_steps = rc.final_steps(len(events))
-        self.plan = ([("precondition", pre)] if pre else []) + [(e, self.K) for e in events] + \
-            ([("final", self.final_steps)] if self.final_steps else [])
+        self.plan = ([(PRECONDITION, pre)] if pre else []) + [(e, self.K) for e in events] + \
+            ([(COOL_DOWN, self.final_steps)] if self.final_steps else [])
         self.saved = arm.ckpt.load() if arm.ckpt is not None else None
         saved = self.saved or {}
         self.start = saved.get("step", 0)
@@ -298,9 +298,9 @@ class _Loop:
                 name = event if isinstance(event, str) else event.name
                 if step >= self.start:
                     self.restore()
-                if event != "final":
+                if event != COOL_DOWN:
                     self.begin(i, event, step)
-                what = {"final": "cool-down", "precondition": "preconditioning"}.get(
+                what = {COOL_DOWN: "cool-down", PRECONDITION: "preconditioning"}.get(
                     name if isinstance(event, str) else "", "removing " + name if arm.remove else "control")
                 bar.set_description(f"{arm.label} {what} ({i + 1}/{len(self.plan)})")
                 for _ in range(n_steps):

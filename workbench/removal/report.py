@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import WorkbenchError
+from .schedule import COOL_DOWN, PRECONDITION
 
 
 def read_removal(run: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -46,7 +47,7 @@ def stretch_table(metrics: pd.DataFrame, every: int = 32) -> pd.DataFrame:
     if metrics.empty:
         return pd.DataFrame()
     m = metrics.sort_values("step").reset_index(drop=True)
-    m["phase"] = m.norm.where(m.norm.isin(["precondition", "final"]), "removal").replace({"final": "cool-down"})
+    m["phase"] = m.norm.map({PRECONDITION: "precondition", COOL_DOWN: "cool-down"}).fillna("removal")
     m["stretch"] = m.groupby("phase", sort=False).cumcount() // every
     if "control_loss" in m:
         m["gap"] = m.loss - m.control_loss

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from ..norms import Norm
 
 SPECIAL_OFF = "special positions"
+# the plan's steps before the first freeze and after the last, as metrics.jsonl's `norm` names them
+PRECONDITION, COOL_DOWN = "precondition", "final"
 
 
 @dataclass
