@@ -26,7 +26,7 @@ from . import checkpoint, io
 from .config import ModelConfig
 from .batches import TokenData, load_token_data
 from .errors import WorkbenchError
-from .optim import adamw
+from .optim import adamw, load_state
 from .model import GPT
 from .precision import autocast, check_dtype, resolve_dtype, warn_if_emulated
 from .presets import get_preset
@@ -265,7 +265,7 @@ def _init_model(out, model_cfg, train_cfg, data, state, dev):
     if state is not None:
         try:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_state(optimizer, state["optimizer"])
             start, metrics, seconds = int(state["step"]), list(state["metrics"]), float(state["seconds"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise WorkbenchError(

@@ -23,7 +23,7 @@ from ..batches import TokenData, batch_fingerprint, batches_digest
 from ..errors import WorkbenchError
 from ..model.gpt import lm_cross_entropy
 from ..norms.frozen import FrozenStandardize, SpecialPositions
-from ..optim import adamw
+from ..optim import adamw, load_state
 from ..precision import autocast, resolve_dtype
 from ..runtime import Dist, current
 from ..runtime import evaluate as evaluate_forward
@@ -187,7 +187,7 @@ class _Loop:
         """Once every event begun before the checkpoint is installed again: its weights and optimizer."""
         if not self.restored:
             self.net.load_state_dict(self.saved["model"])
-            self.opt.load_state_dict(self.saved["optimizer"])
+            load_state(self.opt, self.saved["optimizer"])
             self.restored = True
             # as the last step before the checkpoint left them: a norm calibrated at this very step sees them
             self.hand_over(self.start - 1)
