@@ -113,6 +113,32 @@ def test_removal_with_a_sink_prefix_exports_a_stock_llama_and_the_prefix(removed
     assert all(row["finite"] for row in s["robustness"])
 
 
+def test_dla_is_exact_at_every_position_behind_the_prefix(removed, hf_dirs):
+    """The table behind issue 24's "DLA exact at positions ≥ 1": every row's logit is the model's own
+    logit for the next token at that position (a plain forward), DLA sums to it, and its error is ≤ 1e-5,
+    where the same table on the model with live norms is far from exact."""
+    from workbench.analysis import dla_exactness
+
+    out, _ = removed
+    back = workbench.load(out)
+    t = windows(back, n=12, seed=3)
+    t[:, 0] = back.sink_token
+    table = dla_exactness(back, t[:2])
+    assert sorted(set(table.pos)) == list(range(1, 11)) and len(table) == 20 and table.finite.all()
+    with torch.no_grad():
+        logits = back(t[:2])
+    w, pos = torch.tensor(table.window.values), torch.tensor(table.pos.values)
+    ref = logits[w, pos, t[w, pos + 1]]  # the token that follows, read off the window itself
+    assert torch.allclose(torch.tensor(table.logit.values, dtype=ref.dtype), ref, atol=1e-4)
+    assert (table.dla_sum - table.logit).abs().max() <= 1e-4 and table.nmae.max() <= 1e-5
+    live = dla_exactness(workbench.load(hf_dirs["llama"]), t[:1], [1, 6])
+    assert live.nmae.min() > 1e-4
+    with pytest.raises(WorkbenchError, match="position 0"):
+        dla_exactness(back, t[:1], [0])
+    with pytest.raises(WorkbenchError, match="no next token"):
+        dla_exactness(back, t[:1], [11])
+
+
 def test_the_prefix_is_position_0_of_the_model_before_folding(removed):
     """Position 0's logits in the prefix are what the exported weights give nowhere else: the sink model's
     first logits equal the stored ones, and the folded weights alone (no prefix) compute something else."""

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from ..model import GPT
 from ..norms import Norm
-from .positions import hook_position
+from .positions import first_computed, hook_position
 
 
 @dataclass
@@ -176,6 +176,33 @@ def direct_logit_attribution(
     rows += [_row(n, v, v, kind="constant") for n, v in zip(const_names, const_vals.tolist())]
     table = pd.DataFrame(rows)
     return DLAResult(logit=logit.item(), dla_sum=float(dla.sum() + const_vals.sum()), nmae=nmae, table=table)
+
+
+def dla_exactness(model: GPT, windows: Float[Tensor, "window pos"] | Tensor,
+                  positions: list[int] | None = None) -> pd.DataFrame:
+    """DLA's error position by position on text: for each window and token position ``p`` (default: every
+    position the model computes, but the last), the NMAE of DLA against the direct effect on the logit of the
+    token that follows ``p``. One row per (window, position): the logit, the DLA sum, the NMAE; ``finite``
+    False (and NaN) where the window's residual stream overflows there. A norm-free model's claim to exact
+    DLA is this table's maximum (docs/ln_removal.md: ≤ 1e-5 at positions ≥ 1)."""
+    n = windows.shape[-1]
+    positions = list(range(first_computed(model), n - 1)) if positions is None else positions
+    rows = []
+    for w, window in enumerate(windows):
+        for p in positions:
+            if not 0 <= p < n - 1:
+                raise WorkbenchError(f"position {p} has no next token in a {n}-token window; pick 0 … {n - 2}")
+            nxt = int(window[p + 1])
+            try:
+                r = direct_logit_attribution(model, window[: p + 1], nxt, pos=p)
+                rows.append({"window": w, "pos": p, "token": nxt, "logit": r.logit, "dla_sum": r.dla_sum,
+                             "nmae": r.nmae, "finite": True})
+            except WorkbenchError as e:
+                if "overflows" not in str(e):
+                    raise
+                rows.append({"window": w, "pos": p, "token": nxt, "logit": float("nan"), "dla_sum": float("nan"),
+                             "nmae": float("nan"), "finite": False})
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()
