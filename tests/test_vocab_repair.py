@@ -4,6 +4,7 @@ behind the exact sink prefix (what SmolLM2's runs are)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -180,17 +181,48 @@ def test_repair_vocab_writes_a_directory_stock_transformers_reloads_at_its_summa
     assert s["kl_ln_free_to_control"] == pytest.approx(kl(workbench.load(free_run / "control")), rel=1e-4)
 
 
-@pytest.mark.parametrize("case", ["live norms", "shrink", "protect", "not a run"])
+def test_the_corpus_search_reads_training_windows_and_blames_their_runaway(free_run, tiny_corpus, tmp_path,
+                                                                           monkeypatch):
+    """`--corpus-windows N`: the first N windows of the training batches after the two that set the text's
+    scale (never a validation window), searched like the random windows; a runaway planted there is shrunk."""
+    import workbench.removal.api as api
+    from workbench.batches import load_token_data
+
+    seen = {}
+
+    def spy(model, text, cfg, counts=None, corpus=None):
+        seen["corpus"], seen["text"] = corpus, text
+        return repair_vocab(model, text, cfg, counts, corpus)
+
+    monkeypatch.setattr(api, "repair_vocab", spy)
+    api.repair_to_dir(free_run, tmp_path / "r", VocabRepair(random_windows=0, corpus_windows=12))
+    n_ctx = json.loads((free_run / "summary.json").read_text())["n_ctx"]
+    data = load_token_data(str(tiny_corpus), 256, tokenizer=workbench.load(free_run).tokenizer)
+    assert torch.equal(seen["corpus"], torch.cat([data.train_batch(i, 8, n_ctx, 1) for i in (2, 3)])[:12])
+    val = {tuple(w.tolist()) for b in data.val_batches(2, 4, n_ctx) for w in b}
+    assert not val & {tuple(w.tolist()) for w in seen["corpus"]}
+    model, text = _planted(free_run, tiny_corpus, 200, factor=1.0)  # unplanted: the tiny model's own runaways
+    first = set(window_sources(model, seen["corpus"], text_rms(model, text), 4.0))
+    both = repair_vocab(copy.deepcopy(model), text, VocabRepair(random_windows=0), None, seen["corpus"])
+    alone = {r["token"] for r in repair_vocab(copy.deepcopy(model), text, VocabRepair(random_windows=0))["tokens"]}
+    by = {r["token"]: r["found_by"] for r in both["tokens"]}
+    assert first - alone and all(by[t] == "corpus windows" for t in first - alone)
+    assert {t for t, w in by.items() if w != "corpus windows"} == alone  # the contexts' finds are unchanged
+
+
+@pytest.mark.parametrize("case", ["live norms", "shrink", "protect", "corpus", "not a run"])
 def test_bad_input_is_one_line_exit_2_nothing_written(case, free_run, hf_dirs, tmp_path, capsys):
-    run = {"live norms": tmp_path / "live", "shrink": free_run, "protect": free_run, "not a run": hf_dirs["llama"]}[case]
+    run = {"live norms": tmp_path / "live", "shrink": free_run, "protect": free_run, "corpus": free_run,
+           "not a run": hf_dirs["llama"]}[case]
     if case == "live norms":  # a run directory whose model still has its norms
         shutil.copytree(hf_dirs["llama"], run)
         shutil.copy2(free_run / "summary.json", run / "summary.json")
-    extra = {"shrink": ["--shrink", "1.5"], "protect": ["--protect-seen", "-1"]}.get(case, [])
+    extra = {"shrink": ["--shrink", "1.5"], "protect": ["--protect-seen", "-1"],
+             "corpus": ["--corpus-windows", "-2"]}.get(case, [])
     assert main(["repair-vocab", str(run), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert {"live norms": "norm-free", "shrink": "--shrink", "protect": "--protect-seen",
+    assert {"live norms": "norm-free", "shrink": "--shrink", "protect": "--protect-seen", "corpus": "--corpus-windows",
             "not a run": "summary.json"}[case] in err
     assert not (tmp_path / "out").exists()
 

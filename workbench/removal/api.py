@@ -440,7 +440,10 @@ def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | Non
     val = data.val_batches(conf.get("eval_batches", 16), conf.get("eval_batch_size", 8), n_ctx)
     text = [data.train_batch(i, 8, n_ctx, conf.get("seed", 1)) for i in range(2)]
     ce_before = evaluate(model, val, None, torch.device("cpu"))
-    report = repair_vocab(model, text, cfg, torch.from_numpy(data.train_counts(model.cfg.d_vocab)))
+    # searched for runaways in running text: the training batches after the two that set the text's scale
+    corpus = torch.cat([data.train_batch(i, 8, n_ctx, conf.get("seed", 1))
+                        for i in range(2, 3 + cfg.corpus_windows // 8)])[: cfg.corpus_windows]
+    report = repair_vocab(model, text, cfg, torch.from_numpy(data.train_counts(model.cfg.d_vocab)), corpus)
     summary = {**before, "repaired_from": str(d), "ce_ln_free": evaluate(model, val, None, torch.device("cpu")),
                "robustness": robustness(model, data, n_ctx, torch.device("cpu")),
                "vocab_repair": {**asdict(cfg), "ce_before": ce_before, **report}}

@@ -6,8 +6,8 @@ as ``' pathlib'``) enter a feedback the norms used to stop: the position's resid
 the gated MLPs square it, attention copies it, and the window overflows (docs/ln_removal.md, tenth
 session). Their embedding rows were never trained against the frozen σ. The repair finds them — every id
 behind the document-start token and behind a few text tokens, then the sources of runaways in windows of
-random tokens — and multiplies each one's row by ``shrink`` until its residual stays within ``threshold``
-times the text's RMS at every block. A token the corpus holds often is never blamed by a random window: a
+random tokens and in windows of the corpus's training text — and multiplies each one's row by ``shrink`` until its residual stays within ``threshold``
+times the text's RMS at every block. A token the corpus holds often is never blamed by a searched window: a
 runaway can show first where attention copies it (``' The'`` in S15r), and shrinking such a token costs text
 CE without stopping anything. Nothing else changes: the blocks, the unembedding and every other row
 are the model's own, so DLA stays exact and text without those ids gives the same logits.
@@ -36,6 +36,10 @@ class VocabRepair:
     random_windows: int = opt(64, "windows of random tokens (behind the document-start token) searched for "
                                   "runaway sources beyond single tokens")
     seed: int = opt(1, "seed of the random windows (robustness checks use seed 0)")
+    # A runaway can need its context: S16's one left after the repair grew at an ordinary position of a text
+    # window, from its own token, where none of the searches above placed it.
+    corpus_windows: int = opt(256, "windows of the fine-tuning corpus's training split searched for runaway "
+                                   "sources in running text, as the random windows are")
     protect_seen: int = opt(8, "a token the fine-tuning corpus holds at least this many times is never blamed by "
                                "the random windows (a runaway shows first where attention copies it); 0: none")
     batch: int = 512
@@ -45,8 +49,9 @@ class VocabRepair:
             raise WorkbenchError(f"--threshold must be above 1 (a multiple of the text's RMS), got {self.threshold}")
         if not 0 < self.shrink < 1:
             raise WorkbenchError(f"--shrink must be in (0, 1), got {self.shrink}")
-        if self.rounds < 1 or self.random_windows < 0 or self.batch < 1 or self.protect_seen < 0:
-            raise WorkbenchError("--rounds must be ≥ 1, --random-windows ≥ 0 and --protect-seen ≥ 0")
+        if (self.rounds < 1 or self.random_windows < 0 or self.batch < 1 or self.protect_seen < 0
+                or self.corpus_windows < 0):
+            raise WorkbenchError("--rounds must be ≥ 1, --random-windows, --corpus-windows and --protect-seen ≥ 0")
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -94,9 +99,10 @@ def window_sources(model, windows: Int[Tensor, "batch pos"], scale: Float[Tensor
 
 
 def _runaways(model, scale: Tensor, cfg: VocabRepair, contexts: dict[str, Tensor], ids: Tensor,
-              randoms: Tensor, protected: Tensor | None) -> tuple[dict[int, str], Tensor]:
-    """The ids among ``ids`` over the threshold after some context, and the sources of runaways in
-    ``randoms``: id → where it was found; and each of ``ids``' largest ratio over the contexts."""
+              searched: dict[str, Tensor], protected: Tensor | None) -> tuple[dict[int, str], Tensor]:
+    """The ids among ``ids`` over the threshold after some context, and the sources of runaways in the
+    ``searched`` windows (name → windows): id → where it was found; and each of ``ids``' largest ratio over
+    the contexts."""
     bad: dict[int, str] = {}
     worst = torch.zeros(len(ids))
     for name, prefix in contexts.items():
@@ -104,20 +110,22 @@ def _runaways(model, scale: Tensor, cfg: VocabRepair, contexts: dict[str, Tensor
         worst = torch.maximum(worst, r)
         for i in (r > cfg.threshold).nonzero().flatten().tolist():
             bad.setdefault(int(ids[i]), name)
-    per = max(1, cfg.batch // randoms.shape[1])
-    for chunk in randoms.split(per) if len(randoms) else ():
-        for t in window_sources(model, chunk, scale, cfg.threshold, protected):
-            bad.setdefault(t, "random windows")
+    for name, windows in searched.items():
+        for chunk in windows.split(max(1, cfg.batch // windows.shape[1])) if len(windows) else ():
+            for t in window_sources(model, chunk, scale, cfg.threshold, protected):
+                bad.setdefault(t, name)
     return bad, worst
 
 
 @torch.no_grad()
 def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair,
-                 counts: Int[Tensor, "vocab"] | None = None) -> dict[str, Any]:
+                 counts: Int[Tensor, "vocab"] | None = None,
+                 corpus: Int[Tensor, "batch pos"] | None = None) -> dict[str, Any]:
     """Shrink the embedding rows of the tokens ``model`` runs away on (in place); returns the table (one row
     per token: id, text, where found, its ratio before and after, the factor its row got) and whether every
-    context and random window ended below the threshold. ``counts`` (each id's count in the fine-tuning
-    corpus) protects the ids seen ``cfg.protect_seen`` times or more from the random windows' blame."""
+    context and searched window ended below the threshold. ``counts`` (each id's count in the fine-tuning
+    corpus) protects the ids seen ``cfg.protect_seen`` times or more from the windows' blame; ``corpus``
+    (training windows, each starting with the document-start token) is searched beside the random ones."""
     if not model.cfg.scheme.pre_norm_free(model.cfg.norm_context):
         raise WorkbenchError("repair-vocab is for a norm-free model (remove-ln's output); this one still has "
                              "norms, which keep every token's scale")
@@ -127,7 +135,10 @@ def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair,
     contexts = {"after the first token": first[:1], "after 4 text tokens": first[:4]}
     randoms = random_windows(model.cfg.d_vocab, cfg.random_windows, text[0].shape[1], int(first[0]), cfg.seed)
     protected = counts >= cfg.protect_seen if counts is not None and cfg.protect_seen > 0 else None
-    bad, before = _runaways(model, scale, cfg, contexts, torch.arange(model.cfg.d_vocab), randoms, protected)
+    searched = {"random windows": randoms}
+    if corpus is not None and len(corpus):
+        searched["corpus windows"] = corpus
+    bad, before = _runaways(model, scale, cfg, contexts, torch.arange(model.cfg.d_vocab), searched, protected)
     found, factor = dict(bad), {}
     for _ in range(cfg.rounds):
         if not bad:
@@ -136,7 +147,7 @@ def repair_vocab(model, text: list[Int[Tensor, "batch pos"]], cfg: VocabRepair,
         for t, where in bad.items():
             factor[t] = factor.get(t, 1.0) * cfg.shrink
             found.setdefault(t, where)
-        bad, after = _runaways(model, scale, cfg, contexts, torch.tensor(sorted(factor)), randoms, protected)
+        bad, after = _runaways(model, scale, cfg, contexts, torch.tensor(sorted(factor)), searched, protected)
     ids = sorted(factor)
     after = dict(zip(ids, after.tolist())) if ids else {}
     table = [{"token": t, "text": model.tokenizer.decode([t]) if model.tokenizer is not None else None,
