@@ -83,11 +83,13 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
     free = models["ln_free"]
     data = load_token_data(corpus, free.cfg.d_vocab, tokenizer=free.tokenizer)
     n_ctx = json.loads((d / "summary.json").read_text())["n_ctx"]
-    rows = []
+    rows, per_pos = [], []
     for b in data.val_batches(16, 8, n_ctx):  # remove-ln's own validation windows
         logits = {k: m(b).float() for k, m in models.items()}
         logits["stock"] = stock(b).float()
-        ce = {k: lm_cross_entropy(v, b, per_token=True).mean(1).tolist() for k, v in logits.items()}
+        tok = {k: lm_cross_entropy(v, b, per_token=True) for k, v in logits.items()}
+        per_pos.append(tok["ln_free"] - tok["control"])
+        ce = {k: v.mean(1).tolist() for k, v in tok.items()}
         for k in ("ln_free", "control"):  # KL(original ‖ model) per window, mean over its positions
             ce[f"kl_{k}"] = [kl_to_teacher(logits["original"][i:i + 1], logits[k][i:i + 1]).item() for i in range(len(b))]
         rows += [({k: v[i] for k, v in ce.items()}, b[i]) for i in range(len(b))]
@@ -96,7 +98,17 @@ def window_table(directory: str, original: str, corpus: str, control: str | None
     broken = [first_blow_up(free, w, models["original"]) for r, w in rows if not (math.isfinite(r["ln_free"]) and r["ln_free"] < 30)]
     return {"windows": len(rows), "finite": len(finite), "mean_ce_finite": mean,
             "delta_vs_control": mean["ln_free"] - mean["control"], "delta_vs_original": mean["ln_free"] - mean["original"],
-            "overflowing": broken}
+            "delta_by_position": by_position(torch.cat(per_pos), [r for r, _ in rows]), "overflowing": broken}
+
+
+def by_position(delta: torch.Tensor, rows: list[dict], edges=(1, 2, 4, 16, 64)) -> list[dict]:
+    """The norm-free model's CE minus the control's per predicted position (``delta``: window × position,
+    position p predicting token p + 1), averaged over the finite windows in buckets of positions from each
+    edge to the next: where in a window the gap sits."""
+    ok = torch.tensor([all(math.isfinite(x) and x < 30 for x in r.values()) for r in rows])
+    d = delta[ok]
+    bounds = [*edges, d.shape[1]]
+    return [{"from": lo, "to": hi - 1, "delta": d[:, lo:hi].mean().item()} for lo, hi in zip(bounds, bounds[1:])]
 
 
 @torch.no_grad()
@@ -164,6 +176,8 @@ def main() -> None:
           f"{m['stock']:.4f}, control {m['control']:.4f}, original {m['original']:.4f}; Δ vs control "
           f"{t['delta_vs_control']:+.3f}, vs original {t['delta_vs_original']:+.3f}; KL to the original: norm-free "
           f"{m['kl_ln_free']:.4f}, control {m['kl_control']:.4f}")
+    print("Δ vs control by predicted position: " + ", ".join(f"{r['from']}–{r['to']}: {r['delta']:+.3f}"
+                                                          for r in t["delta_by_position"]))
     for b in t["overflowing"]:
         if b is None:
             print("  overflows (no entry > 1e5)")
