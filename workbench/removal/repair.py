@@ -36,10 +36,10 @@ class VocabRepair:
     random_windows: int = opt(64, "windows of random tokens (behind the document-start token) searched for "
                                   "runaway sources beyond single tokens")
     seed: int = opt(1, "seed of the random windows (robustness checks use seed 0)")
-    # A runaway can need its context: S16's one left after the repair grew at an ordinary position of a text
-    # window, from its own token, where none of the searches above placed it.
-    corpus_windows: int = opt(256, "windows of the fine-tuning corpus's training split searched for runaway "
-                                   "sources in running text, as the random windows are")
+    # A runaway can need its context (S16's last one grew at an ordinary position of a text window). Off by
+    # default: on S17 its only two finds were false positives, blamed and shrunk in every round (docs).
+    corpus_windows: int = opt(0, "windows of the fine-tuning corpus's training split searched for runaway "
+                                 "sources in running text, as the random windows are (0: off)")
     protect_seen: int = opt(8, "a token the fine-tuning corpus holds at least this many times is never blamed by "
                                "the random windows (a runaway shows first where attention copies it); 0: none")
     batch: int = 512
