@@ -442,7 +442,8 @@ def repair_to_dir(directory: str | Path, out: str | Path, cfg: VocabRepair | Non
     ce_before = evaluate(model, val, None, torch.device("cpu"))
     # searched for runaways in running text: the training batches after the two that set the text's scale
     corpus = torch.cat([data.train_batch(i, 8, n_ctx, conf.get("seed", 1))
-                        for i in range(2, 3 + cfg.corpus_windows // 8)])[: cfg.corpus_windows]
+                        for i in range(2, 3 + cfg.corpus_windows // 8)])[: cfg.corpus_windows] \
+        if cfg.corpus_windows else None
     report = repair_vocab(model, text, cfg, torch.from_numpy(data.train_counts(model.cfg.d_vocab)), corpus)
     summary = {**before, "repaired_from": str(d), "ce_ln_free": evaluate(model, val, None, torch.device("cpu")),
                "robustness": robustness(model, data, n_ctx, torch.device("cpu")),

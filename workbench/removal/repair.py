@@ -6,10 +6,10 @@ as ``' pathlib'``) enter a feedback the norms used to stop: the position's resid
 the gated MLPs square it, attention copies it, and the window overflows (docs/ln_removal.md, tenth
 session). Their embedding rows were never trained against the frozen σ. The repair finds them — every id
 behind the document-start token and behind a few text tokens, then the sources of runaways in windows of
-random tokens and in windows of the corpus's training text — and multiplies each one's row by ``shrink`` until its residual stays within ``threshold``
-times the text's RMS at every block. A token the corpus holds often is never blamed by a searched window: a
-runaway can show first where attention copies it (``' The'`` in S15r), and shrinking such a token costs text
-CE without stopping anything. Nothing else changes: the blocks, the unembedding and every other row
+random tokens (and, asked for, of the corpus's training text) — and multiplies each one's row by ``shrink``
+until its residual stays within ``threshold`` times the text's RMS at every block. A token the corpus holds
+often is never blamed by a searched window: a runaway can show first where attention copies it (``' The'``
+in S15r), and shrinking such a token costs text CE without stopping anything. Nothing else changes: the blocks, the unembedding and every other row
 are the model's own, so DLA stays exact and text without those ids gives the same logits.
 """
 
@@ -41,7 +41,7 @@ class VocabRepair:
     corpus_windows: int = opt(0, "windows of the fine-tuning corpus's training split searched for runaway "
                                  "sources in running text, as the random windows are (0: off)")
     protect_seen: int = opt(8, "a token the fine-tuning corpus holds at least this many times is never blamed by "
-                               "the random windows (a runaway shows first where attention copies it); 0: none")
+                               "the searched windows (a runaway shows first where attention copies it); 0: none")
     batch: int = 512
 
     def __post_init__(self) -> None:
