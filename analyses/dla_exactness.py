@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import workbench
 from workbench.analysis import dla_exactness
 from workbench.batches import load_token_data
+from workbench.errors import WorkbenchError
 
 
 def main() -> None:
@@ -31,7 +33,11 @@ def main() -> None:
     p.add_argument("--float64", action="store_true", help="the model in double precision (the sink prefix too)")
     a = p.parse_args()
     d = Path(a.directory)
-    model = workbench.load(d)
+    try:
+        model = workbench.load(d)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if a.float64:
         model = model.double()
         for b in model.blocks:  # the prefix's keys and values are plain attributes, not buffers
